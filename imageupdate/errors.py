@@ -1,0 +1,109 @@
+"""One exception root for imageupdate, with typed subclasses.
+
+Every error carries what it concerns (release, node, step) and a one-line
+message that names the problem and, where there is one, the fix. The CLI
+prints ``str(error)`` and exits with ``error.exit_code``:
+
+* 0: success
+* 1: the operation failed (:class:`OperationError`)
+* 2: bad input; nothing was started or written (:class:`InputError`)
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class ImageUpdateError(Exception):
+    """Root of every error imageupdate raises on purpose."""
+
+    exit_code: int = EXIT_FAILED
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        release: str | None = None,
+        node: str | None = None,
+        step: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.release = release
+        self.node = node
+        self.step = step
+
+    def as_dict(self) -> dict[str, object]:
+        """Machine-readable form, for ``--json`` output."""
+        return {
+            "error": type(self).__name__,
+            "message": self.message,
+            "exit_code": self.exit_code,
+            "release": self.release,
+            "node": self.node,
+            "step": self.step,
+        }
+
+
+class InputError(ImageUpdateError):
+    """The request cannot be carried out as given; nothing was changed."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class OperationError(ImageUpdateError):
+    """A valid request failed while it ran; what was published is untouched."""
+
+    exit_code = EXIT_FAILED
+
+
+# Bad input ---------------------------------------------------------------
+
+
+class InvalidReleaseId(InputError):
+    """A release id that is not safe as a path component."""
+
+
+class ReleaseExists(InputError):
+    """Building a release that is already in the store, without --force."""
+
+
+class ReleaseNotFound(InputError):
+    """A release that is not in the store."""
+
+
+class UnknownElement(InputError):
+    """An element name found on no elements path."""
+
+
+class ElementsPathMissing(InputError):
+    """An --elements-path directory that does not exist."""
+
+
+class MissingHostDependency(InputError):
+    """A program imageupdate needs is not installed on this host."""
+
+
+class StoreNotWritable(InputError):
+    """The image store directory cannot be created or written."""
+
+
+# Operation failures -------------------------------------------------------
+
+
+class BuildFailed(OperationError):
+    """disk-image-create or the packaging of its output failed."""
+
+
+class BuildInterrupted(OperationError):
+    """The build was interrupted (SIGINT/SIGTERM); nothing was published."""
+
+
+class IntegrityError(OperationError):
+    """An artifact does not match the checksum its manifest records."""
+
+
+class StoreError(OperationError):
+    """The image store is in a state imageupdate cannot work with."""
