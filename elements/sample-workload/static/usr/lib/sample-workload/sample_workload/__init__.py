@@ -1,0 +1,1 @@
+"""sample-workload: a tiny key-value HTTP service keeping its data on /mnt/state."""

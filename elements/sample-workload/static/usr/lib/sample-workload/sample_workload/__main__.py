@@ -1,0 +1,76 @@
+"""HTTP layer of the sample workload; storage comes from the release's storage module."""
+import json
+import os
+import signal
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from sample_workload import storage
+
+DATA_DIR = os.environ.get("SAMPLE_WORKLOAD_DATA", "/var/lib/sample-workload")
+PORT = int(os.environ.get("SAMPLE_WORKLOAD_PORT", "8080"))
+
+
+def release() -> str:
+    with open("/etc/imageupdate/release.json") as f:
+        return json.load(f)["release"]
+
+
+class Handler(BaseHTTPRequestHandler):
+    store: "storage.Store"
+
+    def _send(self, code: int, body: bytes, ctype: str = "application/octet-stream") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _key(self) -> str | None:
+        if self.path.startswith("/kv/") and len(self.path) > 4:
+            return self.path[4:]
+        return None
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            doc = {"status": "ok", "release": release(), "format": storage.FORMAT}
+            self._send(200, json.dumps(doc).encode(), "application/json")
+            return
+        key = self._key()
+        value = self.store.get(key) if key else None
+        if value is None:
+            self._send(404, b"not found\n")
+        else:
+            self._send(200, value)
+
+    def do_PUT(self) -> None:
+        key = self._key()
+        if key is None:
+            self._send(400, b"PUT /kv/KEY\n")
+            return
+        length = int(self.headers.get("Content-Length", "0"))
+        self.store.put(key, self.rfile.read(length))
+        self._send(204, b"")
+
+    def do_DELETE(self) -> None:
+        key = self._key()
+        if key is None:
+            self._send(400, b"DELETE /kv/KEY\n")
+            return
+        self.store.delete(key)
+        self._send(204, b"")
+
+    def log_message(self, fmt: str, *args: object) -> None:
+        sys.stderr.write("%s %s\n" % (self.address_string(), fmt % args))
+
+
+def main() -> None:
+    Handler.store = storage.Store(DATA_DIR)
+    server = ThreadingHTTPServer(("0.0.0.0", PORT), Handler)
+    signal.signal(signal.SIGTERM, lambda *_: server.shutdown() or sys.exit(0))
+    print(f"sample-workload {release()} format {storage.FORMAT} on :{PORT}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
