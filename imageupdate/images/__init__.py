@@ -1,0 +1,1 @@
+"""Release images: the store, their manifests, packing and comparing them."""

@@ -1,0 +1,320 @@
+"""The image store: a directory of published releases, changed only atomically.
+
+Layout::
+
+    STORE/
+      .lock                  flock(2) held while publishing or deleting
+      .staging/NAME/         builds in progress; never read as releases
+        owner                pid and start time of the building process
+      R1/                    one directory per published release
+        root.tar.zst         the root filesystem (reproducible tar, zstd)
+        files.jsonl          one line per path: type, mode, owner, sha256, package
+        manifest.json        what is inside (see imageupdate.images.manifest)
+        SHA256SUMS           sha256sum-format checksums of the three above
+
+A release directory appears by one ``rename(2)`` of a staged, verified
+directory; ``--force`` swaps it with ``renameat2(RENAME_EXCHANGE)``, so a
+reader sees the old release or the new one, never a mix or nothing. Staged
+directories whose owner died (SIGKILL, power loss) are swept on the next
+build.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import re
+import secrets
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from imageupdate.errors import (
+    IntegrityError,
+    InvalidReleaseId,
+    ReleaseExists,
+    ReleaseNotFound,
+    StoreError,
+    StoreNotWritable,
+)
+from imageupdate.images.diff import ReleaseDiff, diff_releases
+from imageupdate.images.fileindex import FileEntry, read_index
+from imageupdate.images.manifest import (
+    CHECKSUMS,
+    FILE_INDEX,
+    MANIFEST,
+    Manifest,
+    read_checksums,
+    sha256_file,
+)
+
+DEFAULT_STORE = Path("/var/lib/imageupdate/images")
+STAGING = ".staging"
+_RELEASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def validate_release_id(release: str) -> str:
+    """Return ``release`` if it is safe as a single path component."""
+    if not _RELEASE_ID.match(release) or ".." in release:
+        raise InvalidReleaseId(
+            f"release id {release!r} is not allowed: use 1-64 characters from "
+            "A-Z a-z 0-9 . _ + -, starting with a letter or digit, without '..'",
+            release=release,
+        )
+    return release
+
+
+def default_store() -> Path:
+    return Path(os.environ.get("IMAGEUPDATE_STORE") or DEFAULT_STORE)
+
+
+def _process_start_time(pid: int) -> str | None:
+    """Start time of a live, non-zombie process, or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":  # reaped late by PID 1 here: a zombie is dead
+        return None
+    return fields[19]
+
+
+def _exchange(a: Path, b: Path) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(a))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify_directory(path: Path, manifest: Manifest) -> tuple[dict[str, str], list[str]]:
+    """Recompute checksums in a release directory; return (checked, problems)."""
+    problems: list[str] = []
+    checked: dict[str, str] = {}
+    try:
+        sums = read_checksums(path)
+    except OSError:
+        sums = {}
+        problems.append(f"{CHECKSUMS} is missing")
+    for name, art in manifest.artifacts.items():
+        sums.setdefault(name, art.sha256)
+    if MANIFEST not in sums and not problems:
+        problems.append(f"{CHECKSUMS} does not cover {MANIFEST}")
+    for name, want in sorted(sums.items()):
+        f = path / name
+        if not f.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        got = sha256_file(f)
+        checked[name] = got
+        if got != want:
+            problems.append(f"{name}: sha256 {got[:12]}... does not match {want[:12]}...")
+        art = manifest.artifacts.get(name)
+        if art is not None:
+            if art.sha256 != want:
+                problems.append(f"{name}: manifest and {CHECKSUMS} disagree")
+            if f.stat().st_size != art.size:
+                problems.append(f"{name}: size {f.stat().st_size} is not {art.size}")
+    return checked, problems
+
+
+@dataclass
+class VerifyResult:
+    release: str
+    checked: dict[str, str]
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class ImageStore:
+    """Published releases under one directory. Construction touches nothing."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_store()
+
+    # Reading ---------------------------------------------------------------
+
+    def path(self, release: str) -> Path:
+        return self.root / validate_release_id(release)
+
+    def exists(self, release: str) -> bool:
+        return (self.path(release) / MANIFEST).is_file()
+
+    def _names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if _RELEASE_ID.match(p.name) and (p / MANIFEST).is_file()
+        )
+
+    def releases(self) -> list[str]:
+        """Published release ids, oldest build first."""
+        return sorted(self._names(), key=lambda r: (self.manifest(r).built_at, r))
+
+    def manifest(self, release: str) -> Manifest:
+        path = self.path(release)
+        if not (path / MANIFEST).is_file():
+            known = ", ".join(self._names()) or "none"
+            raise ReleaseNotFound(
+                f"release {release!r} is not in the store {self.root} (have: {known}); "
+                f"build it with 'imageupdate build {release}'",
+                release=release,
+            )
+        try:
+            return Manifest.read(path)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise StoreError(
+                f"manifest of release {release!r} is unreadable ({exc}); "
+                f"run 'imageupdate images verify {release}' or rebuild it with --force",
+                release=release,
+            ) from exc
+
+    def file_index(self, release: str) -> dict[str, FileEntry]:
+        self.manifest(release)
+        return read_index(self.path(release) / FILE_INDEX)
+
+    def diff(self, old: str, new: str) -> ReleaseDiff:
+        return diff_releases(
+            self.manifest(old), self.manifest(new), self.file_index(old), self.file_index(new)
+        )
+
+    def verify(self, release: str) -> VerifyResult:
+        """Recompute every checksum and compare with SHA256SUMS and the manifest."""
+        manifest = self.manifest(release)
+        checked, problems = verify_directory(self.path(release), manifest)
+        return VerifyResult(release=release, checked=checked, problems=problems)
+
+    def require_verified(self, release: str) -> Manifest:
+        result = self.verify(release)
+        if not result.ok:
+            raise IntegrityError(
+                f"release {release!r} failed verification: {'; '.join(result.problems)}; "
+                f"rebuild it with 'imageupdate build {release} --force'",
+                release=release,
+                step="verify",
+            )
+        return self.manifest(release)
+
+    # Writing -----------------------------------------------------------------
+
+    def ensure_writable(self) -> None:
+        try:
+            (self.root / STAGING).mkdir(parents=True, exist_ok=True)
+            probe = self.root / STAGING / f".probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StoreNotWritable(
+                f"image store {self.root} is not writable ({exc.strerror}); "
+                "choose another with --store or IMAGEUPDATE_STORE, or fix its permissions"
+            ) from exc
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def staging(self, release: str) -> Iterator[Path]:
+        """A private directory for one build; removed unless published."""
+        validate_release_id(release)
+        self.ensure_writable()
+        self.sweep_stale()
+        stage = self.root / STAGING / f"{release}.{os.getpid()}.{secrets.token_hex(4)}"
+        stage.mkdir()
+        start = _process_start_time(os.getpid()) or "0"
+        (stage / "owner").write_text(f"{os.getpid()} {start}\n")
+        try:
+            yield stage
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def sweep_stale(self) -> list[str]:
+        """Remove staged builds whose owning process is gone."""
+        removed: list[str] = []
+        base = self.root / STAGING
+        if not base.is_dir():
+            return removed
+        for stage in base.iterdir():
+            if not stage.is_dir():
+                continue
+            # NAME is RELEASE.PID.RANDOM; the owner file adds the start time
+            # so that a reused pid does not keep a dead build alive.
+            try:
+                pid = int(stage.name.rsplit(".", 2)[1])
+            except (IndexError, ValueError):
+                pid = 0
+            started = _process_start_time(pid) if pid > 0 else None
+            try:
+                recorded = (stage / "owner").read_text().split()[1]
+            except (OSError, IndexError):
+                recorded = started
+            alive = started is not None and started == recorded
+            if not alive:
+                shutil.rmtree(stage, ignore_errors=True)
+                removed.append(stage.name)
+        return removed
+
+    def publish(self, staged: Path, release: str, *, force: bool = False) -> Path:
+        """Move a verified staged release directory into place, atomically."""
+        target = self.path(release)
+        with self.lock():
+            _fsync_dir(staged)
+            if target.exists():
+                if not force:
+                    raise ReleaseExists(
+                        f"release {release!r} already exists in {self.root}; "
+                        "pass --force to replace it or choose a new release id",
+                        release=release,
+                    )
+                _exchange(staged, target)
+                _fsync_dir(self.root)
+                shutil.rmtree(staged, ignore_errors=True)  # now the old release
+            else:
+                try:
+                    os.rename(staged, target)
+                except OSError as exc:
+                    if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise ReleaseExists(
+                            f"release {release!r} appeared in {self.root} while building; "
+                            "pass --force to replace it",
+                            release=release,
+                        ) from exc
+                    raise
+                _fsync_dir(self.root)
+        return target
+
+    def delete(self, release: str) -> None:
+        target = self.path(release)
+        self.manifest(release)  # raises ReleaseNotFound
+        with self.lock():
+            trash = self.root / STAGING / f"deleted-{release}.{secrets.token_hex(4)}"
+            (self.root / STAGING).mkdir(parents=True, exist_ok=True)
+            os.rename(target, trash)
+            _fsync_dir(self.root)
+            shutil.rmtree(trash, ignore_errors=True)
