@@ -1,0 +1,257 @@
+"""The build step: elements -> DIB -> reproducible root image -> manifest -> store.
+
+Everything happens in a staging directory of the store; the release appears
+only after its checksums were recomputed and matched, by one rename. Any
+failure, an interrupt or a kill leaves the store as it was.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+from imageupdate import version
+from imageupdate.build import cache
+from imageupdate.build.elements import DEFAULT_OS_ELEMENT, ElementSelection, select
+from imageupdate.build.dib import DibBuild, DibEvent, dib_version
+from imageupdate.errors import (
+    BuildFailed,
+    BuildInterrupted,
+    ImageUpdateError,
+    ReleaseExists,
+)
+from imageupdate.hostdeps import BUILD_TOOLS, require, require_root
+from imageupdate.images import packer
+from imageupdate.images.manifest import (
+    FILE_INDEX,
+    MANIFEST,
+    ROOT_IMAGE,
+    Manifest,
+    describe_artifact,
+    write_checksums,
+)
+from imageupdate.images.store import ImageStore, validate_release_id, verify_directory
+
+# Free space a slim build needs in the store (DIB's tar plus the packed image).
+MIN_FREE_BYTES = 768 * 1024 * 1024
+
+
+@dataclass
+class BuildRequest:
+    release: str
+    elements: list[str] = field(default_factory=list)
+    elements_paths: list[Path] = field(default_factory=list)
+    os_element: str = DEFAULT_OS_ELEMENT
+    force: bool = False
+    cache_dir: Path | None = None
+
+
+@dataclass
+class BuildEvent:
+    """Progress of a build: ``stage`` is prepare, dib, pack, verify or publish."""
+
+    stage: str
+    detail: str = ""
+    phase: str = ""
+
+
+@dataclass
+class BuildResult:
+    release: str
+    path: Path
+    manifest: Manifest
+    seconds: float
+    dib_seconds: float
+    pack_seconds: float
+    log: Path
+
+
+def source_date_epoch(paths: tuple[Path, ...]) -> int:
+    """SOURCE_DATE_EPOCH, or the newest mtime among the element sources."""
+    env = os.environ.get("SOURCE_DATE_EPOCH")
+    if env and env.isdigit():
+        return int(env)
+    newest = 0
+    for base in paths:
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                try:
+                    newest = max(newest, int(os.lstat(os.path.join(dirpath, name)).st_mtime))
+                except OSError:
+                    continue
+    return newest or 0
+
+
+@contextmanager
+def _cache_lock(cache_dir: Path, notify: Callable[[BuildEvent], None]) -> Iterator[None]:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            notify(BuildEvent("prepare", f"waiting for another build using {cache_dir}"))
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+class Builder:
+    def __init__(self, store: ImageStore) -> None:
+        self.store = store
+
+    def log_dir(self) -> Path:
+        return self.store.root / ".logs"
+
+    def check(self, request: BuildRequest) -> ElementSelection:
+        """Everything that makes a request bad input; raises before any work."""
+        validate_release_id(request.release)
+        selection = select(request.elements, request.elements_paths, request.os_element)
+        require(BUILD_TOOLS)
+        require_root("disk-image-create chroots and mounts")
+        self.store.ensure_writable()
+        if self.store.exists(request.release) and not request.force:
+            raise ReleaseExists(
+                f"release {request.release!r} already exists in {self.store.root}; "
+                "pass --force to replace it or choose a new release id",
+                release=request.release,
+            )
+        free = shutil.disk_usage(self.store.root).free
+        if free < MIN_FREE_BYTES:
+            raise BuildFailed(
+                f"only {free // 2**20} MiB free in {self.store.root}; a build needs about "
+                f"{MIN_FREE_BYTES // 2**20} MiB: free some space or use another --store",
+                release=request.release,
+                step="prepare",
+            )
+        return selection
+
+    def build(
+        self, request: BuildRequest, on_event: Callable[[BuildEvent], None] | None = None
+    ) -> BuildResult:
+        notify = on_event or (lambda _e: None)
+        selection = self.check(request)
+        release = request.release
+        cache_dir = request.cache_dir or cache.default_cache()
+        self.log_dir().mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(timezone.utc)
+        log = self.log_dir() / f"build-{release}-{stamp:%Y%m%dT%H%M%SZ}.log"
+        start = time.monotonic()
+        try:
+            with self.store.staging(release) as stage, _cache_lock(cache_dir, notify):
+                return self._build_in(stage, request, selection, cache_dir, log, stamp, start, notify)
+        except ImageUpdateError:
+            raise
+        except KeyboardInterrupt as exc:
+            raise BuildInterrupted(
+                f"build of {release!r} interrupted; nothing was published (log: {log})",
+                release=release,
+                step="build",
+            ) from exc
+        except OSError as exc:
+            raise BuildFailed(
+                f"build of {release!r} failed: {exc.strerror or exc} "
+                f"({exc.filename or 'store'}); nothing was published (log: {log})",
+                release=release,
+                step="build",
+            ) from exc
+
+    def _build_in(
+        self,
+        stage: Path,
+        request: BuildRequest,
+        selection: ElementSelection,
+        cache_dir: Path,
+        log: Path,
+        stamp: datetime,
+        start: float,
+        notify: Callable[[BuildEvent], None],
+    ) -> BuildResult:
+        release = request.release
+        dropped = cache.drop_unconfirmed(cache_dir)
+        if dropped:
+            notify(BuildEvent("prepare", f"dropped incomplete cache {dropped[0].name}"))
+        notify(BuildEvent("dib", "starting disk-image-create"))
+        dib = DibBuild(selection, release, stage / "dib", cache_dir, log)
+        (stage / "dib").mkdir()
+        dib_result = dib.run(lambda e: notify(BuildEvent("dib", e.script, e.phase)))
+        cache.confirm(cache_dir)
+
+        notify(BuildEvent("pack", "writing reproducible root image"))
+        pack_start = time.monotonic()
+        out = stage / "release"
+        out.mkdir()
+        epoch = source_date_epoch(selection.search_path)
+        facts = packer.pack(dib_result.tar, out, epoch)
+        shutil.rmtree(stage / "dib", ignore_errors=True)
+        pack_seconds = time.monotonic() - pack_start
+        stamped = (facts.release_stamp or {}).get("release")
+        if stamped != release:
+            raise BuildFailed(
+                f"the image is stamped {stamped!r}, not {release!r}: is the imageupdate-node "
+                "element shadowed by another elements path?",
+                release=release,
+                step="pack",
+            )
+
+        manifest = Manifest(
+            release=release,
+            built_at=stamp.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            build_seconds=0.0,
+            elements=selection.requested,
+            expanded_elements=sorted(dib_result.expanded_elements),
+            dib_version=dib_version(),
+            imageupdate_version=version(),
+            source_date_epoch=epoch,
+            environment=dib_result.environment,
+            packages=facts.packages,
+            kernel=facts.kernel,
+            services=facts.services,
+            tests=facts.tests,
+            migrations=facts.migrations,
+            state_paths=facts.state_paths,
+            files={
+                "count": facts.file_count,
+                "total_size": facts.total_size,
+                "uncompressed_tar_size": facts.uncompressed_size,
+            },
+        )
+        manifest.artifacts = {
+            ROOT_IMAGE: describe_artifact(out / ROOT_IMAGE, "tar+zstd"),
+            FILE_INDEX: describe_artifact(out / FILE_INDEX, "jsonl"),
+        }
+        manifest.build_seconds = round(time.monotonic() - start, 2)
+        manifest.write(out)
+        write_checksums(out, [ROOT_IMAGE, FILE_INDEX, MANIFEST])
+
+        notify(BuildEvent("verify", "recomputing checksums"))
+        self._verify_staged(out, manifest)
+        notify(BuildEvent("publish", str(self.store.path(release))))
+        path = self.store.publish(out, release, force=request.force)
+        return BuildResult(
+            release=release,
+            path=path,
+            manifest=manifest,
+            seconds=time.monotonic() - start,
+            dib_seconds=dib_result.seconds,
+            pack_seconds=pack_seconds,
+            log=log,
+        )
+
+    def _verify_staged(self, out: Path, manifest: Manifest) -> None:
+        _checked, problems = verify_directory(out, manifest)
+        if problems:
+            raise BuildFailed(
+                f"the staged release failed verification: {'; '.join(problems)}; "
+                "check the disk under the store",
+                release=manifest.release,
+                step="verify",
+            )

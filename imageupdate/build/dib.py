@@ -1,0 +1,222 @@
+"""Drive ``disk-image-create`` as a subprocess and follow its phases.
+
+DIB runs in its own mount and PID namespaces (``unshare``) and in its own
+session: when imageupdate dies, however it dies, the kernel kills DIB's
+whole process tree and drops every mount it made (its tmpfs, the chroot's
+/proc, /sys, /dev), so an interrupted build leaves nothing mounted. DIB's
+temporary directories live inside the build's staging directory, which the
+store removes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from imageupdate.build.elements import ElementSelection
+from imageupdate.errors import BuildFailed
+from imageupdate.hostdeps import search_path
+
+_PR_SET_PDEATHSIG = 1
+_RUN_PARTS = re.compile(r"dib-run-parts Running \S*/([a-z0-9-]+\.d)/([^/\s]+)\s*$")
+_EXPANDED = re.compile(r"Expanded element dependencies to: (.*)$")
+_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+ \| ")
+
+
+@dataclass
+class DibEvent:
+    """One step of DIB's progress: a phase's script starting."""
+
+    phase: str
+    script: str
+    elapsed: float
+
+
+@dataclass
+class DibResult:
+    tar: Path
+    expanded_elements: list[str]
+    seconds: float
+    environment: dict[str, str] = field(default_factory=dict)
+
+
+def _set_pdeathsig() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def host_mirrors(sources: Iterable[Path] | None = None) -> tuple[str | None, str | None]:
+    """The host's Debian mirror and security mirror, from its apt sources."""
+    if sources is None:
+        base = Path("/etc/apt")
+        sources = [base / "sources.list", *sorted((base / "sources.list.d").glob("*"))]
+    main = security = None
+    for path in sources:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for uri, suites in _apt_entries(text, deb822=path.suffix == ".sources"):
+            if any(s.endswith("-security") for s in suites):
+                security = security or uri
+            elif "debian" in uri:
+                main = main or uri
+    return main, security
+
+
+def _apt_entries(text: str, deb822: bool) -> list[tuple[str, list[str]]]:
+    entries: list[tuple[str, list[str]]] = []
+    if deb822:
+        for stanza in re.split(r"\n\s*\n", text):
+            fields = dict(
+                (k.strip().lower(), v.strip())
+                for k, _, v in (line.partition(":") for line in stanza.splitlines())
+                if not k.startswith("#") and v
+            )
+            types = fields.get("types", "").split()
+            if "deb" in types and fields.get("uris"):
+                entries.append((fields["uris"].split()[0], fields.get("suites", "").split()))
+    else:
+        for line in text.splitlines():
+            parts = line.split("#", 1)[0].split()
+            if len(parts) >= 3 and parts[0] == "deb":
+                args = [p for p in parts[1:] if not p.startswith("[")]
+                if len(args) >= 2:
+                    entries.append((args[0], [args[1]]))
+    return entries
+
+
+class DibBuild:
+    """One run of disk-image-create producing a tar of the release's root."""
+
+    def __init__(
+        self,
+        selection: ElementSelection,
+        release: str,
+        work_dir: Path,
+        cache_dir: Path,
+        log_path: Path,
+        base_env: dict[str, str] | None = None,
+    ) -> None:
+        self.selection = selection
+        self.release = release
+        self.work_dir = work_dir
+        self.cache_dir = cache_dir
+        self.log_path = log_path
+        self.base_env = dict(os.environ if base_env is None else base_env)
+        self.output_base = work_dir / "image"
+
+    @property
+    def tar_path(self) -> Path:
+        return self.output_base.with_suffix(".tar")
+
+    def environment(self) -> dict[str, str]:
+        env = dict(self.base_env)
+        env["PATH"] = search_path()
+        env["ELEMENTS_PATH"] = self.selection.elements_path
+        env["DIB_IMAGEUPDATE_RELEASE"] = self.release
+        env["TMP_DIR"] = str(self.work_dir / "tmp")
+        env.setdefault("DIB_IMAGE_CACHE", str(self.cache_dir))
+        env.setdefault("DIB_RELEASE", "bookworm")
+        env.setdefault("DIB_DEBOOTSTRAP_CACHE", "1")
+        env.setdefault("DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE", "1")
+        if "DIB_DISTRIBUTION_MIRROR" not in env or "DIB_DEBIAN_SECURITY_MIRROR" not in env:
+            main, security = host_mirrors()
+            if main:
+                env.setdefault("DIB_DISTRIBUTION_MIRROR", main)
+            if security:
+                env.setdefault("DIB_DEBIAN_SECURITY_MIRROR", security)
+        return env
+
+    def command(self) -> list[str]:
+        return [
+            "unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
+            "--propagation", "private", "--",
+            "disk-image-create", "-n", "-t", "tar", "-o", str(self.output_base),
+            *self.selection.requested,
+        ]  # fmt: skip
+
+    def recorded_environment(self, env: dict[str, str]) -> dict[str, str]:
+        """The build inputs worth keeping in the manifest."""
+        keep = {k: v for k, v in env.items() if k.startswith("DIB_")}
+        keep["ELEMENTS_PATH"] = env["ELEMENTS_PATH"]
+        return dict(sorted(keep.items()))
+
+    def run(self, on_event: Callable[[DibEvent], None] | None = None) -> DibResult:
+        (self.work_dir / "tmp").mkdir(parents=True, exist_ok=True)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        env = self.environment()
+        expanded: list[str] = []
+        last_script = ("", "")
+        tail: list[str] = []
+        start = time.monotonic()
+        with open(self.log_path, "a", encoding="utf-8", errors="replace") as log:
+            log.write(f"# imageupdate: {' '.join(self.command())}\n")
+            log.flush()
+            proc = subprocess.Popen(
+                self.command(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=self.work_dir,
+                start_new_session=True,
+                preexec_fn=_set_pdeathsig,
+            )
+            assert proc.stdout is not None
+            try:
+                for raw in proc.stdout:
+                    line = raw.decode("utf-8", "replace").rstrip("\n")
+                    log.write(line + "\n")
+                    text = _TIMESTAMP.sub("", line)
+                    tail = (tail + [text])[-20:]
+                    if m := _EXPANDED.search(text):
+                        expanded = m.group(1).split()
+                    elif m := _RUN_PARTS.search(text):
+                        last_script = (m.group(1), m.group(2))
+                        if on_event is not None:
+                            on_event(DibEvent(m.group(1), m.group(2), time.monotonic() - start))
+                rc = proc.wait()
+            except BaseException:
+                # SIGINT/SIGTERM in imageupdate: kill the namespace's root; the
+                # kernel takes the rest of DIB's tree and its mounts with it.
+                proc.kill()
+                proc.wait()
+                log.write("# imageupdate: build interrupted, disk-image-create killed\n")
+                raise
+        seconds = time.monotonic() - start
+        if rc != 0:
+            where = "/".join(p for p in last_script if p) or "start-up"
+            hint = next((t for t in reversed(tail) if t.strip() and not t.startswith("+")), "")
+            raise BuildFailed(
+                f"disk-image-create failed in {where} (exit {rc}): {hint.strip()[:200]}; "
+                f"full log: {self.log_path}",
+                release=self.release,
+                step=f"dib:{where}",
+            )
+        if not self.tar_path.is_file():
+            raise BuildFailed(
+                f"disk-image-create finished but wrote no {self.tar_path.name}; full log: {self.log_path}",
+                release=self.release,
+                step="dib",
+            )
+        return DibResult(self.tar_path, expanded, seconds, self.recorded_environment(env))
+
+
+def dib_version() -> str:
+    out = subprocess.run(
+        ["disk-image-create", "--version"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": search_path()},
+        check=False,
+    )
+    return (out.stdout or out.stderr).strip() or "unknown"
+
