@@ -1,0 +1,178 @@
+"""The ``imageupdate`` command: parse arguments, call the library, print.
+
+Exit codes: 0 success, 1 the operation failed, 2 bad input (nothing done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from imageupdate import version
+from imageupdate.build.builder import BuildEvent, Builder, BuildRequest
+from imageupdate.build.elements import DEFAULT_OS_ELEMENT
+from imageupdate.cli import render
+from imageupdate.cli.output import Output
+from imageupdate.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ImageUpdateError
+from imageupdate.images.store import ImageStore
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line and exit 2 like every bad input."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"imageupdate: error: {message}; see '{self.prog} --help'\n")
+
+
+def _common() -> argparse.ArgumentParser:
+    # SUPPRESS lets --json/--store stand before or after the subcommand.
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="print one machine-readable JSON document")
+    p.add_argument("--store", type=Path, default=argparse.SUPPRESS, metavar="DIR",
+                   help="image store (default: $IMAGEUPDATE_STORE or /var/lib/imageupdate/images)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = _Parser(prog="imageupdate", parents=[common],
+                     description="Image-based, immutable fleet updates through OpenStack Heat.")
+    parser.add_argument("--version", action="version", version=f"imageupdate {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    b = sub.add_parser("build", parents=[common], help="build a release image with diskimage-builder")
+    b.add_argument("release", help="release id, e.g. R1 or 2026.11.1")
+    b.add_argument("--element", "-e", action="append", default=[], metavar="E",
+                   help="element to include (repeatable)")
+    b.add_argument("--elements-path", action="append", default=[], type=Path, metavar="DIR",
+                   help="extra elements directory, searched after imageupdate's own (repeatable)")
+    b.add_argument("--os", dest="os_element", default=DEFAULT_OS_ELEMENT, metavar="ELEMENT",
+                   help=f"operating-system element (default: {DEFAULT_OS_ELEMENT})")
+    b.add_argument("--force", action="store_true", help="replace an existing release")
+    b.set_defaults(func=cmd_build)
+
+    images = sub.add_parser("images", parents=[common], help="inspect the image store")
+    isub = images.add_subparsers(dest="images_command", required=True, parser_class=_Parser)
+    isub.add_parser("list", parents=[common], help="list releases").set_defaults(func=cmd_list)
+    for name, func, text in (
+        ("show", cmd_show, "show a release's manifest"),
+        ("verify", cmd_verify, "recompute a release's checksums"),
+        ("delete", cmd_delete, "delete a release"),
+    ):
+        p = isub.add_parser(name, parents=[common], help=text)
+        p.add_argument("release")
+        p.set_defaults(func=func)
+    d = isub.add_parser("diff", parents=[common], help="compare two releases")
+    d.add_argument("old")
+    d.add_argument("new")
+    d.set_defaults(func=cmd_diff)
+    return parser
+
+
+def _store(args: argparse.Namespace) -> ImageStore:
+    return ImageStore(getattr(args, "store", None))
+
+
+def cmd_build(args: argparse.Namespace, out: Output) -> int:
+    request = BuildRequest(
+        release=args.release,
+        elements=args.element,
+        elements_paths=args.elements_path,
+        os_element=args.os_element,
+        force=args.force,
+    )
+    with out.progress(f"building {args.release}") as progress:
+
+        def on_event(e: BuildEvent) -> None:
+            heading = f"{e.stage} {e.phase}".strip()
+            progress.update(heading, e.detail)
+
+        result = Builder(_store(args)).build(request, on_event)
+    out.result(
+        {
+            "release": result.release,
+            "path": str(result.path),
+            "seconds": round(result.seconds, 2),
+            "dib_seconds": round(result.dib_seconds, 2),
+            "pack_seconds": round(result.pack_seconds, 2),
+            "log": str(result.log),
+            "manifest": result.manifest.to_dict(),
+        },
+        render.build_result(result),
+    )
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace, out: Output) -> int:
+    store = _store(args)
+    manifests = [store.manifest(r) for r in store.releases()]
+    out.result(
+        {"store": str(store.root), "releases": [
+            {"release": m.release, "built_at": m.built_at, "elements": m.elements,
+             "packages": len(m.packages), "kernel": m.kernel,
+             "artifacts": {k: asdict(v) for k, v in m.artifacts.items()}}
+            for m in manifests
+        ]},
+        render.release_list(manifests),
+    )
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace, out: Output) -> int:
+    m = _store(args).manifest(args.release)
+    out.result(m.to_dict(), render.manifest(m))
+    return EXIT_OK
+
+
+def cmd_diff(args: argparse.Namespace, out: Output) -> int:
+    d = _store(args).diff(args.old, args.new)
+    out.result(d.to_dict(), render.diff(d))
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace, out: Output) -> int:
+    r = _store(args).verify(args.release)
+    out.result({"release": r.release, "ok": r.ok, "checked": r.checked, "problems": r.problems},
+               render.verify(r))
+    if not r.ok:
+        out.err.print(
+            f"imageupdate: error: release {r.release!r} failed verification; "
+            f"rebuild it with 'imageupdate build {r.release} --force'",
+            markup=False,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_delete(args: argparse.Namespace, out: Output) -> int:
+    _store(args).delete(args.release)
+    out.result({"release": args.release, "deleted": True}, f"deleted {args.release}")
+    return EXIT_OK
+
+
+def _sigterm_as_interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Output(getattr(args, "json", False))
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    func: Callable[[argparse.Namespace, Output], int] = args.func
+    try:
+        return func(args, out)
+    except ImageUpdateError as exc:
+        out.error(exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        out.err.print("imageupdate: interrupted")
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""How the CLI shows things: rich for people, JSON for pipelines.
+
+With ``--json`` the result is one JSON document on stdout and errors are a
+JSON document too; progress then goes to stderr as plain lines. Without it,
+progress is a live rich status on a terminal and plain lines otherwise (CI
+logs).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from rich.console import Console
+from rich.table import Table
+
+from imageupdate.errors import ImageUpdateError
+
+
+class Output:
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.out = Console(highlight=False)
+        self.err = Console(stderr=True, highlight=False)
+        for console in (self.out, self.err):
+            if not console.is_terminal:  # CI logs: wide enough for tables
+                console.width = max(console.width, 140)
+
+    def result(self, data: Any, human: Any = None) -> None:
+        """Print the command's result: ``data`` as JSON, or ``human`` for people."""
+        if self.as_json:
+            sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        elif human is not None:
+            self.out.print(human)
+
+    def error(self, exc: ImageUpdateError) -> None:
+        if self.as_json:
+            sys.stdout.write(json.dumps(exc.as_dict(), sort_keys=True) + "\n")
+        self.err.print(f"imageupdate: error: {exc.message}", markup=False)
+
+    @contextmanager
+    def progress(self, title: str) -> Iterator["Progress"]:
+        interactive = self.err.is_terminal and not self.as_json
+        if interactive:
+            with self.err.status(title) as status:
+                yield Progress(self.err, status)
+        else:
+            yield Progress(self.err, None)
+
+
+class Progress:
+    """Live status line on a terminal, one plain line per change otherwise."""
+
+    def __init__(self, console: Console, status: Any) -> None:
+        self.console = console
+        self.status = status
+        self.start = time.monotonic()
+        self.last_heading = ""
+
+    def update(self, heading: str, detail: str = "") -> None:
+        elapsed = time.monotonic() - self.start
+        if self.status is not None:
+            if heading != self.last_heading and self.last_heading:
+                self.console.print(f"[green]✓[/green] {self.last_heading}")
+            self.status.update(f"[bold]{heading}[/bold] {detail} [dim]{elapsed:5.1f}s[/dim]")
+        elif heading != self.last_heading:
+            self.console.print(f"[{elapsed:6.1f}s] {heading}", markup=False)
+        self.last_heading = heading
+
+
+def table(*columns: str) -> Table:
+    """A plain table; the last column is cut with an ellipsis instead of wrapping."""
+    t = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for c in columns[:-1]:
+        t.add_column(c)
+    t.add_column(columns[-1], no_wrap=True, overflow="ellipsis", max_width=72)
+    return t

@@ -1,0 +1,117 @@
+"""Human views of library results (rich renderables). No logic beyond layout."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.text import Text
+
+from imageupdate.build.builder import BuildResult
+from imageupdate.cli.output import table
+from imageupdate.images.diff import ReleaseDiff
+from imageupdate.images.manifest import Manifest
+from imageupdate.images.store import VerifyResult
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def build_result(r: BuildResult) -> Group:
+    root = r.manifest.artifacts["root.tar.zst"]
+    return Group(
+        Text(f"built {r.release} in {r.seconds:.1f}s (DIB {r.dib_seconds:.1f}s, packing {r.pack_seconds:.1f}s)"),
+        Text(f"  {r.path}"),
+        Text(f"  root.tar.zst {_mib(root.size)}, sha256 {root.sha256}"),
+        Text(f"  {len(r.manifest.packages)} packages, {r.manifest.files['count']} files, log {r.log}"),
+    )
+
+
+def release_list(manifests: list[Manifest]) -> Text | object:
+    if not manifests:
+        return Text("no releases in the store; build one with 'imageupdate build RELEASE'")
+    t = table("RELEASE", "BUILT", "ELEMENTS", "PACKAGES", "SIZE", "KERNEL")
+    for m in manifests:
+        root = m.artifacts.get("root.tar.zst")
+        t.add_row(
+            m.release,
+            m.built_at,
+            " ".join(e for e in m.elements if e != "imageupdate-node"),
+            str(len(m.packages)),
+            _mib(root.size) if root else "-",
+            m.kernel or "-",
+        )
+    return t
+
+
+def manifest(m: Manifest) -> Group:
+    lines = [
+        Text(f"release      {m.release}"),
+        Text(f"built        {m.built_at} in {m.build_seconds:.1f}s with {m.dib_version}"),
+        Text(f"elements     {' '.join(m.elements)}"),
+        Text(f"kernel       {m.kernel or 'none'}"),
+        Text(f"packages     {len(m.packages)}"),
+        Text(f"files        {m.files.get('count', 0)} ({_mib(m.files.get('total_size', 0))})"),
+        Text(f"state paths  {' '.join(m.state_paths) or 'none'}"),
+        Text(f"services     {' '.join(s['name'] for s in m.services) or 'none'}"),
+        Text(f"tests        {' '.join(t['name'] for t in m.tests) or 'none'}"),
+        Text(f"migrations   {' '.join(x['name'] for x in m.migrations) or 'none'}"),
+    ]
+    arts = table("ARTIFACT", "SIZE", "SHA256")
+    for name, a in sorted(m.artifacts.items()):
+        arts.add_row(name, _mib(a.size), a.sha256)
+    return Group(*lines, Text(""), arts)
+
+
+def diff(d: ReleaseDiff, max_paths: int = 3) -> Group:
+    parts: list[object] = [Text(f"{d.old} -> {d.new}", style="bold")]
+    pk = table("PACKAGE", "CHANGE", d.old, d.new)
+    for c in d.packages_added:
+        pk.add_row(c.name, "added", "", c.new or "")
+    for c in d.packages_removed:
+        pk.add_row(c.name, "removed", c.old or "", "")
+    for c in d.packages_changed:
+        pk.add_row(c.name, "changed", c.old or "", c.new or "")
+    if pk.row_count:
+        parts += [Text("\npackages"), pk]
+    else:
+        parts.append(Text("\npackages: no change"))
+    totals = d.files_total
+    parts.append(
+        Text(f"\nfiles: {totals['added']} added, {totals['removed']} removed, {totals['changed']} changed")
+    )
+    ft = table("GROUP", "ADDED", "REMOVED", "CHANGED", "EXAMPLES")
+    for g in d.files:
+        examples = (g.changed + g.added + g.removed)[:max_paths]
+        more = g.total - len(examples)
+        ft.add_row(
+            g.group,
+            str(len(g.added)),
+            str(len(g.removed)),
+            str(len(g.changed)),
+            " ".join("/" + p for p in examples) + (f" (+{more})" if more > 0 else ""),
+        )
+    if ft.row_count:
+        parts.append(ft)
+    kernel = (
+        f"changed {d.kernel_old or 'none'} -> {d.kernel_new or 'none'}"
+        if d.kernel_changed
+        else f"unchanged ({d.kernel_old or 'none'})"
+    )
+    parts.append(Text(f"\nkernel: {kernel}"))
+    st = table("SERVICE", "STATUS", "WHY")
+    for s in d.services:
+        st.add_row(s.name, s.status, "; ".join(s.reasons))
+    if st.row_count:
+        parts += [Text("services"), st]
+    if d.tests_changed:
+        parts.append(Text(f"post-deploy tests changed: {' '.join(d.tests_changed)}"))
+    if d.migrations_added:
+        parts.append(Text(f"migrations added: {' '.join(d.migrations_added)}"))
+    parts.append(Text(f"\nafter the swap a node needs: {d.action}", style="bold"))
+    return Group(*parts)
+
+
+def verify(r: VerifyResult) -> Text:
+    if r.ok:
+        return Text(f"{r.release}: ok ({', '.join(sorted(r.checked))} match)")
+    return Text(f"{r.release}: FAILED: " + "; ".join(r.problems))
