@@ -4,9 +4,10 @@ from __future__ import annotations
 
 
 def version() -> str:
-    try:
-        from importlib.metadata import version as _v
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _v
 
+    try:
         return _v("imageupdate")
-    except Exception:  # not installed (source checkout on PYTHONPATH)
+    except PackageNotFoundError:  # source checkout on PYTHONPATH, not installed
         return "0+unknown"

@@ -20,6 +20,7 @@ BUILD_TOOLS: dict[str, str] = {
     "debootstrap": "apt-get install debootstrap",
     "chroot": "apt-get install coreutils",
     "unshare": "apt-get install util-linux",
+    "setpriv": "apt-get install util-linux",
     "zstd": "apt-get install zstd",
     "tar": "apt-get install tar",
 }

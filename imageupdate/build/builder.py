@@ -11,16 +11,16 @@ import fcntl
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Iterator
 
 from imageupdate import version
 from imageupdate.build import cache
+from imageupdate.build.dib import DibBuild, dib_version
 from imageupdate.build.elements import DEFAULT_OS_ELEMENT, ElementSelection, select
-from imageupdate.build.dib import DibBuild, DibEvent, dib_version
 from imageupdate.errors import (
     BuildFailed,
     BuildInterrupted,
@@ -115,8 +115,6 @@ class Builder:
         """Everything that makes a request bad input; raises before any work."""
         validate_release_id(request.release)
         selection = select(request.elements, request.elements_paths, request.os_element)
-        require(BUILD_TOOLS)
-        require_root("disk-image-create chroots and mounts")
         self.store.ensure_writable()
         if self.store.exists(request.release) and not request.force:
             raise ReleaseExists(
@@ -124,6 +122,8 @@ class Builder:
                 "pass --force to replace it or choose a new release id",
                 release=request.release,
             )
+        require(BUILD_TOOLS)
+        require_root("disk-image-create chroots and mounts")
         free = shutil.disk_usage(self.store.root).free
         if free < MIN_FREE_BYTES:
             raise BuildFailed(
@@ -142,7 +142,7 @@ class Builder:
         release = request.release
         cache_dir = request.cache_dir or cache.default_cache()
         self.log_dir().mkdir(parents=True, exist_ok=True)
-        stamp = datetime.now(timezone.utc)
+        stamp = datetime.now(UTC)
         log = self.log_dir() / f"build-{release}-{stamp:%Y%m%dT%H%M%SZ}.log"
         start = time.monotonic()
         try:

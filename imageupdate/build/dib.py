@@ -10,21 +10,18 @@ store removes.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
-import signal
 import subprocess
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 from imageupdate.build.elements import ElementSelection
 from imageupdate.errors import BuildFailed
 from imageupdate.hostdeps import search_path
 
-_PR_SET_PDEATHSIG = 1
 _RUN_PARTS = re.compile(r"dib-run-parts Running \S*/([a-z0-9-]+\.d)/([^/\s]+)\s*$")
 _EXPANDED = re.compile(r"Expanded element dependencies to: (.*)$")
 _TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+ \| ")
@@ -45,11 +42,6 @@ class DibResult:
     expanded_elements: list[str]
     seconds: float
     environment: dict[str, str] = field(default_factory=dict)
-
-
-def _set_pdeathsig() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def host_mirrors(sources: Iterable[Path] | None = None) -> tuple[str | None, str | None]:
@@ -75,11 +67,11 @@ def _apt_entries(text: str, deb822: bool) -> list[tuple[str, list[str]]]:
     entries: list[tuple[str, list[str]]] = []
     if deb822:
         for stanza in re.split(r"\n\s*\n", text):
-            fields = dict(
-                (k.strip().lower(), v.strip())
+            fields = {
+                k.strip().lower(): v.strip()
                 for k, _, v in (line.partition(":") for line in stanza.splitlines())
                 if not k.startswith("#") and v
-            )
+            }
             types = fields.get("types", "").split()
             if "deb" in types and fields.get("uris"):
                 entries.append((fields["uris"].split()[0], fields.get("suites", "").split()))
@@ -137,6 +129,8 @@ class DibBuild:
 
     def command(self) -> list[str]:
         return [
+            # setpriv: DIB's namespace root dies with imageupdate (SIGKILL included).
+            "setpriv", "--pdeathsig", "KILL", "--",
             "unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
             "--propagation", "private", "--",
             "disk-image-create", "-n", "-t", "tar", "-o", str(self.output_base),
@@ -168,7 +162,6 @@ class DibBuild:
                 env=env,
                 cwd=self.work_dir,
                 start_new_session=True,
-                preexec_fn=_set_pdeathsig,
             )
             assert proc.stdout is not None
             try:

@@ -26,7 +26,7 @@ def dib_elements_dir() -> Path | None:
     spec = importlib.util.find_spec("diskimage_builder")
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "elements"
+    path = Path(next(iter(spec.submodule_search_locations))) / "elements"
     return path if path.is_dir() else None
 
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from imageupdate import version
-from imageupdate.build.builder import BuildEvent, Builder, BuildRequest
+from imageupdate.build.builder import Builder, BuildEvent, BuildRequest
 from imageupdate.build.elements import DEFAULT_OS_ELEMENT
 from imageupdate.cli import render
 from imageupdate.cli.output import Output
@@ -24,13 +25,13 @@ from imageupdate.images.store import ImageStore
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line and exit 2 like every bad input."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         self.exit(EXIT_BAD_INPUT, f"imageupdate: error: {message}; see '{self.prog} --help'\n")
 
 
-def _common() -> argparse.ArgumentParser:
+def _common() -> _Parser:
     # SUPPRESS lets --json/--store stand before or after the subcommand.
-    p = argparse.ArgumentParser(add_help=False)
+    p = _Parser(add_help=False)
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                    help="print one machine-readable JSON document")
     p.add_argument("--store", type=Path, default=argparse.SUPPRESS, metavar="DIR",
@@ -140,10 +141,9 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     out.result({"release": r.release, "ok": r.ok, "checked": r.checked, "problems": r.problems},
                render.verify(r))
     if not r.ok:
-        out.err.print(
-            f"imageupdate: error: release {r.release!r} failed verification; "
-            f"rebuild it with 'imageupdate build {r.release} --force'",
-            markup=False,
+        out.fail(
+            f"release {r.release!r} failed verification; "
+            f"rebuild it with 'imageupdate build {r.release} --force'"
         )
         return EXIT_FAILED
     return EXIT_OK

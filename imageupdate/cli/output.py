@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -39,10 +40,15 @@ class Output:
     def error(self, exc: ImageUpdateError) -> None:
         if self.as_json:
             sys.stdout.write(json.dumps(exc.as_dict(), sort_keys=True) + "\n")
-        self.err.print(f"imageupdate: error: {exc.message}", markup=False)
+        self.fail(exc.message)
+
+    def fail(self, message: str) -> None:
+        """One line on stderr, never wrapped: pipelines grep it."""
+        sys.stderr.write(f"imageupdate: error: {message}\n")
+        sys.stderr.flush()
 
     @contextmanager
-    def progress(self, title: str) -> Iterator["Progress"]:
+    def progress(self, title: str) -> Iterator[Progress]:
         interactive = self.err.is_terminal and not self.as_json
         if interactive:
             with self.err.status(title) as status:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rich.console import Group
+from rich.console import Group, RenderableType
 from rich.text import Text
 
 from imageupdate.build.builder import BuildResult
@@ -26,7 +26,7 @@ def build_result(r: BuildResult) -> Group:
     )
 
 
-def release_list(manifests: list[Manifest]) -> Text | object:
+def release_list(manifests: list[Manifest]) -> RenderableType:
     if not manifests:
         return Text("no releases in the store; build one with 'imageupdate build RELEASE'")
     t = table("RELEASE", "BUILT", "ELEMENTS", "PACKAGES", "SIZE", "KERNEL")
@@ -63,7 +63,7 @@ def manifest(m: Manifest) -> Group:
 
 
 def diff(d: ReleaseDiff, max_paths: int = 3) -> Group:
-    parts: list[object] = [Text(f"{d.old} -> {d.new}", style="bold")]
+    parts: list[RenderableType] = [Text(f"{d.old} -> {d.new}", style="bold")]
     pk = table("PACKAGE", "CHANGE", d.old, d.new)
     for c in d.packages_added:
         pk.add_row(c.name, "added", "", c.new or "")

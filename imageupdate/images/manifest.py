@@ -53,7 +53,7 @@ class Manifest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
         data = dict(data)
         data["artifacts"] = {k: Artifact(**v) for k, v in data.get("artifacts", {}).items()}
         known = set(cls.__dataclass_fields__)
@@ -65,7 +65,7 @@ class Manifest:
         return path
 
     @classmethod
-    def read(cls, directory: Path) -> "Manifest":
+    def read(cls, directory: Path) -> Manifest:
         return cls.from_dict(json.loads((directory / MANIFEST).read_text()))
 
 

@@ -19,9 +19,10 @@ import io
 import json
 import subprocess
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from imageupdate.images.fileindex import FileEntry, write_index
 
@@ -163,7 +164,7 @@ def pack(raw_tar: Path, out_dir: Path, epoch: int, zstd_level: int = 3) -> TreeF
         counter = _CountingWriter(zstd.stdin)
         try:
             with tarfile.open(raw_tar, "r:") as src, tarfile.open(
-                fileobj=counter, mode="w|", format=tarfile.PAX_FORMAT
+                fileobj=counter, mode="w|", format=tarfile.PAX_FORMAT  # type: ignore[call-overload]
             ) as dst:
                 members = _sorted_members(src)
                 present = {_norm(m.name) for m in members}
@@ -243,7 +244,7 @@ class _Copier:
             self.dst.addfile(ti, io.BytesIO(data))
         else:
             reader = _HashingReader(fobj)
-            self.dst.addfile(ti, reader)  # type: ignore[arg-type]
+            self.dst.addfile(ti, reader)
             entry.sha256 = reader.sha.hexdigest()
 
 
@@ -288,4 +289,4 @@ def _collect_facts(facts: TreeFacts, entries: list[FileEntry], contents: dict[st
             rest = e.path.split("modules/", 1)[1]
             if rest and "/" not in rest:
                 kernels.add(rest)
-    facts.kernel = sorted(kernels)[-1] if kernels else None
+    facts.kernel = max(kernels) if kernels else None

@@ -28,10 +28,10 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from imageupdate.errors import (
     IntegrityError,
@@ -61,7 +61,7 @@ _AT_FDCWD = -100
 
 def validate_release_id(release: str) -> str:
     """Return ``release`` if it is safe as a single path component."""
-    if not _RELEASE_ID.match(release) or ".." in release:
+    if not _RELEASE_ID.fullmatch(release) or ".." in release:
         raise InvalidReleaseId(
             f"release id {release!r} is not allowed: use 1-64 characters from "
             "A-Z a-z 0-9 . _ + -, starting with a letter or digit, without '..'",
@@ -111,8 +111,8 @@ def verify_directory(path: Path, manifest: Manifest) -> tuple[dict[str, str], li
     except OSError:
         sums = {}
         problems.append(f"{CHECKSUMS} is missing")
-    for name, art in manifest.artifacts.items():
-        sums.setdefault(name, art.sha256)
+    for name, artifact in manifest.artifacts.items():
+        sums.setdefault(name, artifact.sha256)
     if MANIFEST not in sums and not problems:
         problems.append(f"{CHECKSUMS} does not cover {MANIFEST}")
     for name, want in sorted(sums.items()):
@@ -164,7 +164,7 @@ class ImageStore:
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if _RELEASE_ID.match(p.name) and (p / MANIFEST).is_file()
+            if _RELEASE_ID.fullmatch(p.name) and (p / MANIFEST).is_file()
         )
 
     def releases(self) -> list[str]:
@@ -270,6 +270,7 @@ class ImageStore:
             except (IndexError, ValueError):
                 pid = 0
             started = _process_start_time(pid) if pid > 0 else None
+            recorded: str | None
             try:
                 recorded = (stage / "owner").read_text().split()[1]
             except (OSError, IndexError):
