@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.functional
+
+
+def imageupdate(*args: str, env: dict[str, str] | None = None, check: bool = False,
+                timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "imageupdate", *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"imageupdate {' '.join(args)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _root_only() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("functional tests build real images and need root")
+
+
+@pytest.fixture(scope="session")
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="session")
+def releases(store_dir: Path) -> Iterator[dict[str, dict]]:  # type: ignore[type-arg]
+    """R1, R2 and the broken release, built once with the real disk-image-create."""
+    built: dict[str, dict] = {}  # type: ignore[type-arg]
+    for release, element in (("R1", "sample-workload-v1"), ("R2", "sample-workload-v2"),
+                             ("R-broken", "sample-workload-broken")):
+        proc = imageupdate("build", release, "-e", element, "--store", str(store_dir), "--json", check=True)
+        built[release] = json.loads(proc.stdout)
+    yield built
