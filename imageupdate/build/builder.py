@@ -236,7 +236,9 @@ class Builder:
         }
         manifest.build_seconds = round(time.monotonic() - start, 2)
         manifest.write(out)
-        write_checksums(out, [ROOT_IMAGE, FILE_INDEX, MANIFEST])
+        write_checksums(
+            out, [ROOT_IMAGE, FILE_INDEX, MANIFEST], {k: a.sha256 for k, a in manifest.artifacts.items()}
+        )
 
         notify(BuildEvent("verify", "recomputing checksums"))
         self._verify_staged(out, manifest)

@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 from imageupdate.build.elements import ElementSelection
@@ -204,12 +205,8 @@ class DibBuild:
 
 
 def dib_version() -> str:
-    out = subprocess.run(
-        ["disk-image-create", "--version"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PATH": search_path()},
-        check=False,
-    )
-    return (out.stdout or out.stderr).strip() or "unknown"
-
+    """diskimage-builder's version, from its package metadata (no subprocess)."""
+    try:
+        return metadata.version("diskimage-builder")
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -81,8 +81,10 @@ def describe_artifact(path: Path, fmt: str) -> Artifact:
     return Artifact(sha256=sha256_file(path), size=path.stat().st_size, format=fmt)
 
 
-def write_checksums(directory: Path, names: list[str]) -> None:
-    lines = [f"{sha256_file(directory / n)}  {n}\n" for n in sorted(names)]
+def write_checksums(directory: Path, names: list[str], known: dict[str, str] | None = None) -> None:
+    """Write SHA256SUMS for ``names``; ``known`` digests are not recomputed."""
+    known = known or {}
+    lines = [f"{known.get(n) or sha256_file(directory / n)}  {n}\n" for n in sorted(names)]
     (directory / CHECKSUMS).write_text("".join(lines))
 
 

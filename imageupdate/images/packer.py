@@ -13,7 +13,6 @@ shipped tests and migrations, the state path registry and the kernel.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import json
@@ -200,7 +199,7 @@ class _Copier:
 
     def copy(self, m: tarfile.TarInfo) -> FileEntry:
         path = _norm(m.name)
-        ti = copy.copy(m)
+        ti = m  # rewritten in place: the source's member list is not read by name again
         ti.name = path
         ti.mtime = min(int(m.mtime), self.epoch)
         ti.uname = ti.gname = ""

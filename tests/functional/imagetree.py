@@ -65,5 +65,5 @@ def run_release(tree: Path, state: Path, *python: str) -> subprocess.CompletedPr
     return subprocess.run(
         ["unshare", "--mount", "--net", "--pid", "--fork", "--propagation", "private",
          "sh", "-c", SCRIPT, "sh", str(tree), str(state), *python],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )

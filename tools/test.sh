@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set everything up and run the whole test suite: lint, types, unit tests,
+# then functional tests that build real images with disk-image-create
+# (root needed). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/install.sh
+.venv/bin/ruff check imageupdate tests bench
+.venv/bin/mypy
+# pytest exits 5 when it collects nothing: that fails here, as it should.
+exec .venv/bin/python -m pytest -v -ra tests "$@"
