@@ -77,6 +77,9 @@ def make_root_tar(path: Path, release: str = "R1", *, extra: dict[str, bytes] | 
             mode = 0o755 if "/tests/" in name or name.endswith(".11") else 0o644
             _add(tf, name, files[name], mode=mode, mtime=mtime)
         _add(tf, "./usr/bin/python3", kind=tarfile.SYMTYPE, link="python3.11", mtime=mtime)
+        _add(tf, "./dev", kind=tarfile.DIRTYPE, mode=0o755, mtime=mtime)
+        _add(tf, "./dev/null", kind=tarfile.CHRTYPE, mode=0o666, mtime=mtime)
+        _add(tf, "./dev/fd", kind=tarfile.SYMTYPE, link="/proc/self/fd", mtime=mtime)
         # A hard link whose name sorts before its target, as DIB's tar can have.
         _add(tf, "./usr/bin/a-hardlink", kind=tarfile.LNKTYPE, link="./usr/bin/python3.11", mtime=mtime)
         _add(tf, "./usr/bin/z-hardlink", kind=tarfile.LNKTYPE, link="./usr/bin/python3.11", mtime=mtime)

@@ -20,6 +20,7 @@ from imageupdate.cli import render
 from imageupdate.cli.output import Output
 from imageupdate.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ImageUpdateError
 from imageupdate.images.store import ImageStore
+from imageupdate.site.site import LocalSite, SiteStatus
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,6 +42,9 @@ def _common() -> _Parser:
 
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
+    site_opt = _Parser(add_help=False)
+    site_opt.add_argument("--site", type=Path, default=argparse.SUPPRESS, metavar="DIR",
+                          help="site directory (default: $IMAGEUPDATE_SITE or /var/lib/imageupdate/site)")
     parser = _Parser(prog="imageupdate", parents=[common],
                      description="Image-based, immutable fleet updates through OpenStack Heat.")
     parser.add_argument("--version", action="version", version=f"imageupdate {version()}")
@@ -68,6 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
         p = isub.add_parser(name, parents=[common], help=text)
         p.add_argument("release")
         p.set_defaults(func=func)
+    site = sub.add_parser("site", parents=[common], help="the local site: a fleet of namespace nodes")
+    ssub = site.add_subparsers(dest="site_command", required=True, parser_class=_Parser)
+    up = ssub.add_parser("up", parents=[common, site_opt], help="create the site, or bring it back up")
+    up.add_argument("--nodes", type=int, metavar="N", help="number of nodes (new site)")
+    up.add_argument("--release", metavar="R", help="release the nodes start on (new site)")
+    up.set_defaults(func=cmd_site_up)
+    for name, func, text in (
+        ("status", cmd_site_status, "which node runs what"),
+        ("down", cmd_site_down, "stop every node and remove the network; state stays"),
+        ("destroy", cmd_site_destroy, "site down, then delete the site directory"),
+        ("recover", cmd_site_recover, "after a crash: finish or undo interrupted rebuilds"),
+    ):
+        ssub.add_parser(name, parents=[common, site_opt], help=text).set_defaults(func=func)
+    rb = ssub.add_parser("rebuild", parents=[common, site_opt], help="rebuild one node from a release")
+    rb.add_argument("node")
+    rb.add_argument("release")
+    rb.set_defaults(func=cmd_site_rebuild)
+
     d = isub.add_parser("diff", parents=[common], help="compare two releases")
     d.add_argument("old")
     d.add_argument("new")
@@ -152,6 +174,51 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
 def cmd_delete(args: argparse.Namespace, out: Output) -> int:
     _store(args).delete(args.release)
     out.result({"release": args.release, "deleted": True}, f"deleted {args.release}")
+    return EXIT_OK
+
+
+def _site(args: argparse.Namespace) -> LocalSite:
+    return LocalSite(getattr(args, "site", None), _store(args))
+
+
+def _site_result(out: Output, status: SiteStatus) -> None:
+    out.result(asdict(status), render.site_status(status))
+
+
+def cmd_site_up(args: argparse.Namespace, out: Output) -> int:
+    with out.progress("bringing the site up") as progress:
+        progress.update("site up", str(_site(args).path))
+        status = _site(args).up(args.nodes, args.release)
+    _site_result(out, status)
+    return EXIT_OK
+
+
+def cmd_site_status(args: argparse.Namespace, out: Output) -> int:
+    _site_result(out, _site(args).status())
+    return EXIT_OK
+
+
+def cmd_site_down(args: argparse.Namespace, out: Output) -> int:
+    _site_result(out, _site(args).down())
+    return EXIT_OK
+
+
+def cmd_site_destroy(args: argparse.Namespace, out: Output) -> int:
+    site = _site(args)
+    site.destroy()
+    out.result({"site": str(site.path), "destroyed": True}, f"destroyed {site.path}")
+    return EXIT_OK
+
+
+def cmd_site_recover(args: argparse.Namespace, out: Output) -> int:
+    said = _site(args).recover()
+    out.result({"recovered": said}, "\n".join(said) or "nothing to recover")
+    return EXIT_OK
+
+
+def cmd_site_rebuild(args: argparse.Namespace, out: Output) -> int:
+    status = _site(args).rebuild(args.node, args.release)
+    out.result(asdict(status), render.node_line(status))
     return EXIT_OK
 
 

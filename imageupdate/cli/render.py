@@ -10,6 +10,8 @@ from imageupdate.cli.output import table
 from imageupdate.images.diff import ReleaseDiff
 from imageupdate.images.manifest import Manifest
 from imageupdate.images.store import VerifyResult
+from imageupdate.site.node import NodeStatus
+from imageupdate.site.site import SiteStatus
 
 
 def _mib(n: int) -> str:
@@ -115,3 +117,19 @@ def verify(r: VerifyResult) -> Text:
     if r.ok:
         return Text(f"{r.release}: ok ({', '.join(sorted(r.checked))} match)")
     return Text(f"{r.release}: FAILED: " + "; ".join(r.problems))
+
+
+def node_line(n: NodeStatus) -> Text:
+    state = "running" if n.running else "stopped"
+    reach = "reachable" if n.reachable else "unreachable"
+    extra = f" (rebuild to {n.pending} pending)" if n.pending else ""
+    return Text(f"{n.name} {n.address} {n.current} {state} {reach}{extra}")
+
+
+def site_status(s: SiteStatus) -> Group:
+    t = table("NODE", "ADDRESS", "RELEASE", "PREVIOUS", "STATE", "SSH")
+    for n in s.nodes:
+        state = ("running" if n.running else "stopped") + (f", rebuild to {n.pending} pending" if n.pending else "")
+        t.add_row(n.name, n.address, n.current, n.previous or "-", state, "yes" if n.reachable else "no")
+    head = Text(f"site {s.path}: {'up' if s.up else 'down'}, {len(s.nodes)} nodes on {s.subnet}")
+    return Group(head, t)

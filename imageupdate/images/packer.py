@@ -3,7 +3,8 @@
 DIB's ``-t tar`` output lists members in directory order with build-time
 dates, so two builds of the same content differ everywhere. The packer writes
 ``root.tar.zst``: members sorted by path, dates clamped to a fixed epoch, no
-user or group names, hard links pointing at the first member of their group
+user or group names, no device nodes (a node brings its own /dev), hard links
+pointing at the first member of their group
 in sorted order, and the directories a root needs but DIB leaves out
 (``/proc``, ``/sys``, ``/dev``, ``/run``, ``/tmp``). While it copies, it
 hashes every file and reads what the manifest needs from the tree itself:
@@ -127,10 +128,11 @@ def _package_owners(lists: dict[str, bytes]) -> dict[str, str]:
 
 
 def _sorted_members(src: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """Members by path; device nodes dropped (debootstrap's /dev): a node brings its own /dev."""
     members: dict[str, tarfile.TarInfo] = {}
     for m in src.getmembers():
         path = _norm(m.name)
-        if path:
+        if path and not (m.ischr() or m.isblk()) and not path.startswith("dev/"):
             members[path] = m
     return [members[p] for p in sorted(members)]
 

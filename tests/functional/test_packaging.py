@@ -17,8 +17,10 @@ def test_wheel_install_finds_shipped_data(tmp_path: Path) -> None:
                     "-w", str(tmp_path / "whl"), str(ROOT)], check=True, capture_output=True)
     (wheel,) = (tmp_path / "whl").glob("imageupdate-*.whl")
     prefix = tmp_path / "prefix"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--prefix", str(prefix),
-                    str(wheel)], check=True, capture_output=True)
+    # --ignore-installed: never uninstall the imageupdate of the running venv
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed",
+                    "--prefix", str(prefix), str(wheel)], check=True, capture_output=True)
+    assert (Path(sys.executable).parent / "imageupdate").exists(), "the running venv lost imageupdate"
     site = prefix / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     env = {k: v for k, v in os.environ.items() if k != "IMAGEUPDATE_DATA_DIR"}
     env["PYTHONPATH"] = str(site)

@@ -41,6 +41,7 @@ def test_members_sorted_clamped_and_root_dirs_added(packed: tuple[Path, packer.T
     assert all(m.uname == "" and m.gname == "" for m in members)
     for d in packer.ROOT_DIRS:
         assert d in names
+    assert not [n for n in names if n.startswith("dev/")], "device nodes belong to the node, not the image"
 
 
 def test_hardlinks_point_to_an_earlier_member(packed: tuple[Path, packer.TreeFacts], tmp_path: Path) -> None:

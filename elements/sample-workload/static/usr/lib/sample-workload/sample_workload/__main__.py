@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socketserver
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -64,10 +65,22 @@ class Handler(BaseHTTPRequestHandler):
         sys.stderr.write("%s %s\n" % (self.address_string(), fmt % args))
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind asks socket.getfqdn(), a DNS lookup that
+        # stalls ~10 s on a node without a resolver: bind without it.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
 def main() -> None:
     Handler.store = storage.Store(DATA_DIR)
-    server = ThreadingHTTPServer(("0.0.0.0", PORT), Handler)
-    signal.signal(signal.SIGTERM, lambda *_: server.shutdown() or sys.exit(0))
+    server = Server(("0.0.0.0", PORT), Handler)
+    # server.shutdown() from a handler running in serve_forever's own thread
+    # would wait for itself forever: leave by raising SystemExit instead.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"sample-workload {release()} format {storage.FORMAT} on :{PORT}", flush=True)
     server.serve_forever()
 

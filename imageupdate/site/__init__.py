@@ -1,0 +1,1 @@
+"""The local site: an image store's releases unpacked, and nodes made of namespaces."""

@@ -1,0 +1,107 @@
+"""The site's network: one bridge on the host, one network namespace per node.
+
+Names are derived from the site id (6 hex digits) so two sites on one host
+never collide: bridge ``iub-ID``, namespace ``iu-ID-NODE``, host-side veth
+``iuvIDNN``. Each site takes a free /24 from 10.231.0.0/16; the bridge holds
+``.1``, node *n* gets ``.(10+n)``. Traffic only ever goes between the host
+and these namespaces.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+from dataclasses import dataclass
+
+from imageupdate.errors import InputError, OperationError
+
+POOL = ipaddress.ip_network("10.231.0.0/16")
+FIRST_HOST = 10
+MAX_NODES = 240
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        raise OperationError(f"ip {' '.join(args)} failed: {proc.stderr.strip()}", step="network")
+    return proc
+
+
+def used_subnets() -> set[ipaddress.IPv4Network]:
+    out = ip("-j", "-4", "addr", "show").stdout
+    used: set[ipaddress.IPv4Network] = set()
+    for link in json.loads(out or "[]"):
+        for a in link.get("addr_info", []):
+            used.add(ipaddress.IPv4Interface(f"{a['local']}/{a['prefixlen']}").network)
+    return used
+
+
+def pick_subnet() -> str:
+    used = used_subnets()
+    for net in POOL.subnets(new_prefix=24):
+        if not any(net.overlaps(u) for u in used):
+            return str(net)
+    raise InputError(f"no free /24 left in {POOL} for a new site; take a site down first", step="network")
+
+
+@dataclass(frozen=True)
+class SiteNet:
+    site_id: str
+    subnet: str
+
+    @property
+    def bridge(self) -> str:
+        return f"iub-{self.site_id}"
+
+    @property
+    def gateway(self) -> str:
+        return str(ipaddress.ip_network(self.subnet).network_address + 1)
+
+    def address(self, index: int) -> str:
+        if not 0 <= index < MAX_NODES:
+            raise InputError(f"node index {index} out of range: a site holds at most {MAX_NODES} nodes")
+        return str(ipaddress.ip_network(self.subnet).network_address + FIRST_HOST + index)
+
+    def netns(self, node: str) -> str:
+        return f"iu-{self.site_id}-{node}"
+
+    def veth(self, index: int) -> str:
+        return f"iuv{self.site_id}{index:03d}"
+
+    # bridge ------------------------------------------------------------------
+
+    def bridge_exists(self) -> bool:
+        return ip("link", "show", self.bridge, check=False).returncode == 0
+
+    def create_bridge(self) -> None:
+        if not self.bridge_exists():
+            ip("link", "add", self.bridge, "type", "bridge")
+            ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+        ip("link", "set", self.bridge, "up")
+
+    def delete_bridge(self) -> None:
+        if self.bridge_exists():
+            ip("link", "del", self.bridge)
+
+    # nodes -------------------------------------------------------------------
+
+    def netns_exists(self, node: str) -> bool:
+        return self.netns(node) in ip("netns", "list").stdout.split()
+
+    def create_node(self, node: str, index: int) -> None:
+        ns, veth = self.netns(node), self.veth(index)
+        if self.netns_exists(node):
+            self.delete_node(node, index)
+        ip("netns", "add", ns)
+        ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        ip("link", "set", veth, "master", self.bridge, "up")
+        ip("-n", ns, "addr", "add", f"{self.address(index)}/24", "dev", "eth0")
+        ip("-n", ns, "link", "set", "lo", "up")
+        ip("-n", ns, "link", "set", "eth0", "up")
+        ip("-n", ns, "route", "add", "default", "via", self.gateway)
+
+    def delete_node(self, node: str, index: int) -> None:
+        ip("link", "del", self.veth(index), check=False)
+        if self.netns_exists(node):
+            ip("netns", "del", self.netns(node))

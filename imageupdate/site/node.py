@@ -1,0 +1,234 @@
+"""One local node: namespaces on a read-only release tree, state kept apart.
+
+A node is a network namespace (made by the site), and inside it a process
+tree in its own mount, PID, UTS and IPC namespaces whose root is a read-only
+bind of an unpacked release, with ``/mnt/state`` bound to the node's state
+directory, tmpfs on ``/run``, ``/tmp`` and ``/dev``, and the image's own
+init as PID 1. Everything mounted lives in the node's mount namespace: when
+the node stops, the kernel drops it all.
+
+``node.json`` is the node's record, always replaced atomically:
+``current`` is the release the node runs (or will run when started),
+``previous`` the one before (kept unpacked: a rollback needs no transfer),
+``pending`` a rebuild in flight. A rebuild writes its intent, stops the
+node, switches ``current`` in one rename, and starts it. Killed anywhere,
+the node comes back on exactly one complete release: ``recover()`` drops a
+pending rebuild that never switched and restarts a node that should run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from imageupdate.errors import OperationError
+from imageupdate.site import procs
+from imageupdate.site.network import SiteNet
+
+STOP_GRACE = 10.0  # the node's init gives its services 5 s, then SIGKILLs them
+
+BOOT = r"""
+set -eu
+root=$1 tree=$2 state=$3 name=$4
+mount --bind "$tree" "$root"
+mount -o remount,bind,ro "$root"
+mount --bind "$state" "$root/mnt/state"
+mount -t proc proc "$root/proc"
+mount -t sysfs -o ro sysfs "$root/sys"
+mount -t tmpfs -o mode=0755,size=64m tmpfs "$root/run"
+mount -t tmpfs -o mode=1777,size=256m tmpfs "$root/tmp"
+mount -t tmpfs -o mode=0755,size=1m tmpfs "$root/dev"
+for d in null zero full random urandom tty; do
+    touch "$root/dev/$d"
+    mount --bind "/dev/$d" "$root/dev/$d"
+done
+mkdir "$root/dev/pts" "$root/dev/shm"
+mount -t devpts -o newinstance,ptmxmode=0666 devpts "$root/dev/pts"
+ln -s pts/ptmx "$root/dev/ptmx"
+mount -t tmpfs -o mode=1777,size=16m tmpfs "$root/dev/shm"
+hostname "$name"
+exec chroot "$root" /usr/lib/imageupdate/init
+"""
+
+
+@dataclass
+class NodeRecord:
+    name: str
+    index: int
+    current: str
+    previous: str | None = None
+    pending: str | None = None
+    wanted: str = "running"  # running | stopped
+    pid: int | None = None  # host pid of the node's init (PID 1 inside)
+    events: list[str] = field(default_factory=list)
+
+
+@dataclass
+class NodeStatus:
+    name: str
+    address: str
+    current: str
+    previous: str | None
+    pending: str | None
+    running: bool
+    reachable: bool
+    pid: int | None
+
+
+def _breakpoint(step: str) -> None:
+    """IMAGEUPDATE_BREAK=STEP kills this process at STEP (crash-safety tests, like DIB's break=)."""
+    if os.environ.get("IMAGEUPDATE_BREAK") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def tcp_open(address: str, port: int, timeout: float = 0.3) -> bool:
+    try:
+        socket.create_connection((address, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+class Node:
+    """The node API the site and the Heat plugin call. Construction touches nothing."""
+
+    def __init__(self, directory: Path, net: SiteNet, releases_dir: Path, name: str, index: int) -> None:
+        self.dir = directory
+        self.net = net
+        self.releases_dir = releases_dir
+        self.name = name
+        self.index = index
+
+    # paths and record ----------------------------------------------------------
+
+    @property
+    def state_dir(self) -> Path:
+        return self.dir / "state"
+
+    @property
+    def record_path(self) -> Path:
+        return self.dir / "node.json"
+
+    @property
+    def address(self) -> str:
+        return self.net.address(self.index)
+
+    def record(self) -> NodeRecord:
+        return NodeRecord(**json.loads(self.record_path.read_text()))
+
+    def _save(self, rec: NodeRecord, event: str | None = None) -> None:
+        if event:
+            rec.events = (rec.events + [f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {event}"])[-50:]
+        tmp = self.record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(rec), indent=2) + "\n")
+        os.replace(tmp, self.record_path)
+
+    def exists(self) -> bool:
+        return self.record_path.is_file()
+
+    # lifecycle -------------------------------------------------------------------
+
+    def create(self, release: str, authorized_key: str) -> None:
+        """Lay out the node on ``release`` (already unpacked) and start it."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o755)
+        (self.dir / "root").mkdir(exist_ok=True)
+        identity = self.state_dir / "identity"
+        identity.mkdir(mode=0o755, exist_ok=True)
+        keys = identity / "authorized_keys"
+        keys.write_text(authorized_key)
+        os.chmod(keys, 0o600)
+        self._save(NodeRecord(self.name, self.index, current=release), f"created on {release}")
+        self.start()
+
+    def start(self) -> None:
+        rec = self.record()
+        if procs.alive(rec.pid):
+            return
+        tree = self.releases_dir / rec.current
+        if not (tree / "etc/imageupdate/release.json").is_file():
+            raise OperationError(f"release {rec.current} is not unpacked in {self.releases_dir}",
+                                 node=self.name, release=rec.current, step="start")
+        if not self.net.netns_exists(self.name):
+            self.net.create_node(self.name, self.index)
+        with open(self.dir / "console.log", "ab") as console:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.net.netns(self.name),
+                 "unshare", "--mount", "--pid", "--uts", "--ipc", "--fork", "--propagation", "private", "--",
+                 "sh", "-c", BOOT, "node-boot", str(self.dir / "root"), str(tree), str(self.state_dir), self.name],
+                stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        if not procs.wait_until(lambda: bool(procs.children(proc.pid)) or proc.poll() is not None, 10):
+            proc.kill()
+            raise OperationError(f"node {self.name} did not start (see {self.dir / 'console.log'})",
+                                 node=self.name, release=rec.current, step="start")
+        kids = procs.children(proc.pid)
+        if not kids:
+            raise OperationError(f"node {self.name} exited at boot (see {self.dir / 'console.log'})",
+                                 node=self.name, release=rec.current, step="start")
+        rec.pid, rec.wanted = kids[0], "running"
+        self._save(rec, f"started on {rec.current}")
+
+    def wait_ready(self, ports: list[int], timeout: float = 30.0) -> bool:
+        """True once every port answers on the node's address."""
+        return procs.wait_until(lambda: all(tcp_open(self.address, p) for p in ports), timeout)
+
+    def stop(self, grace: float = STOP_GRACE, wanted: str = "stopped") -> str:
+        rec = self.record()
+        how = procs.stop(rec.pid, grace) if rec.pid else "not running"
+        rec.pid, rec.wanted = None, wanted
+        self._save(rec, f"stopped ({how})")
+        return how
+
+    def rebuild(self, release: str) -> None:
+        """Switch the node to ``release`` (unpacked already), keeping its state."""
+        rec = self.record()
+        if rec.current == release and procs.alive(rec.pid):
+            return
+        rec.pending = release
+        self._save(rec, f"rebuild {rec.current} -> {release} begins")
+        _breakpoint("after-intent")
+        self.stop(wanted="running")
+        _breakpoint("after-stop")
+        rec = self.record()
+        if rec.current != release:
+            rec.previous, rec.current = rec.current, release
+        rec.pending = None
+        self._save(rec, f"switched to {release}")
+        _breakpoint("after-switch")
+        self.start()
+
+    def recover(self) -> str | None:
+        """Bring the node back to one complete release after a crash; say what was done."""
+        rec = self.record()
+        said = None
+        if rec.pending is not None:
+            said = f"rebuild to {rec.pending} was interrupted before the switch; node stays on {rec.current}"
+            rec.pending = None
+            self._save(rec, said)
+        if rec.pid and not procs.alive(rec.pid):
+            rec.pid = None
+            self._save(rec)
+        if rec.wanted == "running" and not procs.alive(rec.pid):
+            self.start()
+            said = (said + "; " if said else "") + f"restarted on {rec.current}"
+        return said
+
+    def status(self) -> NodeStatus:
+        rec = self.record()
+        running = procs.alive(rec.pid)
+        return NodeStatus(self.name, self.address, rec.current, rec.previous, rec.pending, running,
+                          running and tcp_open(self.address, 22), rec.pid if running else None)
+
+    def destroy(self) -> None:
+        if self.exists():
+            self.stop()
+        self.net.delete_node(self.name, self.index)
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,267 @@
+"""The local site: a directory that holds a small fleet on one machine.
+
+Layout::
+
+    SITE/
+      site.json          id, subnet, store, nodes (name and index)
+      .lock              flock(2) held by the process operating the site (its pid inside)
+      key, key.pub       the site's SSH key; nodes accept it for root
+      releases/R/        unpacked releases, shared read-only by every node
+      nodes/NAME/        node.json, state/ (the node's /mnt/state), root/, console.log
+
+``site down`` stops every node and removes the network (bridge, namespaces,
+veths); node state and unpacked releases stay, and ``site up`` brings the
+same nodes back. ``site destroy`` also removes the directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from imageupdate.errors import InputError, OperationError
+from imageupdate.hostdeps import require, require_root
+from imageupdate.images.store import ImageStore
+from imageupdate.site import procs
+from imageupdate.site.network import MAX_NODES, SiteNet, pick_subnet
+from imageupdate.site.node import Node, NodeStatus
+from imageupdate.site.unpack import ensure_release
+
+DEFAULT_SITE = Path("/var/lib/imageupdate/site")
+NODE_MEMORY_MB = 48  # measured idle node (init, sshd, sample service) plus margin
+SITE_TOOLS = {
+    "ip": "apt-get install iproute2",
+    "unshare": "apt-get install util-linux",
+    "ssh-keygen": "apt-get install openssh-client",
+    "zstd": "apt-get install zstd",
+    "tar": "apt-get install tar",
+}
+
+
+class SiteInUse(InputError):
+    """Another process is operating this site directory."""
+
+
+class SiteAlreadyUp(InputError):
+    """``site up`` on a site whose nodes run."""
+
+
+class SiteNotFound(InputError):
+    """An operation on a site directory that holds no site."""
+
+
+def default_site() -> Path:
+    return Path(os.environ.get("IMAGEUPDATE_SITE") or DEFAULT_SITE)
+
+
+@dataclass
+class SiteStatus:
+    path: str
+    up: bool
+    subnet: str
+    nodes: list[NodeStatus]
+
+
+def _available_memory_mb() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+class LocalSite:
+    """Construction touches nothing; every operation takes the site lock."""
+
+    def __init__(self, path: Path | None = None, store: ImageStore | None = None) -> None:
+        self.path = Path(path) if path is not None else default_site()
+        self.store = store or ImageStore()
+
+    # layout ------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "site.json"
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def config(self) -> dict[str, object]:
+        if not self.exists():
+            raise SiteNotFound(f"no site in {self.path}; create one with "
+                               f"'imageupdate site up --nodes N --release R --site {self.path}'")
+        data: dict[str, object] = json.loads(self.config_path.read_text())
+        return data
+
+    def _write_config(self, data: dict[str, object]) -> None:
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, self.config_path)
+
+    def net(self) -> SiteNet:
+        cfg = self.config()
+        return SiteNet(str(cfg["id"]), str(cfg["subnet"]))
+
+    def nodes(self) -> list[Node]:
+        cfg, net = self.config(), self.net()
+        return [Node(self.path / "nodes" / n["name"], net, self.path / "releases", n["name"], n["index"])
+                for n in cfg["nodes"]]  # type: ignore[attr-defined]
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes():
+            if n.name == name:
+                return n
+        known = ", ".join(n.name for n in self.nodes())
+        raise InputError(f"unknown node {name!r} in site {self.path} (nodes: {known})", node=name)
+
+    # locking -----------------------------------------------------------------
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                raise SiteInUse(f"site {self.path} is in use by process {owner}; wait for it to finish "
+                                "or stop it, then retry") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+    # operations --------------------------------------------------------------
+
+    def up(self, nodes: int | None = None, release: str | None = None) -> SiteStatus:
+        require_root("local nodes are Linux namespaces, which need root to create")
+        require(SITE_TOOLS)
+        with self.locked():
+            if self.exists():
+                return self._up_existing(nodes, release)
+            if nodes is None or release is None:
+                raise InputError("a new site needs --nodes N and --release R")
+            if not 1 <= nodes <= MAX_NODES:
+                raise InputError(f"--nodes must be between 1 and {MAX_NODES}, not {nodes}")
+            manifest = self.store.manifest(release)  # ReleaseNotFound before anything is made
+            need, free = nodes * NODE_MEMORY_MB, _available_memory_mb()
+            if need > free // 2:
+                raise InputError(f"{nodes} nodes need about {need} MiB and only {free} MiB are available; "
+                                 "ask for fewer nodes")
+            return self._create(nodes, release, [p for s in manifest.services for p in s.get("ports", [])])
+
+    def _create(self, count: int, release: str, ports: list[int]) -> SiteStatus:
+        cfg: dict[str, object] = {
+            "id": secrets.token_hex(3),
+            "subnet": pick_subnet(),
+            "store": str(self.store.root),
+            "nodes": [{"name": f"node{i}", "index": i} for i in range(count)],
+            "ports": ports,
+        }
+        (self.path / "releases").mkdir(parents=True, exist_ok=True)
+        try:
+            self._write_config(cfg)
+            key = self._ensure_key()
+            ensure_release(self.store, release, self.path / "releases")
+            self.net().create_bridge()
+            for node in self.nodes():
+                node.create(release, key)
+            self._wait_ready(ports)
+        except BaseException:
+            self._teardown(remove=True)  # nothing half-created stays behind
+            raise
+        return self._status()
+
+    def _up_existing(self, nodes: int | None, release: str | None) -> SiteStatus:
+        cfg = self.config()
+        if nodes is not None and nodes != len(cfg["nodes"]):  # type: ignore[arg-type]
+            raise InputError(f"site {self.path} has {len(cfg['nodes'])} nodes; "  # type: ignore[arg-type]
+                             "'site destroy' it to start over with another size")
+        if any(procs.alive(n.record().pid) for n in self.nodes() if n.exists()):
+            raise SiteAlreadyUp(f"site {self.path} is already up; see 'imageupdate site status'")
+        self._clear_stale()
+        self.net().create_bridge()
+        for node in self.nodes():
+            node.recover()
+        self._wait_ready([int(p) for p in cfg.get("ports", [])])  # type: ignore[attr-defined]
+        return self._status()
+
+    def _wait_ready(self, ports: list[int]) -> None:
+        for node in self.nodes():
+            if not node.wait_ready([22, *ports]):
+                raise OperationError(f"node {node.name} did not answer on ports {[22, *ports]} within 30 s "
+                                     f"(console: {node.dir / 'console.log'})", node=node.name, step="boot")
+
+    def _ensure_key(self) -> str:
+        key = self.path / "key"
+        if not key.exists():
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"imageupdate-site {self.path}",
+                            "-f", str(key)], check=True)
+        return (self.path / "key.pub").read_text()
+
+    def _clear_stale(self) -> None:
+        """After a crash: dead pids, stale namespaces and links of this site."""
+        net = self.net()
+        for node in self.nodes():
+            if node.exists() and not procs.alive(node.record().pid):
+                net.delete_node(node.name, node.index)
+
+    def _teardown(self, remove: bool) -> None:
+        if self.exists():
+            net = self.net()
+            for node in self.nodes():
+                if node.exists():
+                    node.stop(wanted="running")
+                net.delete_node(node.name, node.index)
+            net.delete_bridge()
+        if remove:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def down(self) -> SiteStatus:
+        require_root("stopping namespaces and removing network devices needs root")
+        with self.locked():
+            self.config()
+            self._teardown(remove=False)
+            return self._status()
+
+    def destroy(self) -> None:
+        require_root("stopping namespaces and removing network devices needs root")
+        with self.locked():
+            if self.exists():
+                self._teardown(remove=False)
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def rebuild(self, node_name: str, release: str) -> NodeStatus:
+        require_root("rebuilding a node mounts in its namespaces")
+        with self.locked():
+            node = self.node(node_name)
+            self.store.manifest(release)
+            ensure_release(self.store, release, self.path / "releases")
+            node.rebuild(release)
+            ports = [int(p) for p in self.config().get("ports", [])]  # type: ignore[attr-defined]
+            if not node.wait_ready([22, *ports]):
+                raise OperationError(f"node {node_name} did not answer after the rebuild to {release}",
+                                     node=node_name, release=release, step="boot")
+            return node.status()
+
+    def recover(self) -> list[str]:
+        with self.locked():
+            return [f"{n.name}: {said}" for n in self.nodes() if n.exists() and (said := n.recover())]
+
+    def status(self) -> SiteStatus:
+        self.config()
+        return self._status()
+
+    def _status(self) -> SiteStatus:
+        cfg = self.config()
+        nodes = [n.status() for n in self.nodes() if n.exists()]
+        return SiteStatus(str(self.path), any(n.running for n in nodes), str(cfg["subnet"]), nodes)

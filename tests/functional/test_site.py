@@ -1,0 +1,170 @@
+"""The local site with real nodes: namespaces, the image's init, SSH, HTTP (needs root)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imageupdate.site.site import LocalSite
+from tests.functional.conftest import imageupdate
+
+pytestmark = pytest.mark.functional
+
+
+def http(addr: str, path: str, data: bytes | None = None, method: str | None = None) -> bytes:
+    req = urllib.request.Request(f"http://{addr}:8080{path}", data=data, method=method)
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return r.read()
+
+
+def health(addr: str) -> dict:  # type: ignore[type-arg]
+    return json.loads(http(addr, "/health"))
+
+
+def ssh(site: Path, addr: str, *cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ssh", "-i", str(site / "key"), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+         "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR", f"root@{addr}", *cmd],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+
+
+def status(site: Path, store: Path) -> dict:  # type: ignore[type-arg]
+    proc = imageupdate("site", "status", "--site", str(site), "--store", str(store), "--json", check=True)
+    return {n["name"]: n for n in json.loads(proc.stdout)["nodes"]}
+
+
+def leftovers(site_id: str, site: Path) -> list[str]:
+    found = [f"netns {n}" for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                                                  check=True).stdout.split() if site_id in n]
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    found += [f"link {line.split(':')[1].strip()}" for line in links.splitlines() if site_id in line]
+    found += [f"mount {m}" for m in Path("/proc/mounts").read_text().splitlines() if str(site) in m]
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                st = (p / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if st != "Z" and ("node-boot" in cmd or str(site) in cmd):
+                found.append(f"process {p.name} {cmd[:80]}")
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False).stdout
+    found += [f"loop {line}" for line in loops.splitlines() if str(site) in line]
+    return found
+
+
+@pytest.fixture
+def site(releases: dict, store_dir: Path, tmp_path: Path) -> Iterator[Path]:  # type: ignore[type-arg]
+    path = tmp_path / "site"
+    proc = imageupdate("site", "up", "--nodes", "3", "--release", "R1", "--site", str(path),
+                       "--store", str(store_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    try:
+        yield path
+    finally:
+        imageupdate("site", "destroy", "--site", str(path), "--store", str(store_dir))
+
+
+def test_nodes_keep_data_across_a_rebuild(site: Path, store_dir: Path) -> None:
+    nodes = status(site, store_dir)
+    assert sorted(nodes) == ["node0", "node1", "node2"]
+    keys = {}
+    for name, n in nodes.items():
+        assert n["current"] == "R1" and n["running"] and n["reachable"]
+        assert health(n["address"])["release"] == "R1"
+        http(n["address"], "/kv/owner", name.encode(), "PUT")
+        keys[name] = ssh(site, n["address"], "cat", "/mnt/state/identity/ssh/ssh_host_ed25519_key.pub").stdout
+        assert keys[name].startswith("ssh-ed25519")
+    assert len(set(keys.values())) == 3, "nodes share an SSH identity"
+    for name in nodes:
+        proc = imageupdate("site", "rebuild", name, "R2", "--site", str(site), "--store", str(store_dir), "--json")
+        assert proc.returncode == 0, proc.stderr
+    for name, n in status(site, store_dir).items():
+        assert (n["current"], n["previous"]) == ("R2", "R1")
+        h = health(n["address"])
+        assert (h["release"], h["format"]) == ("R2", 2)
+        assert http(n["address"], "/kv/owner") == name.encode()  # data kept and converted
+        assert ssh(site, n["address"], "cat", "/etc/imageupdate/release.json").stdout.strip() == '{"release": "R2"}'
+        assert ssh(site, n["address"], "cat", "/mnt/state/identity/ssh/ssh_host_ed25519_key.pub").stdout == keys[name]
+
+
+def test_node_root_is_read_only_and_state_is_writable(site: Path, store_dir: Path) -> None:
+    addr = status(site, store_dir)["node0"]["address"]
+    ro = ssh(site, addr, "touch", "/usr/imageupdate-test")
+    assert ro.returncode != 0 and "Read-only file system" in ro.stderr
+    assert ssh(site, addr, "touch", "/mnt/state/ok").returncode == 0
+    assert (site / "nodes/node0/state/ok").exists()
+    ps = ssh(site, addr, "cat", "/proc/1/cmdline").stdout
+    assert "/usr/lib/imageupdate/init" in ps  # the image's own init is PID 1
+    assert ssh(site, addr, "hostname").stdout.strip() == "node0"
+
+
+@pytest.mark.parametrize("step, expected", [("after-intent", "R1"), ("after-stop", "R1"), ("after-switch", "R2")])
+def test_rebuild_killed_recovers_on_one_release(site: Path, store_dir: Path, step: str, expected: str) -> None:
+    addr = status(site, store_dir)["node1"]["address"]
+    http(addr, "/kv/k", b"before-crash", "PUT")
+    proc = imageupdate("site", "rebuild", "node1", "R2", "--site", str(site), "--store", str(store_dir),
+                       env={"IMAGEUPDATE_BREAK": step})
+    assert proc.returncode == -9, proc.stderr  # killed at the step
+    proc = imageupdate("site", "recover", "--site", str(site), "--store", str(store_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    n = status(site, store_dir)["node1"]
+    assert n["current"] == expected and n["pending"] is None and n["running"]
+    LocalSite(site).node("node1").wait_ready([22, 8080])
+    assert health(addr)["release"] == expected
+    assert http(addr, "/kv/k") == b"before-crash"
+
+
+def test_down_leaves_nothing_and_up_brings_the_nodes_back(site: Path, store_dir: Path) -> None:
+    site_id = json.loads((site / "site.json").read_text())["id"]
+    addr = status(site, store_dir)["node2"]["address"]
+    http(addr, "/kv/k", b"survives down", "PUT")
+    assert leftovers(site_id, site) != []  # the check sees a running site
+    proc = imageupdate("site", "down", "--site", str(site), "--store", str(store_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert leftovers(site_id, site) == []
+    proc = imageupdate("site", "up", "--site", str(site), "--store", str(store_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert http(addr, "/kv/k") == b"survives down"
+    again = imageupdate("site", "up", "--site", str(site), "--store", str(store_dir))
+    assert again.returncode == 2 and "already up" in again.stderr
+    imageupdate("site", "destroy", "--site", str(site), "--store", str(store_dir), check=True)
+    assert leftovers(site_id, site) == [] and not site.exists()
+
+
+def test_crashed_site_comes_back(site: Path, store_dir: Path) -> None:
+    """SIGKILL every node's init (a crash of the site's processes): site up cleans up and returns."""
+    nodes = status(site, store_dir)
+    for n in nodes.values():
+        subprocess.run(["kill", "-9", str(n["pid"])], check=True)
+    proc = imageupdate("site", "up", "--site", str(site), "--store", str(store_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    for n in status(site, store_dir).values():
+        assert n["running"] and health(n["address"])["release"] == "R1"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--nodes", "2", "--release", "R-nope"], "is not in the store"),
+    (["--nodes", "0", "--release", "R1"], "--nodes must be between"),
+    (["--nodes", "100000", "--release", "R1"], "--nodes must be between"),
+    (["--nodes", "2"], "needs --nodes N and --release R"),
+])
+def test_site_up_bad_input(releases: dict, store_dir: Path, tmp_path: Path, args: list[str],  # type: ignore[type-arg]
+                           needle: str) -> None:
+    path = tmp_path / "bad-site"
+    proc = imageupdate("site", "up", *args, "--site", str(path), "--store", str(store_dir))
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (path / "site.json").exists() and not (path / "nodes").exists()
+
+
+def test_site_in_use_is_refused(site: Path, store_dir: Path) -> None:
+    with LocalSite(site).locked():
+        proc = imageupdate("site", "rebuild", "node0", "R2", "--site", str(site), "--store", str(store_dir))
+    assert proc.returncode == 2 and "is in use by process" in proc.stderr
+    assert status(site, store_dir)["node0"]["current"] == "R1"
