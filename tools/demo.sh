@@ -27,3 +27,25 @@ $iu images verify R2
 echo
 echo "== what changes from R1 to R2"
 $iu images diff R1 R2
+
+echo
+echo "== a local site: 3 nodes on R1 (namespaces on the read-only R1 tree)"
+SITE=${IMAGEUPDATE_DEMO_SITE:-/var/lib/imageupdate/demo-site}
+$iu site destroy --site "$SITE" >/dev/null
+$iu site up --nodes 3 --release R1 --site "$SITE"
+addrs=$($iu site status --site "$SITE" --json | python3 -c \
+    'import json,sys; print(" ".join(n["address"] for n in json.load(sys.stdin)["nodes"]))')
+for a in $addrs; do
+    python3 -c "import sys, urllib.request as u; u.urlopen(u.Request(f'http://{sys.argv[1]}:8080/kv/greeting', data=b'written on R1', method='PUT'))" "$a"
+done
+echo "wrote a value on every node; rebuilding each node to R2 (state kept) ..."
+i=0
+for a in $addrs; do
+    $iu site rebuild "node$i" R2 --site "$SITE"
+    python3 -c "import sys, urllib.request as u; print('  ', sys.argv[1], u.urlopen(f'http://{sys.argv[1]}:8080/health').read().decode(), u.urlopen(f'http://{sys.argv[1]}:8080/kv/greeting').read().decode())" "$a"
+    i=$((i + 1))
+done
+$iu site status --site "$SITE"
+echo "ssh into a node: ssh -i $SITE/key root@${addrs%% *}"
+$iu site down --site "$SITE" >/dev/null
+echo "site is down (state kept); 'imageupdate site up --site $SITE' brings it back, 'site destroy' removes it"

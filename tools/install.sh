@@ -13,7 +13,7 @@ fi
 # sudo: DIB calls it even as root. debootstrap: the OS element. zstd: the
 # store's image compression. util-linux: unshare for builds and nodes.
 APT_PACKAGES=(sudo debootstrap squashfs-tools qemu-utils zstd util-linux
-              iproute2 git python3-venv ca-certificates)
+              iproute2 openssh-client git python3-venv ca-certificates)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

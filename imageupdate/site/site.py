@@ -36,7 +36,7 @@ from imageupdate.site.node import Node, NodeStatus
 from imageupdate.site.unpack import ensure_release
 
 DEFAULT_SITE = Path("/var/lib/imageupdate/site")
-NODE_MEMORY_MB = 48  # measured idle node (init, sshd, sample service) plus margin
+NODE_MEMORY_MB = 48  # an idle sample node measured 17 MiB PSS (bench_site.py); RSS and growth margin
 SITE_TOOLS = {
     "ip": "apt-get install iproute2",
     "unshare": "apt-get install util-linux",

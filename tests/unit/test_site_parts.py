@@ -1,0 +1,92 @@
+"""Units of the local site that need no root: unpack checks, addressing, records, procs."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from imageupdate.errors import InputError
+from imageupdate.site import procs
+from imageupdate.site.network import MAX_NODES, SiteNet
+from imageupdate.site.node import Node, NodeRecord
+from imageupdate.site.unpack import unsafe_member
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.linkname = kind, link
+    return ti
+
+
+@pytest.mark.parametrize("m, seen, links, why", [
+    (member("/etc/passwd"), set(), set(), "absolute path"),
+    (member("usr/../../etc/shadow"), set(), set(), "'..'"),
+    (member("var/log/x"), set(), {"var/log"}, "below the symlink"),
+    (member("dev/sda", tarfile.BLKTYPE), set(), set(), "device node"),
+    (member("dev/null", tarfile.CHRTYPE), set(), set(), "device node"),
+    (member("usr/lib/evil", tarfile.SYMTYPE, "../../../root"), set(), set(), "leaves the tree"),
+    (member("usr/bin/x", tarfile.LNKTYPE, "/etc/shadow"), set(), set(), "outside the archive"),
+    (member("usr/bin/x", tarfile.LNKTYPE, "usr/bin/y"), set(), set(), "outside the archive"),
+])
+def test_unsafe_members_are_named(m: tarfile.TarInfo, seen: set[str], links: set[str], why: str) -> None:
+    reason = unsafe_member(m, links, seen)
+    assert reason is not None and why in reason
+
+
+@pytest.mark.parametrize("m, seen", [
+    (member("usr/bin/python3"), set()),
+    (member("etc/machine-id", tarfile.SYMTYPE, "/mnt/state/identity/machine-id"), set()),  # resolved in the node
+    (member("usr/bin/python3", tarfile.SYMTYPE, "python3.11"), set()),
+    (member("usr/lib/os-release", tarfile.SYMTYPE, "../../etc/os-release"), set()),
+    (member("usr/bin/b", tarfile.LNKTYPE, "usr/bin/a"), {"usr/bin/a"}),
+])
+def test_normal_root_members_pass(m: tarfile.TarInfo, seen: set[str]) -> None:
+    assert unsafe_member(m, set(), seen) is None
+
+
+def test_addresses_and_names() -> None:
+    net = SiteNet("a1b2c3", "10.231.7.0/24")
+    assert net.gateway == "10.231.7.1"
+    assert net.address(0) == "10.231.7.10" and net.address(MAX_NODES - 1) == "10.231.7.249"
+    assert net.bridge == "iub-a1b2c3" and len(net.veth(239)) <= 15
+    with pytest.raises(InputError):
+        net.address(MAX_NODES)
+
+
+def test_recover_drops_a_rebuild_that_never_switched(tmp_path: Path) -> None:
+    node = Node(tmp_path, SiteNet("a1b2c3", "10.231.7.0/24"), tmp_path / "releases", "node0", 0)
+    node._save(NodeRecord("node0", 0, current="R1", pending="R2", wanted="stopped", pid=2**22 + 7))
+    said = node.recover()
+    rec = node.record()
+    assert said is not None and "stays on R1" in said
+    assert (rec.current, rec.pending, rec.pid) == ("R1", None, None)
+    assert node.recover() is None  # nothing left to do
+
+
+def test_procs_stop_a_process_that_ignores_sigterm() -> None:
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                             "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    slept: list[float] = []
+
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        time.sleep(seconds)
+
+    how = procs.stop(proc.pid, grace=0.2, sleep=sleep)
+    proc.wait()
+    assert how == "killed" and slept
+    assert not procs.alive(proc.pid) and procs.stop(proc.pid, 1) == "not running"
+
+
+def test_wait_until_never_sleeps_with_an_injected_sleep() -> None:
+    calls = iter([False, False, True])
+    slept: list[float] = []
+    assert procs.wait_until(lambda: next(calls), timeout=60, interval=5, sleep=slept.append)
+    assert slept == [5, 5]
