@@ -145,19 +145,28 @@ class LocalSite:
     def up(self, nodes: int | None = None, release: str | None = None) -> SiteStatus:
         require_root("local nodes are Linux namespaces, which need root to create")
         require(SITE_TOOLS)
-        with self.locked():
-            if self.exists():
-                return self._up_existing(nodes, release)
-            if nodes is None or release is None:
-                raise InputError("a new site needs --nodes N and --release R")
-            if not 1 <= nodes <= MAX_NODES:
-                raise InputError(f"--nodes must be between 1 and {MAX_NODES}, not {nodes}")
-            manifest = self.store.manifest(release)  # ReleaseNotFound before anything is made
-            need, free = nodes * NODE_MEMORY_MB, _available_memory_mb()
-            if need > free // 2:
-                raise InputError(f"{nodes} nodes need about {need} MiB and only {free} MiB are available; "
-                                 "ask for fewer nodes")
-            return self._create(nodes, release, [p for s in manifest.services for p in s.get("ports", [])])
+        fresh = not self.path.exists()
+        try:
+            with self.locked():
+                if self.exists():
+                    return self._up_existing(nodes, release)
+                return self._up_new(nodes, release)
+        except InputError:
+            if fresh:  # bad input leaves no directory behind either
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
+
+    def _up_new(self, nodes: int | None, release: str | None) -> SiteStatus:
+        if nodes is None or release is None:
+            raise InputError("a new site needs --nodes N and --release R")
+        if not 1 <= nodes <= MAX_NODES:
+            raise InputError(f"--nodes must be between 1 and {MAX_NODES}, not {nodes}")
+        manifest = self.store.manifest(release)  # ReleaseNotFound before anything is made
+        need, free = nodes * NODE_MEMORY_MB, _available_memory_mb()
+        if need > free // 2:
+            raise InputError(f"{nodes} nodes need about {need} MiB and only {free} MiB are available; "
+                             "ask for fewer nodes")
+        return self._create(nodes, release, [p for s in manifest.services for p in s.get("ports", [])])
 
     def _create(self, count: int, release: str, ports: list[int]) -> SiteStatus:
         cfg: dict[str, object] = {

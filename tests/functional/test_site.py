@@ -160,7 +160,7 @@ def test_site_up_bad_input(releases: dict, store_dir: Path, tmp_path: Path, args
     proc = imageupdate("site", "up", *args, "--site", str(path), "--store", str(store_dir))
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert not (path / "site.json").exists() and not (path / "nodes").exists()
+    assert not path.exists()
 
 
 def test_site_in_use_is_refused(site: Path, store_dir: Path) -> None:

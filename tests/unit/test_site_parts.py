@@ -90,3 +90,26 @@ def test_wait_until_never_sleeps_with_an_injected_sleep() -> None:
     slept: list[float] = []
     assert procs.wait_until(lambda: next(calls), timeout=60, interval=5, sleep=slept.append)
     assert slept == [5, 5]
+
+
+def test_site_needs_root_and_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imageupdate.site.site import LocalSite
+
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    with pytest.raises(InputError) as exc:
+        LocalSite(tmp_path / "site").up(3, "R1")
+    assert exc.value.exit_code == 2 and "root" in str(exc.value) and "namespaces" in str(exc.value)
+    assert not (tmp_path / "site").exists()
+
+
+def test_too_many_nodes_for_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store, publish) -> None:  # type: ignore[no-untyped-def]
+    from imageupdate.site import site as site_mod
+
+    publish("R1")
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr(site_mod, "require", lambda tools: {})
+    monkeypatch.setattr(site_mod, "_available_memory_mb", lambda: 200)
+    with pytest.raises(InputError) as exc:
+        site_mod.LocalSite(tmp_path / "site", store).up(10, "R1")
+    assert "only 200 MiB are available" in str(exc.value)
+    assert not (tmp_path / "site").exists()
