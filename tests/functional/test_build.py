@@ -14,7 +14,6 @@ import pytest
 
 from imageupdate.images.store import STAGING, ImageStore
 from tests.functional.conftest import imageupdate
-from tests.functional.imagetree import extract, run_release
 
 pytestmark = pytest.mark.functional
 
@@ -84,30 +83,6 @@ def test_diff_r1_r2(releases: dict, store_dir: Path) -> None:  # type: ignore[ty
     assert d["action"] == "restart"
     human = imageupdate("images", "diff", "R1", "R2", "--store", str(store_dir), check=True).stdout
     assert "sqlite3" in human and "pkg:curl" in human and "needs: restart" in human
-
-
-def test_releases_run_their_own_tests(releases: dict, store_dir: Path, tmp_path: Path) -> None:  # type: ignore[type-arg]
-    """R1 writes data; R2 on the same state reads it back converted; broken fails its own test."""
-    state = tmp_path / "state"
-    r1 = run_release(extract(store_dir / "R1" / "root.tar.zst", tmp_path / "r1"), state,
-                     "import urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:8080/kv/k', "
-                     "data=b'kept', method='PUT'))")
-    assert r1.returncode == 0, r1.stdout + r1.stderr
-    assert "PASS 10-service-health: healthy: release R1, data format 1" in r1.stdout
-    assert (state / "var/lib/sample-workload/data.json").is_file()
-    identity = (state / "identity/ssh/ssh_host_ed25519_key.pub").read_text()
-
-    r2 = run_release(extract(store_dir / "R2" / "root.tar.zst", tmp_path / "r2"), state,
-                     "import urllib.request as u; assert u.urlopen('http://127.0.0.1:8080/kv/k').read() == b'kept'")
-    assert r2.returncode == 0, r2.stdout + r2.stderr
-    assert "healthy: release R2, data format 2" in r2.stdout
-    assert (state / "var/lib/sample-workload/data.db").is_file()
-    assert (state / "identity/ssh/ssh_host_ed25519_key.pub").read_text() == identity  # kept across the swap
-
-    broken = run_release(extract(store_dir / "R-broken" / "root.tar.zst", tmp_path / "rb"), tmp_path / "state-b")
-    assert broken.returncode == 1
-    assert "PASS 10-service-health" in broken.stdout
-    assert "FAIL 20-data-roundtrip" in broken.stdout
 
 
 def test_rebuild_with_force_replaces_and_is_nearly_identical(releases: dict, store_dir: Path) -> None:  # type: ignore[type-arg]

@@ -93,6 +93,22 @@ def test_nodes_keep_data_across_a_rebuild(site: Path, store_dir: Path) -> None:
         assert ssh(site, n["address"], "cat", "/mnt/state/identity/ssh/ssh_host_ed25519_key.pub").stdout == keys[name]
 
 
+def shipped_tests(site: Path, addr: str) -> dict[str, bool]:
+    names = ssh(site, addr, "ls", "/usr/share/imageupdate/tests").stdout.split()
+    assert names, "the release ships no post-deploy tests"
+    return {n: ssh(site, addr, f"/usr/share/imageupdate/tests/{n}").returncode == 0 for n in names}
+
+
+def test_releases_pass_or_fail_their_own_tests(site: Path, store_dir: Path) -> None:
+    addr = status(site, store_dir)["node0"]["address"]
+    assert shipped_tests(site, addr) == {"10-service-health": True, "20-data-roundtrip": True}
+    imageupdate("site", "rebuild", "node0", "R2", "--site", str(site), "--store", str(store_dir), check=True)
+    assert shipped_tests(site, addr) == {"10-service-health": True, "20-data-roundtrip": True}
+    imageupdate("site", "rebuild", "node0", "R-broken", "--site", str(site), "--store", str(store_dir), check=True)
+    assert health(addr)["release"] == "R-broken"
+    assert shipped_tests(site, addr) == {"10-service-health": True, "20-data-roundtrip": False}
+
+
 def test_node_root_is_read_only_and_state_is_writable(site: Path, store_dir: Path) -> None:
     addr = status(site, store_dir)["node0"]["address"]
     ro = ssh(site, addr, "touch", "/usr/imageupdate-test")
