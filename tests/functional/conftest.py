@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from imageupdate.site import procs
+
 pytestmark = pytest.mark.functional
 
 
@@ -19,6 +21,25 @@ def imageupdate(*args: str, env: dict[str, str] | None = None, check: bool = Fal
     if check and proc.returncode != 0:
         raise AssertionError(f"imageupdate {' '.join(args)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return proc
+
+
+def live_processes_mentioning(*needles: str) -> list[str]:
+    """Live (non-zombie) processes whose command line contains any of ``needles``."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(n in cmd for n in needles) and procs.alive(int(p.name)):
+            found.append(f"process {p.name}: {cmd[:120]}")
+    return found
+
+
+def mounts_mentioning(path: Path) -> list[str]:
+    return [f"mount {m}" for m in Path("/proc/mounts").read_text().splitlines() if str(path) in m]
 
 
 @pytest.fixture(scope="session", autouse=True)

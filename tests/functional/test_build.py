@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from imageupdate.images.store import STAGING, ImageStore
-from tests.functional.conftest import imageupdate
+from tests.functional.conftest import imageupdate, live_processes_mentioning, mounts_mentioning
 
 pytestmark = pytest.mark.functional
 
@@ -112,18 +112,7 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen[str], timeout: float
 
 
 def _leftovers(root: Path) -> tuple[list[str], list[str]]:
-    mounts = [line for line in Path("/proc/mounts").read_text().splitlines() if str(root) in line]
-    procs = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                state = (p / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if str(root) in cmd and state != "Z":
-                procs.append(f"{p.name}: {cmd[:120]}")
-    return mounts, procs
+    return mounts_mentioning(root), live_processes_mentioning(str(root))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -9,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from imageupdate.site import procs
 from imageupdate.site.site import LocalSite
-from tests.functional.conftest import imageupdate
+from tests.functional.conftest import imageupdate, live_processes_mentioning, mounts_mentioning
 
 pytestmark = pytest.mark.functional
 
@@ -38,21 +40,29 @@ def status(site: Path, store: Path) -> dict:  # type: ignore[type-arg]
     return {n["name"]: n for n in json.loads(proc.stdout)["nodes"]}
 
 
+def node_pid_namespaces(site: Path, store: Path) -> set[str]:
+    return {os.readlink(f"/proc/{n['pid']}/ns/pid") for n in status(site, store).values() if n["pid"]}
+
+
+def processes_in(namespaces: set[str]) -> list[str]:
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if os.readlink(p / "ns/pid") in namespaces and procs.alive(int(p.name)):
+                    found.append(f"process {p.name} in a node's pid namespace")
+            except OSError:
+                continue
+    return found
+
+
 def leftovers(site_id: str, site: Path) -> list[str]:
     found = [f"netns {n}" for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
                                                   check=True).stdout.split() if site_id in n]
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
     found += [f"link {line.split(':')[1].strip()}" for line in links.splitlines() if site_id in line]
-    found += [f"mount {m}" for m in Path("/proc/mounts").read_text().splitlines() if str(site) in m]
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                st = (p / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if st != "Z" and ("node-boot" in cmd or str(site) in cmd):
-                found.append(f"process {p.name} {cmd[:80]}")
+    found += mounts_mentioning(site)
+    found += live_processes_mentioning("node-boot", str(site))
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False).stdout
     found += [f"loop {line}" for line in loops.splitlines() if str(site) in line]
     return found
@@ -140,10 +150,13 @@ def test_down_leaves_nothing_and_up_brings_the_nodes_back(site: Path, store_dir:
     site_id = json.loads((site / "site.json").read_text())["id"]
     addr = status(site, store_dir)["node2"]["address"]
     http(addr, "/kv/k", b"survives down", "PUT")
+    namespaces = node_pid_namespaces(site, store_dir)
+    assert len(namespaces) == 3 and len(processes_in(namespaces)) >= 9  # init, sshd, service per node
     assert leftovers(site_id, site) != []  # the check sees a running site
     proc = imageupdate("site", "down", "--site", str(site), "--store", str(store_dir))
     assert proc.returncode == 0, proc.stderr
     assert leftovers(site_id, site) == []
+    assert processes_in(namespaces) == []
     proc = imageupdate("site", "up", "--site", str(site), "--store", str(store_dir))
     assert proc.returncode == 0, proc.stderr
     assert http(addr, "/kv/k") == b"survives down"
