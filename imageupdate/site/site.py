@@ -162,6 +162,7 @@ class LocalSite:
         if not 1 <= nodes <= MAX_NODES:
             raise InputError(f"--nodes must be between 1 and {MAX_NODES}, not {nodes}")
         manifest = self.store.manifest(release)  # ReleaseNotFound before anything is made
+        self._require_bootable(release)
         need, free = nodes * NODE_MEMORY_MB, _available_memory_mb()
         if need > free // 2:
             raise InputError(f"{nodes} nodes need about {need} MiB and only {free} MiB are available; "
@@ -203,6 +204,14 @@ class LocalSite:
             node.recover()
         self._wait_ready([int(p) for p in cfg.get("ports", [])])  # type: ignore[attr-defined]
         return self._status()
+
+    def _require_bootable(self, release: str) -> None:
+        """A release whose image has no node init cannot run as a node: say so before anything starts."""
+        self.store.manifest(release)
+        if "usr/lib/imageupdate/init" not in self.store.file_index(release):
+            raise InputError(f"release {release!r} has no /usr/lib/imageupdate/init (built before imageupdate-node "
+                             f"shipped one?); rebuild it with 'imageupdate build {release} --force ...'",
+                             release=release)
 
     def _wait_ready(self, ports: list[int]) -> None:
         for node in self.nodes():
@@ -253,7 +262,7 @@ class LocalSite:
         require_root("rebuilding a node mounts in its namespaces")
         with self.locked():
             node = self.node(node_name)
-            self.store.manifest(release)
+            self._require_bootable(release)
             ensure_release(self.store, release, self.path / "releases")
             node.rebuild(release)
             ports = [int(p) for p in self.config().get("ports", [])]  # type: ignore[attr-defined]

@@ -105,11 +105,24 @@ def test_site_needs_root_and_says_why(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_too_many_nodes_for_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store, publish) -> None:  # type: ignore[no-untyped-def]
     from imageupdate.site import site as site_mod
 
-    publish("R1")
+    publish("R1", extra={"./usr/lib/imageupdate/init": b"#!/usr/bin/python3\n"})
     monkeypatch.setattr("os.geteuid", lambda: 0)
     monkeypatch.setattr(site_mod, "require", lambda tools: {})
     monkeypatch.setattr(site_mod, "_available_memory_mb", lambda: 200)
     with pytest.raises(InputError) as exc:
         site_mod.LocalSite(tmp_path / "site", store).up(10, "R1")
     assert "only 200 MiB are available" in str(exc.value)
+    assert not (tmp_path / "site").exists()
+
+
+def test_a_release_without_the_node_init_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     store, publish) -> None:  # type: ignore[no-untyped-def]
+    from imageupdate.site import site as site_mod
+
+    publish("R1")  # the synthetic root has no /usr/lib/imageupdate/init
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr(site_mod, "require", lambda tools: {})
+    with pytest.raises(InputError) as exc:
+        site_mod.LocalSite(tmp_path / "site", store).up(1, "R1")
+    assert "has no /usr/lib/imageupdate/init" in str(exc.value) and "--force" in str(exc.value)
     assert not (tmp_path / "site").exists()
