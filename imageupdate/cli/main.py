@@ -186,8 +186,9 @@ def _site_result(out: Output, status: SiteStatus) -> None:
 
 
 def cmd_site_up(args: argparse.Namespace, out: Output) -> int:
-    with out.progress(f"bringing the site up in {_site(args).path}"):
-        status = _site(args).up(args.nodes, args.release)
+    site = _site(args)
+    with out.progress(f"bringing the site up in {site.path}"):
+        status = site.up(args.nodes, args.release)
     _site_result(out, status)
     return EXIT_OK
 

@@ -115,10 +115,11 @@ class LocalSite:
                 for n in cfg["nodes"]]  # type: ignore[attr-defined]
 
     def node(self, name: str) -> Node:
-        for n in self.nodes():
+        nodes = self.nodes()
+        for n in nodes:
             if n.name == name:
                 return n
-        known = ", ".join(n.name for n in self.nodes())
+        known = ", ".join(n.name for n in nodes)
         raise InputError(f"unknown node {name!r} in site {self.path} (nodes: {known})", node=name)
 
     # locking -----------------------------------------------------------------
@@ -185,7 +186,7 @@ class LocalSite:
             self.net().create_bridge()
             for node in self.nodes():
                 node.create(release, key)
-            self._wait_ready(ports)
+            self._wait_ready()
         except BaseException:
             self._teardown(remove=True)  # nothing half-created stays behind
             raise
@@ -202,21 +203,27 @@ class LocalSite:
         self.net().create_bridge()
         for node in self.nodes():
             node.recover()
-        self._wait_ready([int(p) for p in cfg.get("ports", [])])  # type: ignore[attr-defined]
+        self._wait_ready()
         return self._status()
 
     def _require_bootable(self, release: str) -> None:
         """A release whose image has no node init cannot run as a node: say so before anything starts."""
-        self.store.manifest(release)
+        if (self.path / "releases" / release / "usr/lib/imageupdate/init").is_file():
+            return  # unpacked already: no need to read the 2 MB file index on every rebuild
         if "usr/lib/imageupdate/init" not in self.store.file_index(release):
             raise InputError(f"release {release!r} has no /usr/lib/imageupdate/init (built before imageupdate-node "
                              f"shipped one?); rebuild it with 'imageupdate build {release} --force ...'",
                              release=release)
 
-    def _wait_ready(self, ports: list[int]) -> None:
+    def _ready_ports(self) -> list[int]:
+        """SSH and the declared services' ports, recorded in site.json at creation."""
+        return [22, *(int(p) for p in self.config().get("ports", []))]  # type: ignore[attr-defined]
+
+    def _wait_ready(self) -> None:
+        ports = self._ready_ports()
         for node in self.nodes():
-            if not node.wait_ready([22, *ports]):
-                raise OperationError(f"node {node.name} did not answer on ports {[22, *ports]} within 30 s "
+            if not node.wait_ready(ports):
+                raise OperationError(f"node {node.name} did not answer on ports {ports} within 30 s "
                                      f"(console: {node.dir / 'console.log'})", node=node.name, step="boot")
 
     def _ensure_key(self) -> str:
@@ -265,8 +272,7 @@ class LocalSite:
             self._require_bootable(release)
             ensure_release(self.store, release, self.path / "releases")
             node.rebuild(release)
-            ports = [int(p) for p in self.config().get("ports", [])]  # type: ignore[attr-defined]
-            if not node.wait_ready([22, *ports]):
+            if not node.wait_ready(self._ready_ports()):
                 raise OperationError(f"node {node_name} did not answer after the rebuild to {release}",
                                      node=node_name, release=release, step="boot")
             return node.status()
