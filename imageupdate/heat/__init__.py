@@ -1,0 +1,1 @@
+"""Heat: the ephemeral local Heat (config, server process, service), the client, and the chain template."""
