@@ -1,0 +1,125 @@
+"""ImageUpdate::Local::Server: a node of an imageupdate local site, as a Heat resource.
+
+Loaded by the site's ephemeral Heat from ``plugin_dirs``; ``environments/local.yaml`` maps the abstract
+``ImageUpdate::Server`` to it. Creating or updating the resource rebuilds the node from its release with
+``imageupdate site rebuild`` (a child process in its own session, so a Heat killed mid-rebuild leaves the
+node to finish on one release; the rebuild itself is idempotent). Deleting the resource leaves the node
+alone: nodes belong to the site, the stack only says which release each one runs. It handles no signals:
+the gate after it does.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from heat.common import exception
+from heat.engine import attributes, properties, resource, support
+
+STEP_WAIT = 5.0  # seconds a check blocks on the rebuild; Heat looks for cancellation between checks
+
+
+class LocalServer(resource.Resource):
+    support_status = support.SupportStatus(version="27.0.0")
+
+    PROPERTIES = (NAME, RELEASE, OPTIONS) = ("name", "release", "options")
+    ATTRIBUTES = (NODE, RELEASE_ATTR, ADDRESS, REBUILD_STARTED, REBUILD_FINISHED) = (
+        "node", "release", "address", "rebuild_started", "rebuild_finished")
+
+    properties_schema = {
+        NAME: properties.Schema(properties.Schema.STRING, "Node name in the site.", required=True),
+        RELEASE: properties.Schema(properties.Schema.STRING, "Release the node runs.", required=True,
+                                   update_allowed=True),
+        OPTIONS: properties.Schema(properties.Schema.MAP, "Backend options: site and store directories.",
+                                   default={}, update_allowed=True),
+    }
+    attributes_schema = {
+        NODE: attributes.Schema("Node name.", type=attributes.Schema.STRING),
+        RELEASE_ATTR: attributes.Schema("Release the node runs.", type=attributes.Schema.STRING),
+        ADDRESS: attributes.Schema("The node's address on the site bridge.", type=attributes.Schema.STRING),
+        REBUILD_STARTED: attributes.Schema("When the last rebuild started (seconds since the epoch).",
+                                           type=attributes.Schema.STRING),
+        REBUILD_FINISHED: attributes.Schema("When the last rebuild ended with the node answering.",
+                                            type=attributes.Schema.STRING),
+    }
+
+    def _rebuild(self, release):
+        opts = self.properties[self.OPTIONS] or {}
+        site, store = opts.get("site"), opts.get("store")
+        if not site or not store:
+            raise exception.Error("ImageUpdate::Local::Server needs options.site and options.store")
+        node = self.properties[self.NAME]
+        log = os.path.join(site, "nodes", node, "rebuild.log")
+        out = open(log, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            started = time.time()
+            out.write(f"--- rebuild {node} to {release} (heat resource {self.name})\n".encode())
+            out.flush()
+            cmd = [sys.executable, "-m", "imageupdate", "site", "rebuild", node, release,
+                   "--site", site, "--store", store, "--json", "--wait-lock", "600"]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=out, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, close_fds=True)
+        finally:
+            out.close()
+        self.data_set("rebuild_pid", str(proc.pid))
+        self.data_set("rebuild_started", repr(started))
+        return (proc, node, release, log)
+
+    def _done(self, handle):
+        proc, node, release, log = handle
+        try:
+            proc.wait(timeout=STEP_WAIT)
+        except subprocess.TimeoutExpired:
+            return False
+        out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+        if proc.returncode != 0:
+            with open(log, "rb") as f:
+                lines = [x for x in f.read().decode(errors="replace").splitlines() if x.strip()]
+            said = lines[-1] if lines else f"exit status {proc.returncode}"
+            raise exception.Error(f"rebuild of {node} to {release} failed: {said}")
+        try:
+            status = json.loads(out)
+        except ValueError:
+            status = {}
+        self.data_set("address", status.get("address", ""))
+        self.data_set("release", release)
+        self.data_set("rebuild_finished", repr(time.time()))
+        return True
+
+    def handle_create(self):
+        self.resource_id_set(self.properties[self.NAME])
+        return self._rebuild(self.properties[self.RELEASE])
+
+    def check_create_complete(self, handle):
+        return self._done(handle)
+
+    def handle_update(self, json_snippet, tmpl_diff, prop_diff):
+        if self.RELEASE not in prop_diff and self.OPTIONS not in prop_diff:
+            return None
+        self.properties = json_snippet.properties(self.properties_schema, self.context)
+        return self._rebuild(self.properties[self.RELEASE])
+
+    def check_update_complete(self, handle):
+        return True if handle is None else self._done(handle)
+
+    def handle_delete(self):
+        return None  # the node stays; see the module docstring
+
+    def _resolve_attribute(self, name):
+        if name == self.NODE:
+            return self.properties[self.NAME]
+        if name == self.RELEASE_ATTR:
+            return self.data().get("release", self.properties[self.RELEASE])
+        if name == self.ADDRESS:
+            return self.data().get("address", "")
+        if name in (self.REBUILD_STARTED, self.REBUILD_FINISHED):
+            return self.data().get(name, "")
+        return None
+
+    def get_reference_id(self):
+        return self.resource_id or self.physical_resource_name()
+
+
+def resource_mapping():
+    return {"ImageUpdate::Local::Server": LocalServer}

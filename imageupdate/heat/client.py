@@ -1,0 +1,177 @@
+"""The few Heat calls imageupdate makes, through python-heatclient, as small typed values.
+
+Local sites talk to their ephemeral Heat under noauth (any token); the cloud path will hand in a
+keystoneauth session instead. Every heatclient error becomes a ``HeatError`` naming the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imageupdate.errors import OperationError
+
+
+class HeatError(OperationError):
+    """A Heat API call failed."""
+
+
+class StackNotFound(HeatError):
+    pass
+
+
+@dataclass(frozen=True)
+class Stack:
+    id: str
+    name: str
+    action: str
+    status: str  # IN_PROGRESS | COMPLETE | FAILED
+    reason: str
+    outputs: dict[str, Any]
+
+    @property
+    def state(self) -> str:
+        return f"{self.action}_{self.status}"
+
+
+@dataclass(frozen=True)
+class ResourceState:
+    name: str
+    type: str
+    action: str
+    status: str
+    reason: str
+    physical_id: str
+
+    @property
+    def state(self) -> str:
+        return f"{self.action}_{self.status}"
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str
+    resource: str
+    state: str
+    reason: str
+    time: str
+
+
+@contextmanager
+def _calling(what: str) -> Iterator[None]:
+    from heatclient import exc
+
+    try:
+        yield
+    except exc.HTTPNotFound as e:
+        raise StackNotFound(f"{what}: not found ({_said(e)})", step="heat") from None
+    except exc.CommunicationError:
+        raise HeatError(f"{what} failed: Heat does not answer", step="heat") from None
+    except exc.BaseException as e:
+        raise HeatError(f"{what} failed: {_said(e)}", step="heat") from None
+    except OSError as e:
+        raise HeatError(f"{what} failed: Heat does not answer ({e})", step="heat") from None
+    except Exception as e:  # noqa: BLE001 - requests/keystoneauth connection errors have no common root
+        raise HeatError(f"{what} failed: {type(e).__name__}: {e}", step="heat") from None
+
+
+def _said(e: Exception) -> str:
+    text = str(getattr(e, "error", None) or e)
+    return " ".join(text.split())[:400]
+
+
+class HeatClient:
+    def __init__(self, endpoint: str, session: Any = None) -> None:
+        from heatclient import client
+
+        if session is not None:
+            self._hc = client.Client("1", session=session)
+        else:
+            self._hc = client.Client("1", endpoint=endpoint, token="noauth", timeout=60)
+        self.endpoint = endpoint
+
+    def stack(self, name: str) -> Stack | None:
+        from heatclient import exc
+
+        try:
+            s = self._hc.stacks.get(name)
+        except exc.HTTPNotFound:
+            return None
+        except exc.CommunicationError:
+            raise HeatError(f"reading stack {name} failed: Heat does not answer at {self.endpoint}",
+                            step="heat") from None
+        except Exception as e:  # noqa: BLE001
+            raise HeatError(f"reading stack {name} failed: {_said(e)}", step="heat") from None
+        outputs = {o["output_key"]: o.get("output_value") for o in (getattr(s, "outputs", None) or [])}
+        return Stack(s.id, s.stack_name, s.action, s.status, s.stack_status_reason or "", outputs)
+
+    def create(self, name: str, template: dict[str, Any], environment: dict[str, Any],
+               files: dict[str, str], timeout_mins: int) -> str:
+        with _calling(f"creating stack {name}"):
+            r = self._hc.stacks.create(stack_name=name, template=template, environment=environment, files=files,
+                                       disable_rollback=True, timeout_mins=timeout_mins)
+        return str(r["stack"]["id"])
+
+    def update(self, stack_id: str, template: dict[str, Any], environment: dict[str, Any],
+               files: dict[str, str], timeout_mins: int) -> None:
+        with _calling(f"updating stack {stack_id}"):
+            self._hc.stacks.update(stack_id, template=template, environment=environment, files=files,
+                                   disable_rollback=True, timeout_mins=timeout_mins, existing=False)
+
+    def template(self, stack_id: str) -> dict[str, Any]:
+        with _calling(f"reading the template of stack {stack_id}"):
+            return dict(self._hc.stacks.template(stack_id))
+
+    def resources(self, stack_id: str) -> dict[str, ResourceState]:
+        with _calling(f"listing the resources of stack {stack_id}"):
+            items = self._hc.resources.list(stack_id)
+        return {r.resource_name: ResourceState(r.resource_name, r.resource_type,
+                                               *_split(r.resource_status), r.resource_status_reason or "",
+                                               r.physical_resource_id or "") for r in items}
+
+    def events(self, stack_id: str, marker: str | None = None) -> list[Event]:
+        with _calling(f"listing the events of stack {stack_id}"):
+            kwargs: dict[str, Any] = {"sort_dir": "asc"}
+            if marker:
+                kwargs["marker"] = marker
+            items = self._hc.events.list(stack_id, **kwargs)
+        return [Event(e.id, e.resource_name, e.resource_status, e.resource_status_reason or "", e.event_time)
+                for e in items]
+
+    def attributes(self, stack_id: str, resource: str) -> dict[str, Any]:
+        with _calling(f"reading {resource}"):
+            return dict(getattr(self._hc.resources.get(stack_id, resource), "attributes", None) or {})
+
+    def resource_events(self, stack_id: str, resource: str) -> list[Event]:
+        with _calling(f"listing the events of {resource}"):
+            items = self._hc.events.list(stack_id, resource_name=resource)
+        return [Event(e.id, e.resource_name, e.resource_status, e.resource_status_reason or "", e.event_time)
+                for e in items]
+
+    def signal(self, stack_id: str, resource: str, data: dict[str, Any]) -> None:
+        with _calling(f"signalling {resource}"):
+            self._hc.resources.signal(stack_id, resource, data=data)
+
+    def clear_hook(self, stack_id: str, resource: str, hook: str) -> None:
+        with _calling(f"clearing the {hook} hook on {resource}"):
+            self._hc.resources.signal(stack_id, resource, data={"unset_hook": hook})
+
+    def cancel_update(self, stack_id: str) -> None:
+        with _calling(f"cancelling the update of stack {stack_id}"):
+            self._hc.actions.cancel_without_rollback(stack_id)
+
+
+def _split(status: str) -> tuple[str, str]:
+    action, _, state = status.rpartition("_")
+    return action, state
+
+
+def environment_files(paths: list[Path]) -> tuple[dict[str, str], dict[str, Any]]:
+    """Merge environment files as the openstack client does; provider templates they name go in ``files``."""
+    from heatclient.common import template_utils
+
+    files, env = template_utils.process_multiple_environments_and_files(env_paths=[str(p) for p in paths])
+    return dict(files), dict(env)
