@@ -20,6 +20,9 @@ from imageupdate.cli import render
 from imageupdate.cli.output import Output
 from imageupdate.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ImageUpdateError
 from imageupdate.images.store import ImageStore
+from imageupdate.rollout.engine import Orchestrator, Outcome, RolloutOptions
+from imageupdate.rollout.fleet import LocalFleet
+from imageupdate.rollout.status import fleet_status
 from imageupdate.site.site import LocalSite, SiteStatus
 
 
@@ -88,13 +91,49 @@ def build_parser() -> argparse.ArgumentParser:
     rb = ssub.add_parser("rebuild", parents=[common, site_opt], help="rebuild one node from a release")
     rb.add_argument("node")
     rb.add_argument("release")
+    rb.add_argument("--wait-lock", type=float, default=0.0, metavar="SECONDS",
+                    help="wait this long for another operation on the node or site to finish (default: fail at once)")
     rb.set_defaults(func=cmd_site_rebuild)
+
+    _add_rollout_commands(sub, common, site_opt)
 
     d = isub.add_parser("diff", parents=[common], help="compare two releases")
     d.add_argument("old")
     d.add_argument("new")
     d.set_defaults(func=cmd_diff)
     return parser
+
+
+def _node_list(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _add_rollout_commands(sub: Any, common: _Parser, site_opt: _Parser) -> None:
+    gates = _Parser(add_help=False)
+    gates.add_argument("--batch-size", type=int, default=1, metavar="N", help="nodes rebuilt at once (default 1)")
+    gates.add_argument("--limit", type=_node_list, metavar="NODE,...", help="only these nodes")
+    gates.add_argument("--gate-timeout", type=int, default=600, metavar="SECONDS",
+                       help="how long a node's gate waits for its checks (default 600)")
+    r = sub.add_parser("rollout", parents=[common, site_opt, gates],
+                       help="roll a release onto the fleet node by node, gated by each node's checks")
+    r.add_argument("release")
+    r.add_argument("--canary", action="store_true", help="a first batch of one node before the others")
+    r.add_argument("--pause-between-batches", action="store_true",
+                   help="stop after each batch; continue with 'imageupdate resume'")
+    r.add_argument("--no-rollback", action="store_true",
+                   help="on failure leave the fleet as it is for inspection")
+    r.set_defaults(func=cmd_rollout)
+    rb = sub.add_parser("rollback", parents=[common, site_opt, gates],
+                        help="return each node to its last good release (or every node to --to R)")
+    rb.add_argument("--to", metavar="R", help="roll every (--limit) node to this release")
+    rb.set_defaults(func=cmd_rollback)
+    st = sub.add_parser("status", parents=[common, site_opt], help="which node runs what, and what is going on")
+    st.add_argument("--rollout", type=int, metavar="ID", help="show this rollout's steps (default: the newest)")
+    st.set_defaults(func=cmd_status)
+    sub.add_parser("resume", parents=[common, site_opt],
+                   help="finish a paused or interrupted rollout").set_defaults(func=cmd_resume)
+    sub.add_parser("cancel", parents=[common, site_opt],
+                   help="stop the current rollout and roll back what it touched").set_defaults(func=cmd_cancel)
 
 
 def _store(args: argparse.Namespace) -> ImageStore:
@@ -217,8 +256,50 @@ def cmd_site_recover(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_site_rebuild(args: argparse.Namespace, out: Output) -> int:
-    status = _site(args).rebuild(args.node, args.release)
+    status = _site(args).rebuild(args.node, args.release, wait=args.wait_lock)
     out.result(asdict(status), render.node_line(status))
+    return EXIT_OK
+
+
+def _orchestrator(args: argparse.Namespace, out: Output) -> Orchestrator:
+    return Orchestrator(LocalFleet(_site(args)), on_event=out.event)
+
+
+def _outcome(out: Output, outcome: Outcome | None) -> int:
+    if outcome is None:
+        out.result({"cancel": "requested"}, "cancel requested; the running rollout stops at its next gate")
+        return EXIT_OK
+    out.result(outcome.to_dict(), render.outcome(outcome))
+    if not outcome.ok:
+        out.fail(render.outcome_line(outcome))
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_rollout(args: argparse.Namespace, out: Output) -> int:
+    opts = RolloutOptions(batch_size=args.batch_size, canary=args.canary, limit=args.limit,
+                          pause_between_batches=args.pause_between_batches, gate_timeout=args.gate_timeout,
+                          rollback=not args.no_rollback)
+    return _outcome(out, _orchestrator(args, out).rollout(args.release, opts))
+
+
+def cmd_rollback(args: argparse.Namespace, out: Output) -> int:
+    opts = RolloutOptions(batch_size=args.batch_size, limit=args.limit, gate_timeout=args.gate_timeout,
+                          rollback=False)
+    return _outcome(out, _orchestrator(args, out).rollback(args.to, opts))
+
+
+def cmd_resume(args: argparse.Namespace, out: Output) -> int:
+    return _outcome(out, _orchestrator(args, out).resume())
+
+
+def cmd_cancel(args: argparse.Namespace, out: Output) -> int:
+    return _outcome(out, _orchestrator(args, out).cancel())
+
+
+def cmd_status(args: argparse.Namespace, out: Output) -> int:
+    status = fleet_status(LocalFleet(_site(args)), args.rollout)
+    out.result(status.to_dict(), render.fleet_status(status))
     return EXIT_OK
 
 

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from imageupdate.errors import ImageUpdateError
@@ -46,6 +47,17 @@ class Output:
         """One line on stderr, never wrapped: pipelines grep it."""
         sys.stderr.write(f"imageupdate: error: {message}\n")
         sys.stderr.flush()
+
+    def event(self, e: Any) -> None:
+        """One line per rollout event on stderr: live progress per node, for people and CI logs alike."""
+        stamp = time.strftime("%H:%M:%S", time.localtime(e.at))
+        who = f"{e.node}: " if e.node else ""
+        style = {"passed": "green", "failed": "red", "paused": "yellow", "finished": "bold"}.get(e.what, "")
+        line = f"{stamp} [{e.rollout}] {who}{e.message}"
+        if self.as_json or not self.err.is_terminal or not style:
+            self.err.print(line, markup=False, highlight=False)
+        else:
+            self.err.print(f"[{style}]{escape(line)}[/{style}]")
 
     @contextmanager
     def progress(self, title: str) -> Iterator[Progress]:

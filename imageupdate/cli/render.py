@@ -10,6 +10,8 @@ from imageupdate.cli.output import table
 from imageupdate.images.diff import ReleaseDiff
 from imageupdate.images.manifest import Manifest
 from imageupdate.images.store import VerifyResult
+from imageupdate.rollout.engine import Outcome
+from imageupdate.rollout.status import FleetStatus
 from imageupdate.site.node import NodeStatus
 from imageupdate.site.site import SiteStatus
 
@@ -133,3 +135,57 @@ def site_status(s: SiteStatus) -> Group:
         t.add_row(n.name, n.address, n.current, n.previous or "-", state, "yes" if n.reachable else "no")
     head = Text(f"site {s.path}: {'up' if s.up else 'down'}, {len(s.nodes)} nodes on {s.subnet}")
     return Group(head, t)
+
+
+def _clock(t: float | None) -> str:
+    import time
+
+    return time.strftime("%H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def outcome_line(o: Outcome) -> str:
+    r = o.rollout
+    what = f"{r.kind} {r.id}" + (f" to {r.target}" if r.target else "")
+    line = f"{what} {o.status}" + (f": {o.reason}" if o.reason else "")
+    if o.rollback is not None:
+        rb = o.rollback
+        line += (f"; rolled back ({', '.join(f'{n} on {v}' for n, v in rb.nodes.items())})" if rb.ok
+                 else f"; rollback {rb.rollout.id} {rb.status}: {rb.reason}")
+    elif o.status in ("failed", "cancelled") and r.kind == "rollout" and not r.options.get("rollback", True):
+        line += "; fleet left as it is (--no-rollback): 'imageupdate rollback' returns it to the last good releases"
+    return line
+
+
+def outcome(o: Outcome) -> Group:
+    t = table("NODE", "RELEASE")
+    for n, rel in o.nodes.items():
+        t.add_row(n, rel)
+    return Group(Text(outcome_line(o)), t)
+
+
+def fleet_status(s: FleetStatus) -> Group:
+    parts: list[RenderableType] = []
+    heat = f"Heat {s.heat['endpoint']} (pid {s.heat['pid']})" if s.heat.get("running") else "Heat not running"
+    stack = f", stack {s.stack['name']} {s.stack['state']}" if s.stack else ""
+    parts.append(Text(f"site {s.site}: {heat}{stack}"))
+    t = table("NODE", "ADDRESS", "RELEASE", "LAST GOOD", "STATE")
+    for n in s.nodes:
+        t.add_row(n.name, n.address, n.release, n.last_good or "-", "running" if n.running else "stopped")
+    parts.append(t)
+    if s.active:
+        a = s.active
+        hint = {"paused": "continue with 'imageupdate resume' or stop with 'imageupdate cancel'",
+                "interrupted": "its process is gone: 'imageupdate resume' finishes it, 'imageupdate cancel' rolls back"}
+        parts.append(Text(f"{a['kind']} {a['id']} to {a['target'] or 'last good'}: {a['state']}"
+                          + (f" ({hint[a['state']]})" if a["state"] in hint else "")))
+    if s.last:
+        last = s.last
+        parts.append(Text(f"{last['kind']} {last['id']}" + (f" to {last['target']}" if last["target"] else "")
+                          + f": {last['status']}" + (f" ({last['reason']})" if last["reason"] else "")))
+        st = table("NODE", "STEP", "FROM", "TO", "STATUS", "START", "SECONDS", "REASON")
+        for step in last["steps"]:
+            secs = f"{step['seconds']:.1f}" if step["seconds"] is not None else "-"
+            st.add_row(step["node"], step["step"], step["from_release"] or "-", step["to_release"] or "-",
+                       step["status"], _clock(step["started"]), secs, step["reason"] or "")
+        parts.append(st)
+    return Group(*parts)

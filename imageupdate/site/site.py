@@ -22,12 +22,14 @@ import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from imageupdate.errors import InputError, OperationError
+from imageupdate.heat.service import HeatService
 from imageupdate.hostdeps import require, require_root
 from imageupdate.images.store import ImageStore
 from imageupdate.site import procs
@@ -68,6 +70,20 @@ class SiteStatus:
     up: bool
     subnet: str
     nodes: list[NodeStatus]
+
+
+def _flock(fd: int, how: int, wait: float, sleep: Callable[[float], None] = time.sleep) -> bool:
+    """flock(2) ``fd``, polling for up to ``wait`` seconds; False if it stays taken."""
+    return procs.wait_until(lambda: _try_flock(fd, how), wait, interval=0.1, sleep=sleep) if wait > 0 \
+        else _try_flock(fd, how)
+
+
+def _try_flock(fd: int, how: int) -> bool:
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 def _available_memory_mb() -> int:
@@ -125,18 +141,30 @@ class LocalSite:
     # locking -----------------------------------------------------------------
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self, shared: bool = False, wait: float = 0.0) -> Iterator[None]:
+        """The site lock: exclusive for site-wide operations, shared for node rebuilds (each of which also
+        takes its node's lock), so a batch of nodes can be rebuilt at once but never during ``site down``."""
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, wait):
                 owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
                 raise SiteInUse(f"site {self.path} is in use by process {owner}; wait for it to finish "
                                 "or stop it, then retry") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            if not shared:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def node_locked(self, node: Node, wait: float) -> Iterator[None]:
+        fd = os.open(node.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if not _flock(fd, fcntl.LOCK_EX, wait):
+                raise SiteInUse(f"node {node.name} is being rebuilt by another process; wait for it to finish",
+                                node=node.name)
             yield
         finally:
             os.close(fd)
@@ -241,6 +269,7 @@ class LocalSite:
                 net.delete_node(node.name, node.index)
 
     def _teardown(self, remove: bool) -> None:
+        HeatService(self.path / "heat").stop()  # the site's Heat goes down with it; its stacks stay in SQLite
         if self.exists():
             net = self.net()
             for node in self.nodes():
@@ -265,10 +294,11 @@ class LocalSite:
                 self._teardown(remove=False)
         shutil.rmtree(self.path, ignore_errors=True)
 
-    def rebuild(self, node_name: str, release: str) -> NodeStatus:
+    def rebuild(self, node_name: str, release: str, wait: float = 0.0) -> NodeStatus:
+        """Rebuild one node; ``wait`` bounds how long to wait for a concurrent operation on it."""
         require_root("rebuilding a node mounts in its namespaces")
-        with self.locked():
-            node = self.node(node_name)
+        node = self.node(node_name)
+        with self.locked(shared=True, wait=wait), self.node_locked(node, wait):
             self._require_bootable(release)
             ensure_release(self.store, release, self.path / "releases")
             node.rebuild(release)

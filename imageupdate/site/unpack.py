@@ -11,6 +11,7 @@ directory in the site is always complete.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import posixpath
 import shutil
@@ -75,6 +76,18 @@ def ensure_release(store: ImageStore, release: str, releases_dir: Path) -> Path:
     target = releases_dir / release
     if (target / "etc/imageupdate/release.json").is_file():
         return target
+    releases_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(releases_dir / ".unpack.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # nodes of one batch rebuilt at once: one unpacks, the others wait
+        if (target / "etc/imageupdate/release.json").is_file():
+            return target
+        return _unpack(store, release, releases_dir, target)
+    finally:
+        os.close(fd)
+
+
+def _unpack(store: ImageStore, release: str, releases_dir: Path, target: Path) -> Path:
     store.require_verified(release)  # sha256 of the artifact against the manifest
     image = store.path(release) / ROOT_IMAGE
     check_archive(image)

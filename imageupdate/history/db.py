@@ -1,0 +1,282 @@
+"""History in ``SITE/history.sqlite``: what happened where, with timings. Nothing is kept only in memory.
+
+Tables:
+- ``rollouts``: one row per operation (``adopt``, ``rollout``, ``rollback``): target, options, the plan
+  (batches, releases before and after), status, reason, owner pid, the Heat process it talked to, and the
+  template and environment it sent (a resume after a Heat crash re-sends exactly these);
+- ``steps``: per node and operation, the ``rebuild`` and ``gate`` steps with start, end and outcome;
+- ``checks``: each check a gate ran on a node, with result, duration and output;
+- ``releases``: per node, each release it reached and whether it passed its gate (the last good release);
+- ``log``: the operation's timeline in words.
+
+Each write is its own short transaction (WAL, busy timeout), so a crash loses nothing already said.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS rollouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,              -- adopt | rollout | rollback
+    target TEXT,                     -- release, or NULL for a rollback to each node's last good release
+    parent INTEGER,                  -- the rollout a rollback undoes
+    options TEXT NOT NULL,           -- json: batch_size, canary, limit, pause, gate_timeout, rollback
+    plan TEXT NOT NULL,              -- json: batches, before {node: release}, after {node: release}
+    status TEXT NOT NULL,            -- running | paused | succeeded | failed | rolled-back | cancelled
+    reason TEXT,
+    started REAL NOT NULL,
+    finished REAL,
+    pid INTEGER,
+    heat TEXT,                       -- the Heat process the last update went to (pid@start)
+    sent REAL,                       -- when the last update was sent
+    template TEXT,                   -- the last template and environment sent
+    environment TEXT,
+    cancel_requested REAL
+);
+CREATE TABLE IF NOT EXISTS steps (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    rollout INTEGER NOT NULL REFERENCES rollouts(id),
+    node TEXT NOT NULL,
+    batch INTEGER,
+    step TEXT NOT NULL,              -- rebuild | gate
+    from_release TEXT,
+    to_release TEXT,
+    status TEXT NOT NULL,            -- running | succeeded | failed | timed-out
+    started REAL,
+    finished REAL,
+    reason TEXT,
+    data TEXT,
+    UNIQUE (rollout, node, step)
+);
+CREATE TABLE IF NOT EXISTS checks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    rollout INTEGER NOT NULL REFERENCES rollouts(id),
+    node TEXT NOT NULL,
+    name TEXT NOT NULL,
+    ok INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    output TEXT,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS releases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    node TEXT NOT NULL,
+    release TEXT NOT NULL,
+    rollout INTEGER REFERENCES rollouts(id),
+    good INTEGER NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    rollout INTEGER REFERENCES rollouts(id),
+    node TEXT,
+    at REAL NOT NULL,
+    message TEXT NOT NULL
+);
+"""
+
+ACTIVE = ("running", "paused")
+
+
+@dataclass
+class RolloutRow:
+    id: int
+    kind: str
+    target: str | None
+    parent: int | None
+    options: dict[str, Any]
+    plan: dict[str, Any]
+    status: str
+    reason: str | None
+    started: float
+    finished: float | None
+    pid: int | None
+    heat: str | None
+    cancel_requested: float | None
+    sent: float | None = None
+
+    @property
+    def tag(self) -> str:
+        """Names this operation's gates in the stack."""
+        return f"r{self.id}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__} | {"tag": self.tag}
+
+
+@dataclass
+class StepRow:
+    rollout: int
+    node: str
+    batch: int | None
+    step: str
+    from_release: str | None
+    to_release: str | None
+    status: str
+    started: float | None
+    finished: float | None
+    reason: str | None
+    data: dict[str, Any] | None
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.started is None or self.finished is None else self.finished - self.started
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__} | {"seconds": self.seconds}
+
+
+class History:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA busy_timeout = 30000")
+            conn.executescript(SCHEMA)
+            conn.row_factory = sqlite3.Row
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    # rollouts ------------------------------------------------------------------
+
+    def start(self, kind: str, target: str | None, options: dict[str, Any], plan: dict[str, Any],
+              parent: int | None = None, pid: int | None = None, status: str = "running") -> RolloutRow:
+        with self._db() as db:
+            cur = db.execute(
+                "INSERT INTO rollouts (kind, target, parent, options, plan, status, started, pid) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (kind, target, parent, json.dumps(options), json.dumps(plan), status, time.time(), pid))
+            rid = int(cur.lastrowid or 0)
+        return self.rollout(rid)  # type: ignore[return-value]
+
+    def rollout(self, rid: int) -> RolloutRow | None:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM rollouts WHERE id = ?", (rid,)).fetchone()
+        return _rollout(row) if row else None
+
+    def rollouts(self, limit: int = 50) -> list[RolloutRow]:
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM rollouts ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [_rollout(r) for r in rows]
+
+    def undoable(self) -> RolloutRow | None:
+        """The newest rollout that changed nodes and has not been rolled back."""
+        with self._db() as db:
+            row = db.execute("SELECT * FROM rollouts WHERE kind = 'rollout' AND status IN "
+                             "('succeeded', 'failed', 'cancelled') ORDER BY id DESC LIMIT 1").fetchone()
+        return _rollout(row) if row else None
+
+    def active(self) -> RolloutRow | None:
+        """The operation that is running or paused, if any (there is at most one)."""
+        with self._db() as db:
+            row = db.execute("SELECT * FROM rollouts WHERE status IN ('running', 'paused') "
+                             "ORDER BY id DESC LIMIT 1").fetchone()
+        return _rollout(row) if row else None
+
+    def update(self, rid: int, **fields: Any) -> None:
+        allowed = {"status", "reason", "finished", "pid", "heat", "sent", "template", "environment", "plan",
+                   "cancel_requested"}
+        if not set(fields) <= allowed:
+            raise ValueError(f"unknown rollout fields {set(fields) - allowed}")
+        values = [json.dumps(v) if k in ("template", "environment", "plan") else v for k, v in fields.items()]
+        with self._db() as db:
+            db.execute(f"UPDATE rollouts SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
+                       (*values, rid))
+
+    def finish(self, rid: int, status: str, reason: str | None = None) -> None:
+        self.update(rid, status=status, reason=reason, finished=time.time())
+
+    def sent(self, rid: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        with self._db() as db:
+            row = db.execute("SELECT template, environment FROM rollouts WHERE id = ?", (rid,)).fetchone()
+        if not row or not row["template"]:
+            return None
+        return json.loads(row["template"]), json.loads(row["environment"])
+
+    # steps ---------------------------------------------------------------------
+
+    def step(self, rid: int, node: str, step: str, status: str, batch: int | None = None,
+             from_release: str | None = None, to_release: str | None = None, started: float | None = None,
+             finished: float | None = None, reason: str | None = None, data: dict[str, Any] | None = None) -> None:
+        """Insert or update the (rollout, node, step) row; only the fields given change."""
+        with self._db() as db:
+            db.execute("INSERT OR IGNORE INTO steps (rollout, node, step, status) VALUES (?, ?, ?, ?)",
+                       (rid, node, step, status))
+            sets = {"status": status, "batch": batch, "from_release": from_release, "to_release": to_release,
+                    "started": started, "finished": finished, "reason": reason,
+                    "data": json.dumps(data) if data is not None else None}
+            sets = {k: v for k, v in sets.items() if v is not None}
+            db.execute(f"UPDATE steps SET {', '.join(f'{k} = ?' for k in sets)} "
+                       "WHERE rollout = ? AND node = ? AND step = ?", (*sets.values(), rid, node, step))
+
+    def steps(self, rid: int) -> list[StepRow]:
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM steps WHERE rollout = ? ORDER BY COALESCE(started, finished), id",
+                              (rid,)).fetchall()
+        return [StepRow(r["rollout"], r["node"], r["batch"], r["step"], r["from_release"], r["to_release"],
+                        r["status"], r["started"], r["finished"], r["reason"],
+                        json.loads(r["data"]) if r["data"] else None) for r in rows]
+
+    def check(self, rid: int, node: str, name: str, ok: bool, seconds: float, output: str) -> None:
+        with self._db() as db:
+            db.execute("INSERT INTO checks (rollout, node, name, ok, seconds, output, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (rid, node, name, int(ok), seconds, output[-4000:], time.time()))
+
+    def checks(self, rid: int, node: str | None = None) -> list[dict[str, Any]]:
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM checks WHERE rollout = ? AND (? IS NULL OR node = ?) ORDER BY id",
+                              (rid, node, node)).fetchall()
+        return [dict(r) for r in rows]
+
+    # releases ------------------------------------------------------------------
+
+    def reached(self, node: str, release: str, rid: int | None, good: bool) -> None:
+        with self._db() as db:
+            db.execute("INSERT INTO releases (node, release, rollout, good, at) VALUES (?, ?, ?, ?, ?)",
+                       (node, release, rid, int(good), time.time()))
+
+    def last_good(self, node: str, before: int | None = None) -> str | None:
+        """The newest release that passed on ``node`` (only from operations older than ``before``)."""
+        with self._db() as db:
+            row = db.execute("SELECT release FROM releases WHERE node = ? AND good = 1 "
+                             "AND (? IS NULL OR rollout < ?) ORDER BY id DESC LIMIT 1",
+                             (node, before, before)).fetchone()
+        return str(row["release"]) if row else None
+
+    # log -----------------------------------------------------------------------
+
+    def say(self, rid: int | None, message: str, node: str | None = None) -> None:
+        with self._db() as db:
+            db.execute("INSERT INTO log (rollout, node, at, message) VALUES (?, ?, ?, ?)",
+                       (rid, node, time.time(), message))
+
+    def log(self, rid: int) -> list[dict[str, Any]]:
+        with self._db() as db:
+            return [dict(r) for r in db.execute("SELECT * FROM log WHERE rollout = ? ORDER BY id", (rid,))]
+
+
+def _rollout(r: sqlite3.Row) -> RolloutRow:
+    return RolloutRow(r["id"], r["kind"], r["target"], r["parent"], json.loads(r["options"]), json.loads(r["plan"]),
+                      r["status"], r["reason"], r["started"], r["finished"], r["pid"], r["heat"],
+                      r["cancel_requested"], r["sent"])

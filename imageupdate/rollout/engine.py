@@ -1,0 +1,541 @@
+"""The orchestrator: plan a change of releases, send the chain to Heat, gate each node, roll back.
+
+One operation at a time per site (``RolloutLock``). An operation is a row in the history; its tag names
+its gates in the stack. The orchestrator sends the chain, then watches the stack: when a gate of its tag
+waits, it runs the node's checks and signals SUCCESS or FAILURE with the verdict; Heat moves on only on
+SUCCESS. A failed or timed-out gate fails the stack update and nothing further is touched; the touched
+nodes are then rolled back by a forward update to their last good release, gated the same way
+(DESIGN.md decision 2). Everything the orchestrator learns goes to the history as it happens, so
+``resume`` can take over after a crash of imageupdate (re-attach) or of Heat (re-send the same template).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
+
+from imageupdate.errors import InputError, OperationError
+from imageupdate.heat import chain
+from imageupdate.heat.client import HeatClient, HeatError
+from imageupdate.heat.service import HeatProcess
+from imageupdate.history.db import RolloutRow
+from imageupdate.rollout.fleet import LocalFleet
+from imageupdate.rollout.lock import RolloutLock
+from imageupdate.verify.checks import NodeTarget, Verdict, verify_node
+
+POLL = 0.2  # seconds between looks at the stack
+HEAT_LOST_AFTER = 15.0  # seconds of failing Heat calls before the watch gives up (resume takes over)
+CANCELLED = "cancelled by operator"
+
+
+class RolloutInterrupted(InputError):
+    """An earlier operation is paused or was interrupted: resume or cancel it first."""
+
+
+class NothingToResume(InputError):
+    pass
+
+
+class HeatLost(OperationError):
+    """Heat stopped answering while an operation ran; the operation stays open for ``resume``."""
+
+
+@dataclass
+class RolloutOptions:
+    batch_size: int = 1
+    canary: bool = False
+    limit: list[str] | None = None
+    pause_between_batches: bool = False
+    gate_timeout: int = 600
+    rollback: bool = True
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.gate_timeout < 1:
+            raise InputError(f"--gate-timeout must be at least 1 second, not {self.gate_timeout}")
+
+
+@dataclass(frozen=True)
+class RolloutEvent:
+    rollout: int
+    node: str | None
+    what: str  # plan | rebuild | rebuilt | checking | passed | failed | paused | finished | info
+    message: str
+    at: float = field(default_factory=time.time)
+
+
+@dataclass
+class Outcome:
+    rollout: RolloutRow
+    status: str  # succeeded | failed | rolled-back | paused | cancelled | nothing-to-do
+    reason: str | None
+    nodes: dict[str, str]  # the release each node runs at the end
+    rollback: Outcome | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("succeeded", "paused", "nothing-to-do")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rollout": self.rollout.to_dict(), "status": self.status, "reason": self.reason,
+                "nodes": self.nodes, "rollback": self.rollback.to_dict() if self.rollback else None}
+
+
+@dataclass
+class _Watch:
+    """What one watch of the stack has seen so far."""
+
+    paused: dict[str, str] = field(default_factory=dict)  # barrier -> the hook it waits on
+    cleared: set[str] = field(default_factory=set)  # barriers whose pause this operation has cleared
+    rebuilding: set[str] = field(default_factory=set)
+    rebuilt: set[str] = field(default_factory=set)
+    checking: dict[str, Future[Verdict]] = field(default_factory=dict)
+    signalled: set[str] = field(default_factory=set)
+    finished: set[str] = field(default_factory=set)
+    cancelling: bool = False
+    failure: str | None = None
+
+
+class Orchestrator:
+    def __init__(self, fleet: LocalFleet, on_event: Callable[[RolloutEvent], None] | None = None,
+                 sleep: Callable[[float], None] = time.sleep, poll: float = POLL,
+                 verify: Callable[[NodeTarget, str], Verdict] = verify_node) -> None:
+        self.fleet = fleet
+        self.history = fleet.history
+        self.on_event = on_event or (lambda e: None)
+        self.sleep = sleep
+        self.poll = poll
+        self.verify = verify
+        self.lock = RolloutLock(fleet.path)
+
+    # public operations ---------------------------------------------------------------------------
+
+    def rollout(self, release: str, opts: RolloutOptions) -> Outcome:
+        opts.validate()
+        self.fleet.store.manifest(release)  # ReleaseNotFound: bad input, nothing started
+        self._check_limit(opts)
+        self.fleet.require_up()
+        with self.lock:
+            self.lock.acquire()
+            self._refuse_active()
+            client, heat = self.fleet.connect()
+            stack_id = self._ensure_stack(client)
+            states = self.fleet.states()
+            nodes = self.fleet.node_names()
+            selected = set(opts.limit or nodes)
+            before = {n: states[n].release for n in nodes}
+            changing = [n for n in nodes if n in selected and before[n] != release]
+            after = {n: (release if n in changing else before[n]) for n in nodes}
+            return self._operate(client, heat, stack_id, "rollout", release, None, opts, before, after, changing)
+
+    def rollback(self, to: str | None, opts: RolloutOptions) -> Outcome:
+        """Undo the newest rollout (the nodes it touched go back to their last good release from before
+        it), or with ``to`` roll every (``--limit``) node to that release."""
+        opts.validate()
+        if to is not None:
+            self.fleet.store.manifest(to)
+        self._check_limit(opts)
+        self.fleet.require_up()
+        with self.lock:
+            self.lock.acquire()
+            self._refuse_active()
+            client, heat = self.fleet.connect()
+            stack_id = self._ensure_stack(client)
+            states = self.fleet.states()
+            nodes = self.fleet.node_names()
+            selected = set(opts.limit or nodes)
+            before = {n: states[n].release for n in nodes}
+            after = dict(before)
+            parent = None
+            if to is not None:
+                after |= {n: to for n in nodes if n in selected}
+            elif (undo := self.history.undoable()) is not None:
+                parent = undo.id
+                for n in self._touched(undo) & selected:
+                    after[n] = self.history.last_good(n, before=undo.id) or undo.plan["before"][n]
+            changing = [n for n in nodes if after[n] != before[n]]
+            return self._operate(client, heat, stack_id, "rollback", to, parent, opts, before, after, changing)
+
+    def resume(self) -> Outcome:
+        row = self.history.active()
+        if row is None:
+            raise NothingToResume("nothing to resume: no rollout is paused or interrupted "
+                                  f"(see 'imageupdate status --site {self.fleet.path}')")
+        self.fleet.require_up()
+        with self.lock:
+            self.lock.acquire(row.id)
+            row = self.history.active() or row
+            client, heat = self.fleet.connect()
+            stack = client.stack(self.fleet.stack_name)
+            if stack is None:
+                raise OperationError(f"the stack {self.fleet.stack_name} is gone; rollout {row.id} cannot resume",
+                                     step="resume")
+            opts = RolloutOptions(**row.options)
+            self.history.update(row.id, status="running", pid=os.getpid())
+            self._say(row, None, "info", f"resuming {row.kind} {row.id} (was {row.status})")
+            watch = _Watch()
+            if row.status == "paused":
+                self._find_pauses_all(client, stack.id, row, watch)
+                for barrier, hook in watch.paused.items():
+                    client.clear_hook(stack.id, barrier, hook)
+                    self._say(row, None, "info", f"continuing: {barrier} may start")
+                watch.cleared |= set(watch.paused)
+                watch.paused.clear()
+            elif stack.status == "IN_PROGRESS" and row.heat != heat.instance:
+                sent = self.history.sent(row.id)
+                if sent is None:
+                    raise OperationError(f"rollout {row.id} never reached Heat; cancel it with 'imageupdate cancel'",
+                                         step="resume")
+                template, env = sent
+                self._say(row, None, "info", "Heat restarted since the update was sent: sending the same template")
+                client.update(stack.id, template, env["environment"], env["files"], self._timeout_mins(row, opts))
+                self.history.update(row.id, heat=heat.instance, sent=time.time())
+            return self._finish(client, heat, stack.id, self._reload(row), opts, watch)
+
+    def cancel(self) -> Outcome | None:
+        """Stop the running, paused or interrupted operation; roll back what it touched (unless it said not to)."""
+        row = self.history.active()
+        if row is None:
+            raise NothingToResume("nothing to cancel: no rollout is running, paused or interrupted in "
+                                  f"{self.fleet.path}")
+        self.history.update(row.id, cancel_requested=time.time())
+        if self.lock.held_by_other():  # its owner sees the request at its next look and acts on it
+            self._say(row, None, "info", "cancel requested; the running rollout stops at its next gate")
+            return None
+        with self.lock:
+            self.lock.acquire(row.id)
+            client, heat = self.fleet.connect()
+            stack = client.stack(self.fleet.stack_name)
+            opts = RolloutOptions(**row.options)
+            self.history.update(row.id, status="running", pid=os.getpid())
+            if stack is not None and stack.status == "IN_PROGRESS" and row.status == "paused":
+                self._say(row, None, "info", "cancelling the paused update")
+                client.cancel_update(stack.id)
+            return self._finish(client, heat, stack.id if stack else "", self._reload(row), opts, _Watch())
+
+    # planning and sending ------------------------------------------------------------------------
+
+    def _check_limit(self, opts: RolloutOptions) -> None:
+        if opts.limit is None:
+            return
+        nodes = self.fleet.node_names()
+        unknown = [n for n in opts.limit if n not in nodes]
+        if unknown or not opts.limit:
+            raise InputError(f"--limit names unknown nodes: {', '.join(unknown) or '(none given)'} "
+                             f"(nodes: {', '.join(nodes)})")
+
+    def _refuse_active(self) -> None:
+        row = self.history.active()
+        if row is None:
+            return
+        what = "is paused" if row.status == "paused" else f"was interrupted (process {row.pid} is gone)"
+        raise RolloutInterrupted(f"{row.kind} {row.id} to {row.target or 'last good releases'} {what}; finish it "
+                                 f"with 'imageupdate resume' or stop it with 'imageupdate cancel'")
+
+    def _ensure_stack(self, client: HeatClient) -> str:
+        """The fleet's stack; created on first use from what the nodes run now (the 'adopt' operation)."""
+        name = self.fleet.stack_name
+        stack = client.stack(name)
+        if stack is not None:
+            return stack.id
+        states = self.fleet.states()
+        nodes = self.fleet.node_names()
+        current = {n: states[n].release for n in nodes}
+        row = self.history.start("adopt", None, {}, {"batches": [], "before": current, "after": current},
+                                 pid=os.getpid())
+        template = chain.render(chain.ChainSpec(nodes, current, [], row.tag, 1, self.fleet.server_options()))
+        files, env = self.fleet.environment()
+        stack_id = client.create(name, template, env, files, timeout_mins=30)
+        self._say(row, None, "info", f"created stack {name} from the fleet as it runs")
+        stack = self._wait_settled(client, stack_id)
+        if stack.status != "COMPLETE":
+            self.history.finish(row.id, "failed", stack.reason)
+            raise OperationError(f"creating the fleet's stack {name} failed: {stack.reason}", step="adopt")
+        for n in nodes:
+            if self.history.last_good(n) is None:
+                self.history.reached(n, current[n], row.id, good=True)
+        self.history.finish(row.id, "succeeded")
+        return stack_id
+
+    def _wait_settled(self, client: HeatClient, stack_id: str) -> Any:
+        while True:
+            stack = client.stack(stack_id)
+            if stack is None:
+                raise OperationError(f"stack {stack_id} disappeared", step="heat")
+            if stack.status != "IN_PROGRESS":
+                return stack
+            self.sleep(self.poll)
+
+    def _operate(self, client: HeatClient, heat: HeatProcess, stack_id: str, kind: str, target: str | None,
+                 parent: int | None, opts: RolloutOptions, before: dict[str, str], after: dict[str, str],
+                 changing: list[str]) -> Outcome:
+        plan = {"batches": chain.batches(changing, opts.batch_size, opts.canary and kind == "rollout"),
+                "before": before, "after": after}
+        row = self.history.start(kind, target, asdict(opts), plan, parent=parent, pid=os.getpid())
+        self.lock.record(row.id)
+        if not changing:
+            said = (f"every selected node already runs {target}" if target
+                    else "no node to roll back: every node runs its last good release")
+            self.history.finish(row.id, "succeeded", said)
+            self._say(row, None, "finished", f"nothing to do: {said}")
+            return Outcome(self._reload(row), "nothing-to-do", said, after)
+        self._say(row, None, "plan",
+                  " | ".join(f"batch {k + 1}: {', '.join(b)}" for k, b in enumerate(plan["batches"])))
+        for k, b in enumerate(plan["batches"]):
+            for n in b:
+                self.history.step(row.id, n, "rebuild", "pending", batch=k, from_release=before[n], to_release=after[n])
+        self._send(client, heat, stack_id, row, opts)
+        return self._finish(client, heat, stack_id, self._reload(row), opts, _Watch())
+
+    def _send(self, client: HeatClient, heat: HeatProcess, stack_id: str, row: RolloutRow,
+              opts: RolloutOptions) -> None:
+        nodes = self.fleet.node_names()
+        plan = row.plan
+        changing = {n for b in plan["batches"] for n in b}
+        resources = client.resources(stack_id)
+        keep: dict[str, str] = {}
+        for name, res in resources.items():
+            parsed = chain.parse_gate(name, nodes)
+            if parsed and parsed[0] not in changing and res.state in ("CREATE_COMPLETE", "UPDATE_COMPLETE"):
+                keep[parsed[0]] = name
+        spec = chain.ChainSpec(nodes, plan["after"], plan["batches"], row.tag, opts.gate_timeout,
+                               self.fleet.server_options(), keep, client.template(stack_id))
+        template = chain.render(spec)
+        files, env = self.fleet.environment()
+        if opts.pause_between_batches:
+            env.setdefault("resource_registry", {})["resources"] = chain.pause_hooks(plan["batches"])
+        self.history.update(row.id, template=template, environment={"environment": env, "files": files},
+                            heat=heat.instance, sent=time.time())
+        client.update(stack_id, template, env, files, self._timeout_mins(row, opts))
+
+    @staticmethod
+    def _timeout_mins(row: RolloutRow, opts: RolloutOptions) -> int:
+        count = sum(len(b) for b in row.plan["batches"])
+        return max(60, math.ceil(count * (opts.gate_timeout + 300) / 60))
+
+    # watching ------------------------------------------------------------------------------------
+
+    def _finish(self, client: HeatClient, heat: HeatProcess, stack_id: str, row: RolloutRow,
+                opts: RolloutOptions, watch: _Watch) -> Outcome:
+        result = self._watch(client, stack_id, row, opts, watch)
+        if result == "paused":
+            self.history.update(row.id, status="paused", pid=None)
+            waiting = ", ".join(sorted(r.removeprefix("server_") for r in watch.paused))
+            self._say(row, None, "paused", f"paused before {waiting}; continue with 'imageupdate resume', "
+                                           "stop with 'imageupdate cancel'")
+            return Outcome(self._reload(row), "paused", None, self._nodes())
+        if result == "succeeded":
+            self.history.finish(row.id, "succeeded")
+            self._say(row, None, "finished", f"{row.kind} {row.id} succeeded")
+            if row.kind == "rollback" and row.parent:
+                self.history.update(row.parent, status="rolled-back")
+            return Outcome(self._reload(row), "succeeded", None, self._nodes())
+        status = "cancelled" if watch.cancelling else "failed"
+        reason = watch.failure or "the stack update failed"
+        self.history.finish(row.id, status, reason)
+        self._say(row, None, "failed", f"{row.kind} {row.id} {status}: {reason}")
+        rollback = None
+        if row.kind == "rollout" and opts.rollback:
+            rollback = self._rollback_after(client, heat, stack_id, row, opts)
+            if rollback.status == "succeeded":
+                status = "rolled-back" if status == "failed" else status
+                self.history.update(row.id, status=status)
+        elif row.kind == "rollout":
+            touched = self._touched(row)
+            self._say(row, None, "info", "--no-rollback: the fleet is left as it is for inspection ("
+                      + ", ".join(f"{n} on {r}" for n, r in self._nodes().items() if n in touched)
+                      + "); roll back with 'imageupdate rollback'")
+        return Outcome(self._reload(row), status, reason, self._nodes(), rollback)
+
+    def _rollback_after(self, client: HeatClient, heat: HeatProcess, stack_id: str, failed: RolloutRow,
+                        opts: RolloutOptions) -> Outcome:
+        nodes = self.fleet.node_names()
+        states = self.fleet.states()
+        before = {n: states[n].release for n in nodes}
+        touched = self._touched(failed)
+        after = {n: (self.history.last_good(n, before=failed.id) or failed.plan["before"][n]) if n in touched
+                 else before[n] for n in nodes}
+        changing = [n for n in nodes if n in touched and after[n] != before[n]]
+        rb_opts = RolloutOptions(batch_size=opts.batch_size, gate_timeout=opts.gate_timeout, rollback=False)
+        self._say(failed, None, "info", "rolling back " + (", ".join(f"{n} to {after[n]}" for n in changing) or
+                                                         "nothing: no node was changed"))
+        return self._operate(client, heat, stack_id, "rollback", None, failed.id, rb_opts, before, after, changing)
+
+    def _touched(self, row: RolloutRow) -> set[str]:
+        """Nodes the operation started to rebuild (the failed one included)."""
+        return {s.node for s in self.history.steps(row.id) if s.step == "rebuild" and s.status != "pending"}
+
+    def _watch(self, client: HeatClient, stack_id: str, row: RolloutRow, opts: RolloutOptions,
+               watch: _Watch) -> str:
+        plan = row.plan
+        batch_of = {n: k for k, b in enumerate(plan["batches"]) for n in b}
+        with ThreadPoolExecutor(max_workers=max(1, min(16, opts.batch_size))) as pool:
+            while True:
+                stack, resources = self._look(client, stack_id)
+                if opts.pause_between_batches:
+                    self._find_pauses(client, stack_id, row, resources, watch)
+                if not watch.cancelling and self._cancel_requested(row):
+                    watch.cancelling = True
+                    watch.failure = CANCELLED
+                    self._say(row, None, "info", "cancel requested: failing the next gate")
+                now = time.time()
+                for node, k in batch_of.items():
+                    self._track_node(client, stack_id, row, node, k, resources, watch, pool, now)
+                if watch.paused and opts.pause_between_batches and not watch.checking:
+                    if watch.cancelling:
+                        client.cancel_update(stack_id)
+                    else:
+                        return "paused"
+                if stack.status == "COMPLETE" and len(watch.finished) == len(batch_of):
+                    return "succeeded"
+                if stack.status == "FAILED":
+                    for fut in watch.checking.values():
+                        fut.cancel()
+                    if watch.failure is None or watch.failure == CANCELLED and not watch.cancelling:
+                        watch.failure = stack.reason
+                    return "failed"
+                self.sleep(self.poll)
+
+    def _look(self, client: HeatClient, stack_id: str) -> tuple[Any, dict[str, Any]]:
+        def once() -> tuple[Any, dict[str, Any]]:
+            stack = client.stack(stack_id)
+            if stack is None:
+                raise OperationError(f"stack {stack_id} disappeared during the rollout", step="heat")
+            return stack, client.resources(stack_id)
+
+        try:
+            return Retrying(stop=stop_after_delay(HEAT_LOST_AFTER), wait=wait_fixed(1.0), sleep=self.sleep,
+                            retry=retry_if_exception_type(HeatError), reraise=True)(once)
+        except HeatError as e:
+            raise HeatLost(f"Heat stopped answering ({e.message}); the rollout stays open: "
+                           "'imageupdate resume' restarts Heat and finishes it", step="heat") from None
+
+    def _find_pauses(self, client: HeatClient, stack_id: str, row: RolloutRow, resources: dict[str, Any],
+                     watch: _Watch) -> None:
+        """Servers of the next batch held by their pre-update hook (``--pause-between-batches``). Heat says so
+        only in an event ("UPDATE paused until Hook pre-update is cleared", the status still reads COMPLETE),
+        and events of one second come in no reliable order, so: a pause event since this update was sent, on
+        a server of a batch whose previous batch has passed and that has not started rebuilding."""
+        batches = row.plan["batches"]
+        since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(math.floor(row.sent or 0)))
+        for k in range(1, len(batches)):
+            if not set(batches[k - 1]) <= watch.finished:
+                break
+            for node in batches[k]:
+                server = chain.server_name(node)
+                res = resources.get(server)
+                if server in watch.paused or server in watch.cleared or node in watch.rebuilt or res is None \
+                        or res.status == "IN_PROGRESS" or node in watch.rebuilding:
+                    continue
+                for e in client.resource_events(stack_id, server):
+                    m = re.search(r"paused until Hook (\S+) is cleared", e.reason)
+                    if m and e.time.rstrip("Z") >= since:
+                        watch.paused[server] = m.group(1)
+
+    def _find_pauses_all(self, client: HeatClient, stack_id: str, row: RolloutRow, watch: _Watch) -> None:
+        resources = client.resources(stack_id)
+        for node in (n for b in row.plan["batches"] for n in b):
+            gate = resources.get(chain.gate_name(node, row.tag))
+            if gate is not None and gate.state == "CREATE_COMPLETE":
+                watch.finished.add(node)
+        self._find_pauses(client, stack_id, row, resources, watch)
+        watch.finished.clear()
+
+    def _track_node(self, client: HeatClient, stack_id: str, row: RolloutRow, node: str, batch: int,
+                    resources: dict[str, Any], watch: _Watch, pool: ThreadPoolExecutor, now: float) -> None:
+        release = row.plan["after"][node]
+        server = resources.get(chain.server_name(node))
+        gate_res = resources.get(chain.gate_name(node, row.tag))
+        if gate_res is not None and gate_res.action == "INIT":  # listed from the template, not created yet
+            gate_res = None
+        if server is not None and node not in watch.rebuilding and node not in watch.rebuilt \
+                and server.status == "IN_PROGRESS":
+            watch.rebuilding.add(node)
+            self.history.step(row.id, node, "rebuild", "running", started=now)
+            self._say(row, node, "rebuild", f"rebuilding {node} to {release}")
+        if node not in watch.rebuilt and (gate_res is not None or (server is not None and server.status == "FAILED")):
+            watch.rebuilt.add(node)
+            if server is not None and server.status == "FAILED":
+                self.history.step(row.id, node, "rebuild", "failed", finished=now, reason=server.reason)
+                self._say(row, node, "failed", f"rebuild of {node} failed: {server.reason}")
+                watch.failure = watch.failure or f"rebuild of {node} to {release} failed: {server.reason}"
+            else:
+                attrs = client.attributes(stack_id, chain.server_name(node))
+                started = _float(attrs.get("rebuild_started")) or (None if node in watch.rebuilding else now)
+                self.history.step(row.id, node, "rebuild", "succeeded", started=started,
+                                  finished=_float(attrs.get("rebuild_finished")) or now)
+                self._say(row, node, "rebuilt", f"{node} runs {release}")
+        if gate_res is None or node in watch.finished:
+            return
+        gate = chain.gate_name(node, row.tag)
+        if gate_res.state == "CREATE_IN_PROGRESS" and node not in watch.checking and node not in watch.signalled:
+            self.history.step(row.id, node, "gate", "running", batch=batch, to_release=release, started=now)
+            if watch.cancelling:
+                client.signal(stack_id, chain.handle_name(gate), {"status": "FAILURE", "reason": CANCELLED,
+                                                                  "id": node})
+                watch.signalled.add(node)
+                return
+            self._say(row, node, "checking", f"checking {node}")
+            target = self.fleet.target(node)
+            watch.checking[node] = pool.submit(self.verify, target, release)
+        fut = watch.checking.get(node)
+        if fut is not None and fut.done():
+            del watch.checking[node]
+            verdict = fut.result()
+            for r in verdict.results:
+                self.history.check(row.id, node, r.name, r.ok, r.seconds, r.output)
+            status = "SUCCESS" if verdict.ok and not watch.cancelling else "FAILURE"
+            reason = verdict.reason if not watch.cancelling else CANCELLED
+            data = {"checks": [{"name": r.name, "ok": r.ok, "seconds": r.seconds} for r in verdict.results]}
+            client.signal(stack_id, chain.handle_name(gate), {"status": status, "reason": reason, "id": node,
+                                                              "data": data})
+            watch.signalled.add(node)
+            self.history.step(row.id, node, "gate", "running", data=verdict.to_dict())
+            if status == "FAILURE":
+                watch.failure = watch.failure or reason
+        if gate_res.state == "CREATE_COMPLETE":
+            watch.finished.add(node)
+            self.history.step(row.id, node, "gate", "succeeded", finished=now)
+            self.history.reached(node, release, row.id, good=True)
+            self._say(row, node, "passed", f"{node} passed its gate on {release}")
+        elif gate_res.status == "FAILED":
+            watch.finished.add(node)
+            timed_out = "timed out" in gate_res.reason.lower() or "timeout" in gate_res.reason.lower()
+            self.history.step(row.id, node, "gate", "timed-out" if timed_out else "failed", finished=now,
+                              reason=gate_res.reason)
+            self.history.reached(node, release, row.id, good=False)
+            if timed_out:
+                watch.failure = watch.failure or f"gate of {node} timed out after {row.options.get('gate_timeout')} s"
+            self._say(row, node, "failed", f"{node} failed its gate on {release}: {watch.failure or gate_res.reason}")
+
+    def _cancel_requested(self, row: RolloutRow) -> bool:
+        fresh = self.history.rollout(row.id)
+        return bool(fresh and fresh.cancel_requested)
+
+    # helpers -------------------------------------------------------------------------------------
+
+    def _reload(self, row: RolloutRow) -> RolloutRow:
+        return self.history.rollout(row.id) or row
+
+    def _nodes(self) -> dict[str, str]:
+        return {n: s.release for n, s in self.fleet.states().items()}
+
+    def _say(self, row: RolloutRow, node: str | None, what: str, message: str) -> None:
+        self.history.say(row.id, message, node)
+        self.on_event(RolloutEvent(row.id, node, what, message))
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None

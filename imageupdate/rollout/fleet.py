@@ -1,0 +1,77 @@
+"""What the orchestrator needs from a site: its nodes, what they run, how Heat reaches them.
+
+``LocalFleet`` is the local site with its ephemeral Heat; the cloud path will add an OpenStack fleet with
+the same shape (nodes from the stack, Heat through Keystone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imageupdate.errors import InputError
+from imageupdate.heat.client import HeatClient, environment_files
+from imageupdate.heat.service import HeatProcess, HeatService
+from imageupdate.history.db import History
+from imageupdate.images.store import ImageStore
+from imageupdate.resources import heat_templates_dir
+from imageupdate.site.site import LocalSite
+from imageupdate.verify.checks import NodeTarget
+
+
+class SiteNotUp(InputError):
+    """A rollout on a site whose nodes do not run."""
+
+
+@dataclass(frozen=True)
+class NodeState:
+    name: str
+    address: str
+    release: str  # what the node runs now
+    running: bool
+
+
+class LocalFleet:
+    def __init__(self, site: LocalSite) -> None:
+        self.site = site
+        self.heat = HeatService(site.path / "heat")
+        self.history = History(site.path / "history.sqlite")
+
+    @property
+    def path(self) -> Path:
+        return self.site.path
+
+    @property
+    def store(self) -> ImageStore:
+        return self.site.store
+
+    @property
+    def stack_name(self) -> str:
+        return f"imageupdate-{self.site.config()['id']}"
+
+    def node_names(self) -> list[str]:
+        return [n.name for n in self.site.nodes()]
+
+    def states(self) -> dict[str, NodeState]:
+        return {s.name: NodeState(s.name, s.address, s.pending or s.current, s.running)
+                for s in self.site.status().nodes}
+
+    def require_up(self) -> None:
+        down = [s.name for s in self.site.status().nodes if not s.running]
+        if down:
+            raise SiteNotUp(f"site {self.path} is not up (not running: {', '.join(down)}); "
+                            f"start it with 'imageupdate site up --site {self.path}'")
+
+    def server_options(self) -> dict[str, Any]:
+        return {"site": str(self.site.path), "store": str(self.store.root)}
+
+    def environment(self) -> tuple[dict[str, str], dict[str, Any]]:
+        return environment_files([heat_templates_dir() / "environments" / "local.yaml"])
+
+    def target(self, node: str) -> NodeTarget:
+        return NodeTarget(node, self.site.node(node).address, self.site.path / "key")
+
+    def connect(self) -> tuple[HeatClient, HeatProcess]:
+        proc = self.heat.ensure()
+        return HeatClient(proc.endpoint), proc

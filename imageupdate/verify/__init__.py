@@ -1,0 +1,1 @@
+"""Verification: the checks that decide a node's gate."""

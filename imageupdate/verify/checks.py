@@ -1,0 +1,113 @@
+"""The checks a gate runs on a node after its rebuild, from the orchestrator's side, over SSH.
+
+- ``release``: the node answers over SSH and its release stamp names the release it should run;
+- ``test:NAME``: each post-deploy test the release ships in ``/usr/share/imageupdate/tests/`` (executables,
+  exit status 0 = pass), run on the node with a bound.
+
+Every check yields a ``CheckResult``; the ``Verdict`` sums them up for the gate's reason and data.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+TESTS_DIR = "/usr/share/imageupdate/tests"
+TEST_TIMEOUT = 120.0
+SSH_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class NodeTarget:
+    name: str
+    address: str
+    key: Path
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    seconds: float
+    output: str
+
+
+@dataclass
+class Verdict:
+    node: str
+    release: str
+    results: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.results) and all(r.ok for r in self.results)
+
+    @property
+    def failed(self) -> list[CheckResult]:
+        return [r for r in self.results if not r.ok]
+
+    @property
+    def reason(self) -> str:
+        if self.ok:
+            return f"{self.node} on {self.release}: {len(self.results)} checks passed"
+        first = self.failed[0]
+        detail = first.output.strip().splitlines()[-1] if first.output.strip() else "failed"
+        more = f" (and {len(self.failed) - 1} more)" if len(self.failed) > 1 else ""
+        return f"{self.node} on {self.release}: check {first.name} failed: {detail[:200]}{more}"
+
+    def to_dict(self) -> dict[str, object]:
+        return {"node": self.node, "release": self.release, "ok": self.ok, "reason": self.reason,
+                "checks": [asdict(r) for r in self.results]}
+
+
+Runner = Callable[[NodeTarget, list[str], float], "subprocess.CompletedProcess[str]"]
+
+
+def ssh(target: NodeTarget, command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    cmd = ["ssh", "-i", str(target.key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+           "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR", f"root@{target.address}",
+           "--", *command]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return subprocess.CompletedProcess(cmd, 124, out, f"timed out after {timeout:.0f} s")
+
+
+def _timed(name: str, fn: Callable[[], tuple[bool, str]]) -> CheckResult:
+    t0 = time.monotonic()
+    ok, output = fn()
+    return CheckResult(name, ok, round(time.monotonic() - t0, 3), output)
+
+
+def verify_node(target: NodeTarget, release: str, run: Runner = ssh) -> Verdict:
+    verdict = Verdict(target.name, release)
+
+    def stamp() -> tuple[bool, str]:
+        p = run(target, ["cat", "/etc/imageupdate/release.json"], SSH_TIMEOUT)
+        if p.returncode != 0:
+            return False, f"node does not answer over SSH at {target.address}: {p.stderr.strip() or p.returncode}"
+        try:
+            found = json.loads(p.stdout).get("release")
+        except ValueError:
+            return False, "release stamp /etc/imageupdate/release.json is not JSON"
+        if found != release:
+            return False, f"node runs {found!r}, expected {release!r}"
+        return True, f"runs {release}"
+
+    verdict.results.append(_timed("release", stamp))
+    if not verdict.ok:
+        return verdict
+    listing = run(target, ["ls", "-1", TESTS_DIR], SSH_TIMEOUT)
+    names = sorted(n for n in listing.stdout.split() if n) if listing.returncode == 0 else []
+    for name in names:
+        def test(name: str = name) -> tuple[bool, str]:
+            p = run(target, [f"{TESTS_DIR}/{name}"], TEST_TIMEOUT)
+            said = (p.stdout + p.stderr).strip()
+            return p.returncode == 0, said or f"exit status {p.returncode}"
+        verdict.results.append(_timed(f"test:{name}", test))
+    return verdict
