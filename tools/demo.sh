@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job on one machine: build two releases of the sample workload and
 # the broken one with the real disk-image-create, then show what changes
-# between them. (The local site and the Heat rollout extend this demo as
-# they land.) Run tools/install.sh first, or use the README's command.
+# between them, bring up a local site of 3 nodes on R1, roll R2 onto it through
+# Heat node by node, then roll the broken release and watch it fail its first
+# gate and roll back. Run tools/install.sh first, or use the README's command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export IMAGEUPDATE_STORE=${IMAGEUPDATE_STORE:-/var/lib/imageupdate/images}
@@ -38,14 +39,31 @@ addrs=$($iu site status --site "$SITE" --json | python3 -c \
 for a in $addrs; do
     python3 -c "import sys, urllib.request as u; u.urlopen(u.Request(f'http://{sys.argv[1]}:8080/kv/greeting', data=b'written on R1', method='PUT'))" "$a"
 done
-echo "wrote a value on every node; rebuilding each node to R2 (state kept) ..."
-i=0
-for a in $addrs; do
-    $iu site rebuild "node$i" R2 --site "$SITE"
-    python3 -c "import sys, urllib.request as u; print('  ', sys.argv[1], u.urlopen(f'http://{sys.argv[1]}:8080/health').read().decode(), u.urlopen(f'http://{sys.argv[1]}:8080/kv/greeting').read().decode())" "$a"
-    i=$((i + 1))
-done
-$iu site status --site "$SITE"
+echo "wrote a value on every node"
+show() {
+    for a in $addrs; do
+        python3 -c "import sys, urllib.request as u; print('  ', sys.argv[1], u.urlopen(f'http://{sys.argv[1]}:8080/health').read().decode(), u.urlopen(f'http://{sys.argv[1]}:8080/kv/greeting').read().decode())" "$a"
+    done
+}
+
+echo
+echo "== rollout R2 through the site's Heat: node by node, each gated on its post-deploy checks"
+$iu rollout R2 --site "$SITE"
+show
+
+echo
+echo "== rollout of the broken release: its first node fails its gate, nothing else is touched,"
+echo "== and the node is rolled back to R2 through the same chain (exit status 1 is expected)"
+if $iu rollout R2-broken --site "$SITE"; then
+    echo "the broken release passed its gates: that is a bug" >&2
+    exit 1
+fi
+show
+echo
+$iu status --site "$SITE"
+echo
+echo "inspect the stack with the standard client:"
+echo "  eval \"\$($iu heat env --site $SITE)\" && .venv/bin/openstack stack event list \$IMAGEUPDATE_STACK"
 echo "ssh into a node: ssh -i $SITE/key root@${addrs%% *}"
 $iu site down --site "$SITE" >/dev/null
-echo "site is down (state kept); 'imageupdate site up --site $SITE' brings it back, 'site destroy' removes it"
+echo "site is down (state and history kept); 'imageupdate site up --site $SITE' brings it back, 'site destroy' removes it"

@@ -18,7 +18,8 @@ from imageupdate.build.builder import Builder, BuildEvent, BuildRequest
 from imageupdate.build.elements import DEFAULT_OS_ELEMENT
 from imageupdate.cli import render
 from imageupdate.cli.output import Output
-from imageupdate.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ImageUpdateError
+from imageupdate.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ImageUpdateError, InputError
+from imageupdate.heat.service import HeatProcess
 from imageupdate.images.store import ImageStore
 from imageupdate.rollout.engine import Orchestrator, Outcome, RolloutOptions
 from imageupdate.rollout.fleet import LocalFleet
@@ -130,6 +131,15 @@ def _add_rollout_commands(sub: Any, common: _Parser, site_opt: _Parser) -> None:
     st = sub.add_parser("status", parents=[common, site_opt], help="which node runs what, and what is going on")
     st.add_argument("--rollout", type=int, metavar="ID", help="show this rollout's steps (default: the newest)")
     st.set_defaults(func=cmd_status)
+    heat = sub.add_parser("heat", parents=[common], help="the site's ephemeral Heat")
+    hsub = heat.add_subparsers(dest="heat_command", required=True, parser_class=_Parser)
+    for name, func, text in (
+        ("start", cmd_heat_start, "start it (or find it running)"),
+        ("stop", cmd_heat_stop, "stop it; stacks stay in SITE/heat/heat.sqlite"),
+        ("status", cmd_heat_status, "is it running, where"),
+        ("env", cmd_heat_env, "shell exports for the openstack client: eval \"$(imageupdate heat env)\""),
+    ):
+        hsub.add_parser(name, parents=[common, site_opt], help=text).set_defaults(func=func)
     sub.add_parser("resume", parents=[common, site_opt],
                    help="finish a paused or interrupted rollout").set_defaults(func=cmd_resume)
     sub.add_parser("cancel", parents=[common, site_opt],
@@ -300,6 +310,44 @@ def cmd_cancel(args: argparse.Namespace, out: Output) -> int:
 def cmd_status(args: argparse.Namespace, out: Output) -> int:
     status = fleet_status(LocalFleet(_site(args)), args.rollout)
     out.result(status.to_dict(), render.fleet_status(status))
+    return EXIT_OK
+
+
+def _heat_info(fleet: LocalFleet, proc: HeatProcess | None) -> dict[str, Any]:
+    info: dict[str, Any] = {"running": proc is not None, "log": str(fleet.heat.paths.log)}
+    if proc is not None:
+        info |= {"pid": proc.pid, "endpoint": proc.endpoint, "stack": fleet.stack_name}
+    return info
+
+
+def cmd_heat_start(args: argparse.Namespace, out: Output) -> int:
+    fleet = LocalFleet(_site(args))
+    fleet.site.config()  # SiteNotFound before a Heat starts for nothing
+    proc = fleet.heat.ensure()
+    out.result(_heat_info(fleet, proc), f"Heat {proc.endpoint} (pid {proc.pid})")
+    return EXIT_OK
+
+
+def cmd_heat_stop(args: argparse.Namespace, out: Output) -> int:
+    how = LocalFleet(_site(args)).heat.stop()
+    out.result({"stopped": how}, f"Heat: {how}")
+    return EXIT_OK
+
+
+def cmd_heat_status(args: argparse.Namespace, out: Output) -> int:
+    fleet = LocalFleet(_site(args))
+    info = _heat_info(fleet, fleet.heat.running())
+    out.result(info, f"Heat {info['endpoint']} (pid {info['pid']})" if info["running"] else "Heat not running")
+    return EXIT_OK
+
+
+def cmd_heat_env(args: argparse.Namespace, out: Output) -> int:
+    fleet = LocalFleet(_site(args))
+    proc = fleet.heat.running()
+    if proc is None:
+        raise InputError(f"the Heat of site {fleet.path} is not running; start it with 'imageupdate heat start'")
+    exports = {"OS_AUTH_TYPE": "none", "OS_ENDPOINT": proc.endpoint, "IMAGEUPDATE_STACK": fleet.stack_name}
+    out.result(exports, "\n".join(f"export {k}={v}" for k, v in exports.items()))
     return EXIT_OK
 
 

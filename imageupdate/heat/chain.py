@@ -50,7 +50,7 @@ def parse_gate(resource: str, nodes: list[str]) -> tuple[str, str] | None:
     if not resource.startswith("gate_") or resource.endswith("_handle"):
         return None
     rest = resource[len("gate_"):]
-    for node in sorted(nodes, key=len, reverse=True):  # node1 vs node10
+    for node in sorted(nodes, key=len, reverse=True):  # "web_1" before "web": names may hold underscores
         if rest.startswith(node + "_"):
             return node, rest[len(node) + 1:]
     return None
@@ -82,6 +82,8 @@ class ChainSpec:
     previous: dict[str, Any] = field(default_factory=dict)  # the stack's current template
 
     def validate(self) -> None:
+        if len(set(self.nodes)) != len(self.nodes):
+            raise ValueError("a node is listed twice in the fleet")
         for n in self.nodes:
             if not _NAME_OK.fullmatch(n):
                 raise ValueError(f"node name {n!r} cannot name a Heat resource")

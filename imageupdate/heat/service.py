@@ -121,7 +121,7 @@ class HeatService:
             pid = int(json.loads(self.paths.state.read_text())["pid"])
         except (OSError, ValueError, KeyError):
             return
-        if procs.alive(pid) and "imageupdate.heat.server" in _cmdline(pid):
+        if procs.alive(pid) and "imageupdate.heat.server" in procs.cmdline(pid):
             procs.stop(pid, STOP_GRACE, sleep=self.sleep)
         self.paths.state.unlink(missing_ok=True)
 
@@ -130,16 +130,10 @@ class HeatService:
             pid = int(json.loads(self.paths.state.read_text())["pid"])
         except (OSError, ValueError, KeyError):
             return "not running"
-        if not procs.alive(pid) or "imageupdate.heat.server" not in _cmdline(pid):
+        if not procs.alive(pid) or "imageupdate.heat.server" not in procs.cmdline(pid):
             self.paths.state.unlink(missing_ok=True)
             return "not running"
         how = procs.stop(pid, STOP_GRACE, sleep=self.sleep)
         self.paths.state.unlink(missing_ok=True)
         return how
 
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""

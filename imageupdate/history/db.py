@@ -183,9 +183,13 @@ class History:
     def undoable(self) -> RolloutRow | None:
         """The newest rollout that changed nodes and has not been rolled back."""
         with self._db() as db:
-            row = db.execute("SELECT * FROM rollouts WHERE kind = 'rollout' AND status IN "
-                             "('succeeded', 'failed', 'cancelled') ORDER BY id DESC LIMIT 1").fetchone()
-        return _rollout(row) if row else None
+            rows = db.execute("SELECT * FROM rollouts WHERE kind = 'rollout' AND status IN "
+                              "('succeeded', 'failed', 'cancelled') ORDER BY id DESC").fetchall()
+        for row in rows:
+            found = _rollout(row)
+            if any(found.plan.get("batches", [])):  # a rollout with nothing to do changed nothing
+                return found
+        return None
 
     def active(self) -> RolloutRow | None:
         """The operation that is running or paused, if any (there is at most one)."""
@@ -199,6 +203,8 @@ class History:
                    "cancel_requested"}
         if not set(fields) <= allowed:
             raise ValueError(f"unknown rollout fields {set(fields) - allowed}")
+        if not fields:
+            return
         values = [json.dumps(v) if k in ("template", "environment", "plan") else v for k, v in fields.items()]
         with self._db() as db:
             db.execute(f"UPDATE rollouts SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",

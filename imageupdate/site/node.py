@@ -182,7 +182,10 @@ class Node:
 
     def stop(self, grace: float = STOP_GRACE, wanted: str = "stopped") -> str:
         rec = self.record()
+        wrapper = procs.parent(rec.pid) if rec.pid and procs.alive(rec.pid) else None
         how = procs.stop(rec.pid, grace) if rec.pid else "not running"
+        if wrapper is not None and "unshare" in procs.cmdline(wrapper):
+            procs.wait_until(lambda: not procs.alive(wrapper), 5.0)  # the unshare holding the namespaces exits too
         rec.pid, rec.wanted = None, wanted
         self._save(rec, f"stopped ({how})")
         return how

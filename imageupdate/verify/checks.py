@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 TESTS_DIR = "/usr/share/imageupdate/tests"
+LIST_TESTS = ["sh", "-c", f"test ! -e {TESTS_DIR} || ls -1 {TESTS_DIR}"]  # no directory: the release ships none
 TEST_TIMEOUT = 120.0
 SSH_TIMEOUT = 30.0
 
@@ -54,6 +55,8 @@ class Verdict:
     def reason(self) -> str:
         if self.ok:
             return f"{self.node} on {self.release}: {len(self.results)} checks passed"
+        if not self.results:
+            return f"{self.node} on {self.release}: no check ran"
         first = self.failed[0]
         detail = first.output.strip().splitlines()[-1] if first.output.strip() else "failed"
         more = f" (and {len(self.failed) - 1} more)" if len(self.failed) > 1 else ""
@@ -92,9 +95,12 @@ def verify_node(target: NodeTarget, release: str, run: Runner = ssh) -> Verdict:
         if p.returncode != 0:
             return False, f"node does not answer over SSH at {target.address}: {p.stderr.strip() or p.returncode}"
         try:
-            found = json.loads(p.stdout).get("release")
+            stamp = json.loads(p.stdout)
         except ValueError:
-            return False, "release stamp /etc/imageupdate/release.json is not JSON"
+            stamp = None
+        if not isinstance(stamp, dict):
+            return False, "release stamp /etc/imageupdate/release.json is not a JSON object with a release"
+        found = stamp.get("release")
         if found != release:
             return False, f"node runs {found!r}, expected {release!r}"
         return True, f"runs {release}"
@@ -102,8 +108,13 @@ def verify_node(target: NodeTarget, release: str, run: Runner = ssh) -> Verdict:
     verdict.results.append(_timed("release", stamp))
     if not verdict.ok:
         return verdict
-    listing = run(target, ["ls", "-1", TESTS_DIR], SSH_TIMEOUT)
-    names = sorted(n for n in listing.stdout.split() if n) if listing.returncode == 0 else []
+    # A release may ship no tests (the directory is absent); any other failure to list them fails the gate.
+    listing = run(target, LIST_TESTS, SSH_TIMEOUT)
+    if listing.returncode != 0:
+        verdict.results.append(CheckResult("tests", False, 0.0, f"cannot list {TESTS_DIR}: "
+                                           f"{listing.stderr.strip() or f'exit status {listing.returncode}'}"))
+        return verdict
+    names = sorted(n for n in listing.stdout.split() if n)
     for name in names:
         def test(name: str = name) -> tuple[bool, str]:
             p = run(target, [f"{TESTS_DIR}/{name}"], TEST_TIMEOUT)

@@ -62,7 +62,7 @@ def leftovers(site_id: str, site: Path) -> list[str]:
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
     found += [f"link {line.split(':')[1].strip()}" for line in links.splitlines() if site_id in line]
     found += mounts_mentioning(site)
-    found += live_processes_mentioning("node-boot", str(site))
+    found += live_processes_mentioning(str(site))  # node-boot carries its site path; other sites may run
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False).stdout
     found += [f"loop {line}" for line in loops.splitlines() if str(site) in line]
     return found
