@@ -22,6 +22,7 @@ from typing import Any
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
+from imageupdate.crashpoints import crashpoint
 from imageupdate.errors import InputError, OperationError
 from imageupdate.heat import chain
 from imageupdate.heat.client import HeatClient, HeatError
@@ -34,6 +35,7 @@ from imageupdate.verify.checks import NodeTarget, Verdict, verify_node
 POLL = 0.2  # seconds between looks at the stack
 HEAT_LOST_AFTER = 15.0  # seconds of failing Heat calls before the watch gives up (resume takes over)
 CANCELLED = "cancelled by operator"
+DEFAULT_GATE_TIMEOUT = 600
 
 
 class RolloutInterrupted(InputError):
@@ -54,7 +56,7 @@ class RolloutOptions:
     canary: bool = False
     limit: list[str] | None = None
     pause_between_batches: bool = False
-    gate_timeout: int = 600
+    gate_timeout: int = DEFAULT_GATE_TIMEOUT
     rollback: bool = True
 
     def validate(self) -> None:
@@ -365,7 +367,9 @@ class Orchestrator:
         after = {n: (self.history.last_good(n, before=failed.id) or failed.plan["before"][n]) if n in touched
                  else before[n] for n in nodes}
         changing = [n for n in nodes if n in touched and after[n] != before[n]]
-        rb_opts = RolloutOptions(batch_size=opts.batch_size, gate_timeout=opts.gate_timeout, rollback=False)
+        # a short --gate-timeout may be what failed the rollout: the way back gets at least the default
+        rb_opts = RolloutOptions(batch_size=opts.batch_size, gate_timeout=max(opts.gate_timeout, DEFAULT_GATE_TIMEOUT),
+                                 rollback=False)
         self._say(failed, None, "info", "rolling back " + (", ".join(f"{n} to {after[n]}" for n in changing) or
                                                          "nothing: no node was changed"))
         return self._operate(client, heat, stack_id, "rollback", None, failed.id, rb_opts, before, after, changing)
@@ -496,6 +500,7 @@ class Orchestrator:
             status = "SUCCESS" if verdict.ok and not watch.cancelling else "FAILURE"
             reason = verdict.reason if not watch.cancelling else CANCELLED
             data = {"checks": [{"name": r.name, "ok": r.ok, "seconds": r.seconds} for r in verdict.results]}
+            crashpoint("before-signal")
             client.signal(stack_id, chain.handle_name(gate), {"status": status, "reason": reason, "id": node,
                                                               "data": data})
             watch.signalled.add(node)

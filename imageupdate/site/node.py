@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from imageupdate.crashpoints import crashpoint
 from imageupdate.errors import OperationError
 from imageupdate.site import procs
 from imageupdate.site.network import SiteNet
@@ -80,12 +80,6 @@ class NodeStatus:
     running: bool
     reachable: bool
     pid: int | None
-
-
-def _breakpoint(step: str) -> None:
-    """IMAGEUPDATE_BREAK=STEP kills this process at STEP (crash-safety tests, like DIB's break=)."""
-    if os.environ.get("IMAGEUPDATE_BREAK") == step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def tcp_open(address: str, port: int, timeout: float = 0.3) -> bool:
@@ -197,15 +191,15 @@ class Node:
             return
         rec.pending = release
         self._save(rec, f"rebuild {rec.current} -> {release} begins")
-        _breakpoint("after-intent")
+        crashpoint("after-intent")
         self.stop(wanted="running")
-        _breakpoint("after-stop")
+        crashpoint("after-stop")
         rec = self.record()
         if rec.current != release:
             rec.previous, rec.current = rec.current, release
         rec.pending = None
         self._save(rec, f"switched to {release}")
-        _breakpoint("after-switch")
+        crashpoint("after-switch")
         self.start()
 
     def recover(self) -> str | None:

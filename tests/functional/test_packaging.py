@@ -34,3 +34,6 @@ def test_wheel_install_finds_shipped_data(tmp_path: Path) -> None:
     assert out[2].startswith(str(site)), "imported the checkout, not the wheel"
     hook = Path(out[0]) / "imageupdate-node/install.d/50-imageupdate-node"
     assert os.access(hook, os.X_OK), "element hooks lost their executable bit"
+    for shipped in ("environments/local.yaml", "environments/openstack.yaml", "openstack/server.yaml",
+                    "plugins/imageupdate_local.py"):
+        assert (Path(out[1]) / shipped).is_file(), f"{shipped} is not installed"

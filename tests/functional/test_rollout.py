@@ -280,3 +280,18 @@ def test_heat_service_starts_once_and_stops(site: Path, store_dir: Path) -> None
     cli(site, store_dir, "site", "down", check=True)  # takes the site's Heat down with it
     assert not procs.alive(first["pid"])
     assert json.loads(cli(site, store_dir, "heat", "status", check=True).stdout)["running"] is False
+
+
+def test_gate_timing_out_while_nobody_watches_is_rolled_back_by_resume(site: Path, store_dir: Path) -> None:
+    # imageupdate dies with node0's verdict in hand, before it signals: the gate times out in Heat
+    proc = imageupdate("rollout", "R2", "--gate-timeout", "3", "--site", str(site), "--store", str(store_dir),
+                       env={"IMAGEUPDATE_BREAK": "before-signal"})
+    assert proc.returncode == -signal.SIGKILL
+    wait_for(lambda: fleet(site, store_dir)["stack"]["state"] == "UPDATE_FAILED", timeout=60)
+    proc = cli(site, store_dir, "resume")
+    assert proc.returncode == 1
+    result = json.loads(proc.stdout)
+    assert result["status"] == "rolled-back" and "timed out" in result["reason"]
+    assert steps(site, result["rollout"]["id"])[("node0", "gate")]["status"] == "timed-out"
+    assert result["rollback"]["rollout"]["options"]["gate_timeout"] == 600  # the way back is not rushed
+    assert releases_of(site, store_dir) == {"node0": "R1", "node1": "R1", "node2": "R1"}
