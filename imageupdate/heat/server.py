@@ -66,6 +66,23 @@ def _tune_steps(seconds: float) -> None:
         call.__defaults__ = tuple(defaults)
 
 
+def _prune_finished_threads() -> None:
+    """Heat 27's per-stack ThreadGroup (threading backend) appends every thread it starts and never drops
+    finished ones, and refuses new threads past 1000: after about 1000 events on one stack in one engine
+    process, every resource step fails with "Maximum number of threads reached" and the stack hangs in
+    UPDATE_IN_PROGRESS (measured: a 30-node site, third rollout). Drop finished threads before the count."""
+    from heat.engine import service as engine_service
+
+    original = engine_service.ThreadGroup.add_thread
+
+    def add_thread(self: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            self.threads[:] = [t for t in self.threads if t.is_alive()]
+        return original(self, func, *args, **kwargs)
+
+    engine_service.ThreadGroup.add_thread = add_thread
+
+
 def _begin_immediate() -> None:
     """From here on every new SQLite connection starts its transactions with BEGIN IMMEDIATE."""
     event.listen(sqlalchemy.engine.Engine, "connect", _sqlite_connect)
@@ -114,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     _begin_immediate()
 
     _tune_steps(STEP_SECONDS)
+    _prune_finished_threads()
     engine = engine_service.EngineService(conf.host, rpc_api.ENGINE_TOPIC)
     engine.start()
     app = config.load_paste_app("heat-api")

@@ -236,6 +236,12 @@ class History:
             db.execute(f"UPDATE steps SET {', '.join(f'{k} = ?' for k in sets)} "
                        "WHERE rollout = ? AND node = ? AND step = ?", (*sets.values(), rid, node, step))
 
+    def step_status(self, rid: int, node: str, step: str) -> str | None:
+        with self._db() as db:
+            row = db.execute("SELECT status FROM steps WHERE rollout = ? AND node = ? AND step = ?",
+                             (rid, node, step)).fetchone()
+        return str(row["status"]) if row else None
+
     def steps(self, rid: int) -> list[StepRow]:
         with self._db() as db:
             rows = db.execute("SELECT * FROM steps WHERE rollout = ? ORDER BY COALESCE(started, finished), id",

@@ -36,6 +36,8 @@ POLL = 0.2  # seconds between looks at the stack
 HEAT_LOST_AFTER = 15.0  # seconds of failing Heat calls before the watch gives up (resume takes over)
 CANCELLED = "cancelled by operator"
 DEFAULT_GATE_TIMEOUT = 600
+STALE_AFTER = 10.0  # seconds a complete stack may lack this operation's gates before the watch gives up
+SETTLE_AFTER_GATES = 300.0  # seconds Heat may go on cleaning up after the last gate passed
 
 
 class RolloutInterrupted(InputError):
@@ -104,6 +106,10 @@ class _Watch:
     signalled: set[str] = field(default_factory=set)
     finished: set[str] = field(default_factory=set)
     cancelling: bool = False
+    cancel_sent: bool = False
+    stale_looks: int = 0  # looks at a complete stack that lacks this operation's gates
+    passed: set[str] = field(default_factory=set)
+    all_passed_at: float | None = None  # when the last gate passed (Heat then cleans up what was replaced)
     failure: str | None = None
 
 
@@ -192,15 +198,20 @@ class Orchestrator:
                     self._say(row, None, "info", f"continuing: {barrier} may start")
                 watch.cleared |= set(watch.paused)
                 watch.paused.clear()
-            elif stack.status == "IN_PROGRESS" and row.heat != heat.instance:
+            else:
+                nodes = self.fleet.node_names()
+                gates = [chain.parse_gate(name, nodes) for name in client.resources(stack.id)]
+                seen = any(g is not None and g[1] == row.tag for g in gates)
+                heat_restarted = stack.status == "IN_PROGRESS" and row.heat != heat.instance
                 sent = self.history.sent(row.id)
-                if sent is None:
-                    raise OperationError(f"rollout {row.id} never reached Heat; cancel it with 'imageupdate cancel'",
-                                         step="resume")
-                template, env = sent
-                self._say(row, None, "info", "Heat restarted since the update was sent: sending the same template")
-                client.update(stack.id, template, env["environment"], env["files"], self._timeout_mins(row, opts))
-                self.history.update(row.id, heat=heat.instance, sent=time.time())
+                if heat_restarted and sent is not None:
+                    template, env = sent
+                    self._say(row, None, "info", "Heat restarted since the update was sent: sending the same template")
+                    client.update(stack.id, template, env["environment"], env["files"], self._timeout_mins(row, opts))
+                    self.history.update(row.id, heat=heat.instance, sent=time.time())
+                elif not seen and stack.status != "IN_PROGRESS":
+                    self._say(row, None, "info", "the update never reached Heat: sending it")
+                    self._send(client, heat, stack.id, row, opts)
             return self._finish(client, heat, stack.id, self._reload(row), opts, watch)
 
     def cancel(self) -> Outcome | None:
@@ -317,6 +328,7 @@ class Orchestrator:
             env.setdefault("resource_registry", {})["resources"] = chain.pause_hooks(plan["batches"])
         self.history.update(row.id, template=template, environment={"environment": env, "files": files},
                             heat=heat.instance, sent=time.time())
+        crashpoint("before-update")
         client.update(stack_id, template, env, files, self._timeout_mins(row, opts))
 
     @staticmethod
@@ -382,7 +394,9 @@ class Orchestrator:
                watch: _Watch) -> str:
         plan = row.plan
         batch_of = {n: k for k, b in enumerate(plan["batches"]) for n in b}
-        with ThreadPoolExecutor(max_workers=max(1, min(16, opts.batch_size))) as pool:
+        # not a with-block: on an interrupt, checks still running must not hold the exit up
+        pool = ThreadPoolExecutor(max_workers=max(1, min(16, opts.batch_size)))
+        try:
             while True:
                 stack, resources = self._look(client, stack_id)
                 if opts.pause_between_batches:
@@ -395,19 +409,36 @@ class Orchestrator:
                 for node, k in batch_of.items():
                     self._track_node(client, stack_id, row, node, k, resources, watch, pool, now)
                 if watch.paused and opts.pause_between_batches and not watch.checking:
-                    if watch.cancelling:
-                        client.cancel_update(stack_id)
-                    else:
+                    if not watch.cancelling:
                         return "paused"
-                if stack.status == "COMPLETE" and len(watch.finished) == len(batch_of):
-                    return "succeeded"
+                    if not watch.cancel_sent:
+                        client.cancel_update(stack_id)
+                        watch.cancel_sent = True
+                if stack.status == "COMPLETE":
+                    if len(watch.finished) == len(batch_of):
+                        return "succeeded"
+                    watch.stale_looks += 1
+                    if watch.stale_looks * self.poll > STALE_AFTER:
+                        missing = sorted(set(batch_of) - watch.finished)
+                        raise OperationError(f"the stack is complete but the gates of {', '.join(missing)} for "
+                                             f"{row.kind} {row.id} never ran; 'imageupdate resume' sends the "
+                                             "update again", step="watch")
+                if watch.passed and watch.passed == set(batch_of) and stack.status != "COMPLETE":
+                    # every node passed its gate: what is left is Heat deleting what the chain replaced
+                    watch.all_passed_at = watch.all_passed_at or time.time()
+                    if stack.status == "FAILED" or time.time() - watch.all_passed_at > SETTLE_AFTER_GATES:
+                        said = stack.reason if stack.status == "FAILED" else "still cleaning up"
+                        self._say(row, None, "info", f"every node passed its gate; Heat after the last gate: "
+                                                     f"{said} (the next operation cleans up again)")
+                        return "succeeded"
                 if stack.status == "FAILED":
                     for fut in watch.checking.values():
                         fut.cancel()
-                    if watch.failure is None or watch.failure == CANCELLED and not watch.cancelling:
-                        watch.failure = stack.reason
+                    watch.failure = watch.failure or stack.reason
                     return "failed"
                 self.sleep(self.poll)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _look(self, client: HeatClient, stack_id: str) -> tuple[Any, dict[str, Any]]:
         def once() -> tuple[Any, dict[str, Any]]:
@@ -468,7 +499,9 @@ class Orchestrator:
             self._say(row, node, "rebuild", f"rebuilding {node} to {release}")
         if node not in watch.rebuilt and (gate_res is not None or (server is not None and server.status == "FAILED")):
             watch.rebuilt.add(node)
-            if server is not None and server.status == "FAILED":
+            if self.history.step_status(row.id, node, "rebuild") in ("succeeded", "failed"):
+                pass  # recorded before a crash
+            elif server is not None and server.status == "FAILED":
                 self.history.step(row.id, node, "rebuild", "failed", finished=now, reason=server.reason)
                 self._say(row, node, "failed", f"rebuild of {node} failed: {server.reason}")
                 watch.failure = watch.failure or f"rebuild of {node} to {release} failed: {server.reason}"
@@ -509,11 +542,16 @@ class Orchestrator:
                 watch.failure = watch.failure or reason
         if gate_res.state == "CREATE_COMPLETE":
             watch.finished.add(node)
+            watch.passed.add(node)
+            if self.history.step_status(row.id, node, "gate") == "succeeded":
+                return  # recorded before a crash; a resumed watch says nothing twice
             self.history.step(row.id, node, "gate", "succeeded", finished=now)
             self.history.reached(node, release, row.id, good=True)
             self._say(row, node, "passed", f"{node} passed its gate on {release}")
         elif gate_res.status == "FAILED":
             watch.finished.add(node)
+            if self.history.step_status(row.id, node, "gate") in ("failed", "timed-out"):
+                return
             timed_out = "timed out" in gate_res.reason.lower() or "timeout" in gate_res.reason.lower()
             self.history.step(row.id, node, "gate", "timed-out" if timed_out else "failed", finished=now,
                               reason=gate_res.reason)

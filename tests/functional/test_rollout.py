@@ -295,3 +295,15 @@ def test_gate_timing_out_while_nobody_watches_is_rolled_back_by_resume(site: Pat
     assert steps(site, result["rollout"]["id"])[("node0", "gate")]["status"] == "timed-out"
     assert result["rollback"]["rollout"]["options"]["gate_timeout"] == 600  # the way back is not rushed
     assert releases_of(site, store_dir) == {"node0": "R1", "node1": "R1", "node2": "R1"}
+
+
+def test_rollout_killed_before_its_update_reached_heat_is_sent_by_resume(site: Path, store_dir: Path) -> None:
+    proc = imageupdate("rollout", "R2", "--site", str(site), "--store", str(store_dir),
+                       env={"IMAGEUPDATE_BREAK": "before-update"})
+    assert proc.returncode == -signal.SIGKILL
+    assert fleet(site, store_dir)["active"]["state"] == "interrupted"
+    assert releases_of(site, store_dir) == {"node0": "R1", "node1": "R1", "node2": "R1"}
+    proc = cli(site, store_dir, "resume")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["status"] == "succeeded"
+    assert releases_of(site, store_dir) == {"node0": "R2", "node1": "R2", "node2": "R2"}
