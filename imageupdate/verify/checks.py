@@ -9,8 +9,11 @@ Every check yields a ``CheckResult``; the ``Verdict`` sums them up for the gate'
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -70,15 +73,34 @@ class Verdict:
 Runner = Callable[[NodeTarget, list[str], float], "subprocess.CompletedProcess[str]"]
 
 
+def _control_path() -> str:
+    """One SSH connection per node for all its checks (a handshake costs more than most checks);
+    short, private, and not under the site (a socket path must fit in 108 bytes)."""
+    d = Path(tempfile.gettempdir()) / f"imageupdate-ssh-{os.getuid()}"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return str(d / "%C")
+
+
+def _ssh_base(target: NodeTarget) -> list[str]:
+    return ["ssh", "-i", str(target.key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR",
+            "-o", f"ControlPath={_control_path()}", "-o", "ControlMaster=auto", "-o", "ControlPersist=15"]
+
+
 def ssh(target: NodeTarget, command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    cmd = ["ssh", "-i", str(target.key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-           "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR", f"root@{target.address}",
-           "--", *command]
+    cmd = [*_ssh_base(target), f"root@{target.address}", "--", *command]
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         return subprocess.CompletedProcess(cmd, 124, out, f"timed out after {timeout:.0f} s")
+
+
+def close_ssh(target: NodeTarget) -> None:
+    """End the node's shared connection now rather than after ControlPersist."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        subprocess.run([*_ssh_base(target), "-O", "exit", f"root@{target.address}"], capture_output=True,
+                       timeout=5, check=False)
 
 
 def _timed(name: str, fn: Callable[[], tuple[bool, str]]) -> CheckResult:
@@ -87,7 +109,17 @@ def _timed(name: str, fn: Callable[[], tuple[bool, str]]) -> CheckResult:
     return CheckResult(name, ok, round(time.monotonic() - t0, 3), output)
 
 
-def verify_node(target: NodeTarget, release: str, run: Runner = ssh) -> Verdict:
+def verify_node(target: NodeTarget, release: str, run: Runner | None = None) -> Verdict:
+    """Run the checks over SSH (or through ``run``, which tests inject)."""
+    if run is not None:
+        return _verify(target, release, run)
+    try:
+        return _verify(target, release, ssh)
+    finally:
+        close_ssh(target)
+
+
+def _verify(target: NodeTarget, release: str, run: Runner) -> Verdict:
     verdict = Verdict(target.name, release)
 
     def stamp() -> tuple[bool, str]:
