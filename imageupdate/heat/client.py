@@ -92,12 +92,18 @@ class HeatClient:
         else:
             self._hc = client.Client("1", endpoint=endpoint, token="noauth", timeout=60)
         self.endpoint = endpoint
+        self._names: dict[str, str] = {}  # stack id -> name
+
+    def _ref(self, stack_id: str) -> str:
+        """NAME/ID: Heat answers a bare id with a redirect to it, doubling every call of the watch."""
+        name = self._names.get(stack_id)
+        return f"{name}/{stack_id}" if name and "/" not in stack_id else stack_id
 
     def stack(self, name: str) -> Stack | None:
         from heatclient import exc
 
         try:
-            s = self._hc.stacks.get(name)
+            s = self._hc.stacks.get(self._ref(name))
         except exc.HTTPNotFound:
             return None
         except exc.CommunicationError:
@@ -106,6 +112,7 @@ class HeatClient:
         except Exception as e:  # noqa: BLE001
             raise HeatError(f"reading stack {name} failed: {_said(e)}", step="heat") from None
         outputs = {o["output_key"]: o.get("output_value") for o in (getattr(s, "outputs", None) or [])}
+        self._names[s.id] = s.stack_name
         return Stack(s.id, s.stack_name, s.action, s.status, s.stack_status_reason or "", outputs)
 
     def create(self, name: str, template: dict[str, Any], environment: dict[str, Any],
@@ -113,21 +120,22 @@ class HeatClient:
         with _calling(f"creating stack {name}"):
             r = self._hc.stacks.create(stack_name=name, template=template, environment=environment, files=files,
                                        disable_rollback=True, timeout_mins=timeout_mins)
+        self._names[str(r["stack"]["id"])] = name
         return str(r["stack"]["id"])
 
     def update(self, stack_id: str, template: dict[str, Any], environment: dict[str, Any],
                files: dict[str, str], timeout_mins: int) -> None:
         with _calling(f"updating stack {stack_id}"):
-            self._hc.stacks.update(stack_id, template=template, environment=environment, files=files,
+            self._hc.stacks.update(self._ref(stack_id), template=template, environment=environment, files=files,
                                    disable_rollback=True, timeout_mins=timeout_mins, existing=False)
 
     def template(self, stack_id: str) -> dict[str, Any]:
         with _calling(f"reading the template of stack {stack_id}"):
-            return dict(self._hc.stacks.template(stack_id))
+            return dict(self._hc.stacks.template(self._ref(stack_id)))
 
     def resources(self, stack_id: str) -> dict[str, ResourceState]:
         with _calling(f"listing the resources of stack {stack_id}"):
-            items = self._hc.resources.list(stack_id)
+            items = self._hc.resources.list(self._ref(stack_id))
         return {r.resource_name: ResourceState(r.resource_name, r.resource_type,
                                                *_split(r.resource_status), r.resource_status_reason or "",
                                                r.physical_resource_id or "") for r in items}
@@ -137,31 +145,31 @@ class HeatClient:
             kwargs: dict[str, Any] = {"sort_dir": "asc"}
             if marker:
                 kwargs["marker"] = marker
-            items = self._hc.events.list(stack_id, **kwargs)
+            items = self._hc.events.list(self._ref(stack_id), **kwargs)
         return [Event(e.id, e.resource_name, e.resource_status, e.resource_status_reason or "", e.event_time)
                 for e in items]
 
     def attributes(self, stack_id: str, resource: str) -> dict[str, Any]:
         with _calling(f"reading {resource}"):
-            return dict(getattr(self._hc.resources.get(stack_id, resource), "attributes", None) or {})
+            return dict(getattr(self._hc.resources.get(self._ref(stack_id), resource), "attributes", None) or {})
 
     def resource_events(self, stack_id: str, resource: str) -> list[Event]:
         with _calling(f"listing the events of {resource}"):
-            items = self._hc.events.list(stack_id, resource_name=resource)
+            items = self._hc.events.list(self._ref(stack_id), resource_name=resource)
         return [Event(e.id, e.resource_name, e.resource_status, e.resource_status_reason or "", e.event_time)
                 for e in items]
 
     def signal(self, stack_id: str, resource: str, data: dict[str, Any]) -> None:
         with _calling(f"signalling {resource}"):
-            self._hc.resources.signal(stack_id, resource, data=data)
+            self._hc.resources.signal(self._ref(stack_id), resource, data=data)
 
     def clear_hook(self, stack_id: str, resource: str, hook: str) -> None:
         with _calling(f"clearing the {hook} hook on {resource}"):
-            self._hc.resources.signal(stack_id, resource, data={"unset_hook": hook})
+            self._hc.resources.signal(self._ref(stack_id), resource, data={"unset_hook": hook})
 
     def cancel_update(self, stack_id: str) -> None:
         with _calling(f"cancelling the update of stack {stack_id}"):
-            self._hc.actions.cancel_without_rollback(stack_id)
+            self._hc.actions.cancel_without_rollback(self._ref(stack_id))
 
 
 def _split(status: str) -> tuple[str, str]:

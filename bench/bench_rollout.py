@@ -1,0 +1,536 @@
+#!/usr/bin/env python3
+"""Rollout benchmark: per-node orchestration overhead of ``imageupdate rollout`` on the local site, Heat's memory.
+
+The CLI as a user runs it (``.venv/bin/imageupdate rollout R --site DIR --batch-size B --json``), on sites of
+3, 10 and 30 nodes, with batch sizes 1 and 5, side by side in one run:
+
+* wall: from starting the CLI until it exits (Python start-up, Heat look-ups and the whole watch included);
+* node time: the time nodes spend swapping and testing, from the history (``SITE/history.sqlite``, table
+  ``steps``): the nodes of a batch run in parallel, so node time = sum over batches of the slowest node's
+  (rebuild seconds + gate seconds);
+* overhead = wall - node time; per node = overhead / nodes changed. Target: at most 1.5 s per node, growing
+  linearly with the nodes per batch;
+* swap (rebuild) and gate median per node, and the checks the gate ran (``checks`` table) inside the gate;
+* Heat's resident memory (VmRSS of the pid in ``SITE/heat/heat.json``) after each rollout, and per site
+  before the first rollout and after the last.
+
+One site per node count: created once, one untimed warm-up rollout R1 -> R2 (it creates the stack, the
+'adopt' operation, starts Heat and unpacks R2), then the measured rollouts alternate R2 -> R1 -> R2 ... for
+every batch size. The site is destroyed at the end, whatever happens. A breakdown of the overhead follows
+the table: CLI start-up, planning and sending, Heat starting the first rebuild, gaps inside and between
+batches, finishing, and exit.
+
+It prints the code under test (git HEAD and uncommitted changes) and warns if the package's files change
+during the run. A rollout that takes longer than ``--timeout`` is stopped; on any failure Heat's log, the
+history and the site's status are copied to /tmp/iu-bench-rollout-logs-* before the site is destroyed.
+
+Run as root from the checkout: ``.venv/bin/python bench/bench_rollout.py``. R1 and R2 must be in the store.
+Figures are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imageupdate.images.store import ImageStore
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_PER_NODE = 1.5  # seconds of overhead per node
+DIVIDER = "-" * 143
+
+
+class BenchError(Exception):
+    """A command of the benchmark failed; the site is still destroyed."""
+
+
+@dataclass(frozen=True)
+class NodeSteps:
+    node: str
+    batch: int
+    rebuild_started: float
+    rebuild_finished: float
+    gate_started: float
+    gate_finished: float
+    checks: float  # seconds the gate's checks took, summed
+
+    @property
+    def rebuild(self) -> float:
+        return self.rebuild_finished - self.rebuild_started
+
+    @property
+    def gate(self) -> float:
+        return self.gate_finished - self.gate_started
+
+
+@dataclass(frozen=True)
+class Run:
+    nodes: int
+    batch_size: int
+    release: str
+    rollout: int
+    wall: float
+    node_time: float
+    changed: int
+    batches: int
+    rebuild_median: float
+    gate_median: float
+    checks_median: float
+    heat_rss: float | None  # MiB, after the rollout
+    # where the wall time went (seconds; they add up to the wall time with the spans of the batches)
+    startup: float  # CLI start -> the rollout row exists (imports, site status, Heat and stack look-ups)
+    send: float  # rollout row -> update sent (plan, history, template)
+    first: float  # update sent -> first rebuild started (Heat takes the update, starts the first server)
+    in_batch: float  # sum over batches of (span of the batch - its slowest node's rebuild + gate)
+    between: float  # sum of the gaps from the last gate of a batch to the first rebuild of the next
+    finish: float  # last gate seen complete -> rollout row finished
+    exit: float  # rollout row finished -> CLI exited (result, node states, interpreter exit)
+    gate_over_checks: float  # median over nodes of gate seconds - checks seconds (inside node time)
+    checks_node_time: float  # node time with the gate counted as its checks only
+    triggers: int  # leaves Heat's converge_stack triggered during the rollout (heat.log), a pause after each
+    trigger_span: float  # seconds from the first to the last of them
+    heat_cpu: float  # CPU seconds Heat used during the rollout (NaN if Heat restarted)
+    host_busy: float  # % of the host's CPUs busy during the rollout (every process, other sessions' too)
+
+    @property
+    def overhead(self) -> float:
+        return self.wall - self.node_time
+
+    @property
+    def per_node(self) -> float:
+        return self.overhead / self.changed if self.changed else float("nan")
+
+    @property
+    def per_node_checks_only(self) -> float:
+        """Overhead per node when only the checks, not the whole gate step, count as node time."""
+        return (self.wall - self.checks_node_time) / self.changed if self.changed else float("nan")
+
+
+# the CLI -----------------------------------------------------------------------------------------
+
+
+def cli_path() -> Path:
+    for candidate in (Path(sys.executable).parent / "imageupdate", Path(__file__).resolve().parents[1] / ".venv"
+                      / "bin" / "imageupdate"):
+        if candidate.exists():
+            return candidate
+    sys.exit("bench_rollout.py: no imageupdate entry point next to the interpreter; run it with .venv/bin/python")
+
+
+def imageupdate(cli: Path, *args: str, timeout: float | None = None) -> tuple[subprocess.CompletedProcess[str],
+                                                                              float, float]:
+    """Run the CLI; (process, epoch when started, wall seconds). Past the timeout: SIGTERM (the CLI stops as
+    on ^C), then SIGKILL."""
+    started = time.time()
+    t0 = time.monotonic()
+    with subprocess.Popen([str(cli), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        try:
+            out, err = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.terminate()
+            try:
+                out, err = child.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                out, err = child.communicate()
+            raise BenchError(f"imageupdate {' '.join(args)} did not finish within {timeout:.0f} s; stopped it:\n"
+                             f"{err[-2000:]}") from None
+    wall = time.monotonic() - t0
+    return subprocess.CompletedProcess(child.args, child.returncode, out, err), started, wall
+
+
+def checked(cli: Path, *args: str, timeout: float | None = None) -> tuple[dict[str, Any], float, float]:
+    proc, started, wall = imageupdate(cli, *args, "--json", timeout=timeout)
+    if proc.returncode != 0:
+        raise BenchError(f"imageupdate {' '.join(args)} exited with {proc.returncode}:\n"
+                         f"{proc.stderr[-2000:]}{proc.stdout[-1000:]}")
+    try:
+        doc: dict[str, Any] = json.loads(proc.stdout)
+    except ValueError as e:
+        raise BenchError(f"imageupdate {' '.join(args)} printed no JSON document: {proc.stdout[-500:]!r}") from e
+    return doc, started, wall
+
+
+def code_state() -> tuple[str, str]:
+    """What code the CLI runs: (description, fingerprint of the package's files as they are on disk)."""
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False)
+        return proc.stdout if proc.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    paths = ("imageupdate", "heat_templates", "elements")
+    changed = sorted(line[3:] for line in git("status", "--porcelain", "--", *paths).splitlines())
+    said = f"git {head}" + (f" + uncommitted changes in {', '.join(changed)}" if changed else ", clean")
+    digest = hashlib.sha256()
+    for name in sorted(git("ls-files", "-co", "--exclude-standard", "--", *paths).splitlines()):
+        digest.update(name.encode())
+        with contextlib.suppress(OSError):
+            digest.update((ROOT / name).read_bytes())
+    return said, digest.hexdigest()
+
+
+# Heat ------------------------------------------------------------------------------------------
+
+
+def heat_pid(site: Path) -> int | None:
+    try:
+        pid = int(json.loads((site / "heat" / "heat.json").read_text())["pid"])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, KeyError):
+        return None
+    return pid if b"imageupdate.heat.server" in cmdline else None
+
+
+def rss_mib(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process so far."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def host_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of the host from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    return sum(values) - values[3] - values[4], sum(values)
+
+
+def mib(value: float | None) -> str:
+    return "not running" if value is None else f"{value:.0f} MiB"
+
+
+def heat_triggers(site: Path, start: float, end: float) -> tuple[int, float]:
+    """Leaf resources Heat's convergence engine triggered between start and end (epoch), from its log lines
+    "YYYY-MM-DD HH:MM:SS.mmm ... Triggering resource N for update|cleanup"; (count, first to last seconds)."""
+    times: list[float] = []
+    try:
+        text = (site / "heat" / "heat.log").read_text(errors="replace")
+    except OSError:
+        return 0, 0.0
+    for line in text.splitlines():
+        if "Triggering resource" not in line:
+            continue
+        try:
+            at = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + float(line[19:23])
+        except ValueError:
+            continue
+        if start <= at <= end:
+            times.append(at)
+    return len(times), (max(times) - min(times)) if times else 0.0
+
+
+# the history -----------------------------------------------------------------------------------
+
+
+def read_history(site: Path, rid: int) -> tuple[sqlite3.Row, list[NodeSteps]]:
+    con = sqlite3.connect(site / "history.sqlite", timeout=30)
+    con.row_factory = sqlite3.Row
+    try:
+        row = con.execute("SELECT started, sent, finished, status FROM rollouts WHERE id = ?", (rid,)).fetchone()
+        steps = con.execute("SELECT node, batch, step, status, started, finished FROM steps WHERE rollout = ?",
+                            (rid,)).fetchall()
+        checks = {r["node"]: float(r["s"]) for r in con.execute(
+            "SELECT node, SUM(seconds) AS s FROM checks WHERE rollout = ? GROUP BY node", (rid,))}
+    finally:
+        con.close()
+    if row is None:
+        raise BenchError(f"rollout {rid} is not in {site / 'history.sqlite'}")
+    by_node: dict[str, dict[str, sqlite3.Row]] = {}
+    for s in steps:
+        by_node.setdefault(s["node"], {})[s["step"]] = s
+    out: list[NodeSteps] = []
+    for node, st in sorted(by_node.items()):
+        rebuild, gate = st.get("rebuild"), st.get("gate")
+        if rebuild is None or gate is None or rebuild["status"] != "succeeded" or gate["status"] != "succeeded" \
+                or None in (rebuild["started"], rebuild["finished"], gate["started"], gate["finished"]):
+            seen = {k: dict(v) for k, v in st.items()}
+            raise BenchError(f"rollout {rid}: {node} has no complete rebuild and gate steps ({seen})")
+        out.append(NodeSteps(node, int(rebuild["batch"]), float(rebuild["started"]), float(rebuild["finished"]),
+                             float(gate["started"]), float(gate["finished"]), checks.get(node, 0.0)))
+    return row, out
+
+
+def analyse(site: Path, nodes: int, batch_size: int, release: str, rid: int, started: float, wall: float,
+            rss: float | None, heat_cpu: float, host_busy: float) -> Run:
+    row, steps = read_history(site, rid)
+    batches: dict[int, list[NodeSteps]] = {}
+    for s in steps:
+        batches.setdefault(s.batch, []).append(s)
+    order = [batches[k] for k in sorted(batches)]
+    node_time = sum(max(s.rebuild + s.gate for s in b) for b in order)
+    spans = [(min(s.rebuild_started for s in b), max(s.gate_finished for s in b)) for b in order]
+    in_batch = sum(end - start for start, end in spans) - node_time
+    between = sum(spans[k + 1][0] - spans[k][1] for k in range(len(spans) - 1))
+    ended = started + wall
+    triggers, trigger_span = heat_triggers(site, started, ended)
+    sent = float(row["sent"] or row["started"])
+    finished = float(row["finished"] or ended)
+    return Run(
+        nodes=nodes, batch_size=batch_size, release=release, rollout=rid, wall=wall, node_time=node_time,
+        changed=len(steps), batches=len(order),
+        rebuild_median=statistics.median(s.rebuild for s in steps),
+        gate_median=statistics.median(s.gate for s in steps),
+        checks_median=statistics.median(s.checks for s in steps),
+        heat_rss=rss,
+        startup=float(row["started"]) - started, send=sent - float(row["started"]), first=spans[0][0] - sent,
+        in_batch=in_batch, between=between, finish=finished - spans[-1][1], exit=ended - finished,
+        gate_over_checks=statistics.median(s.gate - s.checks for s in steps),
+        checks_node_time=sum(max(s.rebuild + s.checks for s in b) for b in order),
+        triggers=triggers, trigger_span=trigger_span, heat_cpu=heat_cpu, host_busy=host_busy,
+    )
+
+
+# one site --------------------------------------------------------------------------------------
+
+
+@dataclass
+class SiteMemory:
+    nodes: int
+    before: float | None  # before the warm-up rollout
+    warm: float | None  # after the warm-up rollout (before the first measured one)
+    after: float | None  # after the last rollout
+    up_seconds: float
+    warmup_seconds: float
+
+
+def say(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+def rollout(cli: Path, site: Path, store: Path, release: str, batch_size: int,
+            timeout: float) -> tuple[int, float, float]:
+    doc, started, wall = checked(cli, "rollout", release, "--site", str(site), "--store", str(store),
+                                 "--batch-size", str(batch_size), timeout=timeout)
+    if doc.get("status") != "succeeded":
+        raise BenchError(f"rollout to {release} ended {doc.get('status')}: {doc.get('reason')}")
+    return int(doc["rollout"]["id"]), started, wall
+
+
+def keep_logs(cli: Path, site: Path, store: Path, nodes: int) -> Path:
+    """After a failure, before the site goes: Heat's logs, the history and the site's status, kept in /tmp."""
+    keep = Path(tempfile.mkdtemp(prefix=f"iu-bench-rollout-logs-{nodes}-", dir="/tmp"))
+    for name in ("heat/heat.log", "heat/server.log", "history.sqlite", "history.sqlite-wal"):
+        if (site / name).exists():
+            shutil.copy2(site / name, keep / Path(name).name)
+    proc, _, _ = imageupdate(cli, "status", "--site", str(site), "--store", str(store), "--json", timeout=120)
+    (keep / "status.json").write_text(proc.stdout + proc.stderr)
+    return keep
+
+
+def bench_site(cli: Path, store: Path, nodes: int, batch_sizes: list[int], repeat: int, timeout: float,
+               runs: list[Run], memory: list[SiteMemory]) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f"iu-bench-rollout-{nodes}-", dir="/tmp"))
+    site = tmp / "site"
+    pid: int | None = None
+    try:
+        say(f"{nodes} nodes: site up in {site} ...")
+        _, _, up = checked(cli, "site", "up", "--nodes", str(nodes), "--release", "R1", "--site", str(site),
+                           "--store", str(store))
+        before = rss_mib(heat_pid(site))
+        say(f"{nodes} nodes: up in {up:.1f} s; warm-up rollout R1 -> R2 (creates the stack, starts Heat) ...")
+        _, _, warm_wall = rollout(cli, site, store, "R2", max(batch_sizes), timeout)
+        pid = heat_pid(site)
+        mem = SiteMemory(nodes, before, rss_mib(pid), None, up, warm_wall)
+        memory.append(mem)
+        current = "R2"
+        for batch_size in batch_sizes:
+            for i in range(repeat):
+                release = "R1" if current == "R2" else "R2"
+                say(f"{nodes} nodes, batch {batch_size}, run {i + 1}/{repeat}: rollout {current} -> {release} ...")
+                cpu0, host0 = cpu_seconds(pid), host_cpu()
+                rid, started, wall = rollout(cli, site, store, release, batch_size, timeout)
+                cpu1, host1 = cpu_seconds(pid), host_cpu()
+                heat_cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None and heat_pid(site) == pid \
+                    else float("nan")
+                busy = 100 * (host1[0] - host0[0]) / max(1, host1[1] - host0[1])
+                current = release
+                pid = heat_pid(site) or pid
+                run = analyse(site, nodes, batch_size, release, rid, started, wall, rss_mib(pid), heat_cpu, busy)
+                runs.append(run)
+                mem.after = run.heat_rss
+                say(f"  wall {run.wall:.1f} s, node time {run.node_time:.1f} s, overhead {run.overhead:.1f} s "
+                    f"({run.per_node:.2f} s per node), Heat {mib(run.heat_rss)}, Heat CPU {run.heat_cpu:.1f} s, "
+                    f"host CPU {run.host_busy:.0f} % busy")
+    except BenchError as e:
+        try:
+            kept = keep_logs(cli, site, store, nodes)
+        except (OSError, BenchError) as keeping:
+            raise BenchError(f"{e}\n(keeping the logs failed too: {keeping})") from None
+        raise BenchError(f"{e}\n(Heat's log, the history and the site status are kept in {kept})") from None
+    finally:
+        say(f"{nodes} nodes: site destroy ...")
+        deadline = time.monotonic() + 180
+        while True:  # a rebuild Heat started for a stopped rollout holds the site until it ends
+            proc, _, _ = imageupdate(cli, "site", "destroy", "--site", str(site), "--store", str(store), "--json",
+                                     timeout=600)
+            if proc.returncode == 0 or "in use" not in proc.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        if proc.returncode != 0:
+            print(f"bench_rollout.py: site destroy {site} failed ({proc.returncode}): {proc.stderr[-1000:]}",
+                  file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if pid is not None and Path(f"/proc/{pid}").exists() and b"imageupdate.heat.server" in \
+                Path(f"/proc/{pid}/cmdline").read_bytes():
+            print(f"bench_rollout.py: Heat {pid} of {site} still runs after site destroy", file=sys.stderr)
+
+
+# report ----------------------------------------------------------------------------------------
+
+
+def cell(runs: list[Run]) -> dict[str, float]:
+    """Median over the repeats of a cell, field by field (Heat RSS: after the cell's last rollout)."""
+    fields = ("wall", "node_time", "overhead", "per_node", "rebuild_median", "gate_median", "checks_median",
+              "startup", "send", "first", "in_batch", "between", "finish", "exit", "gate_over_checks",
+              "per_node_checks_only", "triggers", "trigger_span", "heat_cpu", "host_busy")
+    out = {f: statistics.median(float(getattr(r, f)) for r in runs) for f in fields}
+    out["changed"] = float(runs[-1].changed)
+    out["batches"] = float(runs[-1].batches)
+    rss = runs[-1].heat_rss
+    out["heat_rss"] = float("nan") if rss is None else rss
+    return out
+
+
+def fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least squares y = a + b x."""
+    if len({x for x, _ in points}) < 2:
+        return None
+    mx = statistics.fmean(x for x, _ in points)
+    my = statistics.fmean(y for _, y in points)
+    b = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return my - b * mx, b
+
+
+def report(runs: list[Run], memory: list[SiteMemory], repeat: int) -> None:
+    cells: dict[tuple[int, int], list[Run]] = {}
+    for r in runs:
+        cells.setdefault((r.nodes, r.batch_size), []).append(r)
+    stats = {k: cell(v) for k, v in cells.items()}
+    what = "median of " + str(repeat) + " rollouts" if repeat > 1 else "one rollout"
+    print(f"\nrollout overhead, {what} per cell (CLI wall time; node time = sum over batches of the slowest node's "
+          "rebuild + gate)")
+    print(DIVIDER)
+    print(f"{'nodes':>5} {'batch':>5} {'batches':>7} {'wall s':>8} {'node time s':>11} {'overhead s':>10} "
+          f"{'per node s':>10} {'target':>6} {'swap med s':>10} {'gate med s':>10} {'checks med s':>12} "
+          f"{'Heat RSS MiB':>12}")
+    for (nodes, batch), s in stats.items():
+        ok = "ok" if s["per_node"] <= TARGET_PER_NODE else "OVER"
+        print(f"{nodes:5d} {batch:5d} {s['batches']:7.0f} {s['wall']:8.1f} {s['node_time']:11.1f} "
+              f"{s['overhead']:10.1f} {s['per_node']:10.2f} {ok:>6} {s['rebuild_median']:10.2f} "
+              f"{s['gate_median']:10.2f} {s['checks_median']:12.2f} {s['heat_rss']:12.0f}")
+    print(f"target: at most {TARGET_PER_NODE} s of overhead per node, growing linearly with nodes per batch")
+    if repeat > 1:
+        for (nodes, batch), rs in cells.items():
+            print(f"  {nodes} nodes, batch {batch}: overhead per node per run "
+                  + ", ".join(f"{r.per_node:.2f}" for r in rs) + " s")
+
+    print("\nlinearity: overhead = a + b x nodes (least squares over the node counts), per batch size")
+    for batch in sorted({b for _, b in stats}):
+        points = [(s["changed"], s["overhead"]) for (_, b), s in stats.items() if b == batch]
+        line = fit(points)
+        per = ", ".join(f"{int(n)} nodes {o / n:.2f}" for n, o in points)
+        said = f"a = {line[0]:+.1f} s, b = {line[1]:.2f} s per node" if line else "(one node count only)"
+        print(f"  batch {batch}: {said}; per node: {per} s")
+    print("per batch: overhead / batches  " + ", ".join(
+        f"{n}x{b}: {s['overhead'] / s['batches']:.2f} s" for (n, b), s in stats.items()))
+
+    print("\nwhere the overhead goes (s; startup + send + first + in-batch + between + finish + exit = overhead)")
+    print(DIVIDER)
+    print(f"{'nodes':>5} {'batch':>5} {'startup':>8} {'send':>6} {'first':>6} {'in-batch':>8} {'between':>8} "
+          f"{'per gap':>8} {'finish':>7} {'exit':>6} {'gate-checks med':>15} {'per node*':>9} "
+          f"{'Heat leaves':>11} {'span s':>6} {'Heat CPU s':>10} {'host CPU %':>10}")
+    for (nodes, batch), s in stats.items():
+        gaps = s["batches"] - 1
+        per_gap = f"{s['between'] / gaps:8.2f}" if gaps else f"{'-':>8}"
+        print(f"{nodes:5d} {batch:5d} {s['startup']:8.2f} {s['send']:6.2f} {s['first']:6.2f} {s['in_batch']:8.2f} "
+              f"{s['between']:8.2f} {per_gap} {s['finish']:7.2f} {s['exit']:6.2f} {s['gate_over_checks']:15.2f} "
+              f"{s['per_node_checks_only']:9.2f} {s['triggers']:11.0f} {s['trigger_span']:6.1f} "
+              f"{s['heat_cpu']:10.1f} {s['host_busy']:10.0f}")
+    print("startup: CLI start -> rollout recorded; send: -> update sent to Heat; first: -> first rebuild started;\n"
+          "in-batch: batch spans beyond their slowest node; between: last gate of a batch seen complete -> first\n"
+          "rebuild of the next; finish: last gate -> rollout finished; exit: -> CLI exited. gate-checks: the part\n"
+          "of a node's gate step (counted as node time) not spent in its checks: listing the tests over SSH,\n"
+          "the 0.2 s poll, the signal, Heat's step. per node*: overhead per node if only the checks counted as\n"
+          "node time. Heat leaves: resources Heat's converge_stack triggered (heat.log), with a pause after each\n"
+          "(1 s in stock Heat), over span s: a node's gate cannot start before its handle is triggered.\n"
+          f"Heat CPU: CPU seconds of the Heat process during the rollout; host CPU: all {os.cpu_count()} CPUs, "
+          "every process on the host.")
+
+    print("\nHeat resident memory per site (VmRSS)")
+    print(DIVIDER)
+    for m in memory:
+        print(f"{m.nodes:3d} nodes: before the first rollout {mib(m.before)}, after the warm-up {mib(m.warm)}, "
+              f"after the last {mib(m.after)}  (site up {m.up_seconds:.1f} s, warm-up rollout "
+              f"{m.warmup_seconds:.1f} s)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", type=Path, default=Path("/var/lib/imageupdate/images"))
+    ap.add_argument("--nodes", type=int, nargs="+", default=[3, 10, 30], help="node counts (one site each)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 5])
+    ap.add_argument("--repeat", type=int, default=1, help="measured rollouts per cell (median is reported)")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds a rollout may take before it is stopped (default 120 + 15 per node)")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench_rollout.py needs root")
+    if args.repeat < 1 or min(args.batch_sizes) < 1 or min(args.nodes) < 1:
+        sys.exit("bench_rollout.py: --repeat, --batch-sizes and --nodes must be at least 1")
+    store = ImageStore(args.store)
+    missing = [r for r in ("R1", "R2") if not store.exists(r)]
+    if missing:
+        sys.exit(f"bench_rollout.py: {', '.join(missing)} not in {args.store}; build them first "
+                 "(bench/bench_site.py does)")
+    cli = cli_path()
+    code, fingerprint = code_state()
+    print(f"code under test: {code}")
+    runs: list[Run] = []
+    memory: list[SiteMemory] = []
+    failed: str | None = None
+    try:
+        for nodes in args.nodes:
+            timeout = args.timeout or 120.0 + 15.0 * nodes
+            bench_site(cli, args.store, nodes, args.batch_sizes, args.repeat, timeout, runs, memory)
+    except BenchError as e:
+        failed = str(e)
+    if runs:
+        report(runs, memory, args.repeat)
+    if code_state()[1] != fingerprint:
+        print(f"\nWARNING: the package's files changed during the run (now {code_state()[0]}): rollouts before and "
+              "after the change ran different code")
+    if failed:
+        sys.exit(f"bench_rollout.py: {failed}")
+
+
+if __name__ == "__main__":
+    main()
