@@ -93,6 +93,10 @@ class StoreNotWritable(InputError):
 # Operation failures -------------------------------------------------------
 
 
+class InvalidPostDeployTest(InputError):
+    """A release ships a post-deploy test that cannot run (not executable, not a script or binary)."""
+
+
 class BuildFailed(OperationError):
     """disk-image-create or the packaging of its output failed."""
 

@@ -25,6 +25,7 @@ from imageupdate.errors import (
     BuildFailed,
     BuildInterrupted,
     ImageUpdateError,
+    InvalidPostDeployTest,
     ReleaseExists,
 )
 from imageupdate.hostdeps import BUILD_TOOLS, require, require_root
@@ -204,6 +205,15 @@ class Builder:
             raise BuildFailed(
                 f"the image is stamped {stamped!r}, not {release!r}: is the imageupdate-node "
                 "element shadowed by another elements path?",
+                release=release,
+                step="pack",
+            )
+
+        bad_tests = packer.shipped_test_problems(facts.tests)
+        if bad_tests:
+            raise InvalidPostDeployTest(
+                f"release {release} ships a post-deploy test that cannot run: {bad_tests[0]}"
+                + (f" (and {len(bad_tests) - 1} more)" if len(bad_tests) > 1 else ""),
                 release=release,
                 step="pack",
             )

@@ -68,6 +68,7 @@ def _wanted_content(path: str) -> bool:
         path in (DPKG_STATUS, RELEASE_STAMP, STATE_PATHS)
         or (path.startswith(DPKG_INFO) and path.endswith(".list"))
         or (path.startswith(SERVICES_DIR) and path.endswith(".json"))
+        or (path.startswith(TESTS_DIR) and "/" not in path[len(TESTS_DIR):])  # to see each test can run
     )
 
 
@@ -284,6 +285,9 @@ def _collect_facts(facts: TreeFacts, entries: list[FileEntry], contents: dict[st
                         "executable": bool(e.mode & 0o111),
                     }
                 )
+                if prefix == TESTS_DIR:
+                    head = contents.get(e.path, b"")[:4]
+                    bucket[-1]["runnable"] = head[:2] == b"#!" or head == b"\x7fELF"
         if e.path.startswith("boot/vmlinuz-"):
             kernels.add(e.path[len("boot/vmlinuz-"):])
         elif e.path.startswith(("lib/modules/", "usr/lib/modules/")) and e.type == "dir":
@@ -291,3 +295,15 @@ def _collect_facts(facts: TreeFacts, entries: list[FileEntry], contents: dict[st
             if rest and "/" not in rest:
                 kernels.add(rest)
     facts.kernel = max(kernels) if kernels else None
+
+
+def shipped_test_problems(tests: list[dict[str, object]]) -> list[str]:
+    """Why shipped post-deploy tests could not run on a node: each must be an executable ``#!`` script or
+    ELF binary (the format documented in the README)."""
+    problems = []
+    for t in tests:
+        if not t.get("executable"):
+            problems.append(f"{t['path']} is not executable (give it mode 0755 in its element)")
+        elif t.get("runnable") is False:
+            problems.append(f"{t['path']} is neither a #! script nor an ELF binary")
+    return problems

@@ -17,6 +17,8 @@ from imageupdate.history.db import History
 from imageupdate.images.store import ImageStore
 from imageupdate.resources import heat_templates_dir
 from imageupdate.site.site import LocalSite
+from imageupdate.site.unpack import unpacked_from
+from imageupdate.verify.builtin import Expectation
 from imageupdate.verify.checks import NodeTarget
 
 
@@ -37,6 +39,7 @@ class LocalFleet:
         self.site = site
         self.heat = HeatService(site.path / "heat")
         self.history = History(site.path / "history.sqlite")
+        self._indexes: dict[str, Any] = {}
 
     @property
     def path(self) -> Path:
@@ -71,6 +74,14 @@ class LocalFleet:
 
     def target(self, node: str) -> NodeTarget:
         return NodeTarget(node, self.site.node(node).address, self.site.path / "key")
+
+    def expectation(self, release: str) -> Expectation:
+        """What a node on ``release`` must look like: the store's manifest and file index, and the
+        artifact the site unpacked the release from (the file index is read once per release)."""
+        if release not in self._indexes:
+            self._indexes[release] = self.store.file_index(release)
+        return Expectation(release, self.store.manifest(release), self._indexes[release],
+                           unpacked_from(self.site.path / "releases", release))
 
     def connect(self) -> tuple[HeatClient, HeatProcess]:
         proc = self.heat.ensure()

@@ -87,8 +87,21 @@ def ensure_release(store: ImageStore, release: str, releases_dir: Path) -> Path:
         os.close(fd)
 
 
+def artifact_record(releases_dir: Path, release: str) -> Path:
+    """Beside each unpacked tree: the sha256 of the artifact it came from (what the gate's release check
+    holds against the store, so a release rebuilt under the same id is not taken for the one unpacked)."""
+    return releases_dir / f"{release}.artifact"
+
+
+def unpacked_from(releases_dir: Path, release: str) -> str | None:
+    try:
+        return artifact_record(releases_dir, release).read_text().strip() or None
+    except OSError:
+        return None
+
+
 def _unpack(store: ImageStore, release: str, releases_dir: Path, target: Path) -> Path:
-    store.require_verified(release)  # sha256 of the artifact against the manifest
+    manifest = store.require_verified(release)  # sha256 of the artifact against the manifest
     image = store.path(release) / ROOT_IMAGE
     check_archive(image)
     tmp = releases_dir / f".{release}.{os.getpid()}.tmp"
@@ -100,6 +113,10 @@ def _unpack(store: ImageStore, release: str, releases_dir: Path, target: Path) -
                        stdin=proc.stdout, check=True, capture_output=True)
         if proc.wait() != 0:
             raise IntegrityError(f"zstd could not decompress {image}", release=release, step="unpack")
+        record = artifact_record(releases_dir, release)
+        staged = releases_dir / f".{release}.artifact.tmp"
+        staged.write_text(manifest.artifacts[ROOT_IMAGE].sha256 + "\n")
+        os.replace(staged, record)  # before the tree: a tree never lacks its record
         os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

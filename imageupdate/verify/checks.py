@@ -1,8 +1,14 @@
 """The checks a gate runs on a node after its rebuild, from the orchestrator's side, over SSH.
 
-- ``release``: the node answers over SSH and its release stamp names the release it should run;
-- ``test:NAME``: each post-deploy test the release ships in ``/usr/share/imageupdate/tests/`` (executables,
-  exit status 0 = pass), run on the node with a bound.
+1. ``facts``: one SSH call runs ``node_facts.py`` on the node's own python3 and brings back what the
+   built-in checks need (the node must answer);
+2. the built-in checks (``builtin.py``): ``release``, ``services``, ``stale-code``, ``config``,
+   ``filesystems``;
+3. ``test:NAME``: each post-deploy test the release ships in ``/usr/share/imageupdate/tests/``: an
+   executable file (a ``#!`` script or an ELF binary), run on the node as root from ``/`` with a bound;
+   exit status 0 passes, anything else fails, its output is the evidence. A file that is not executable
+   or not runnable fails without running. Skipped when the node runs the wrong release;
+4. whatever the caller adds (the operator's resource ``verify`` hooks).
 
 Every check yields a ``CheckResult``; the ``Verdict`` sums them up for the gate's reason and data.
 """
@@ -18,10 +24,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
+
+from imageupdate.verify.builtin import BUILTIN, Expectation
 
 TESTS_DIR = "/usr/share/imageupdate/tests"
-LIST_TESTS = ["sh", "-c", f"test ! -e {TESTS_DIR} || ls -1 {TESTS_DIR}"]  # no directory: the release ships none
+FACTS_COMMAND = ["python3", "-"]
 TEST_TIMEOUT = 120.0
+FACTS_SCRIPT = (Path(__file__).with_name("node_facts.py")).read_text()
 SSH_TIMEOUT = 30.0
 
 
@@ -45,6 +55,8 @@ class Verdict:
     node: str
     release: str
     results: list[CheckResult] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -67,10 +79,12 @@ class Verdict:
 
     def to_dict(self) -> dict[str, object]:
         return {"node": self.node, "release": self.release, "ok": self.ok, "reason": self.reason,
-                "checks": [asdict(r) for r in self.results]}
+                "started": self.started, "finished": self.finished, "checks": [asdict(r) for r in self.results]}
 
 
-Runner = Callable[[NodeTarget, list[str], float], "subprocess.CompletedProcess[str]"]
+class Runner(Protocol):
+    def __call__(self, target: NodeTarget, command: list[str], timeout: float,
+                 input: str | None = None) -> subprocess.CompletedProcess[str]: ...
 
 
 def _control_path() -> str:
@@ -87,10 +101,12 @@ def _ssh_base(target: NodeTarget) -> list[str]:
             "-o", f"ControlPath={_control_path()}", "-o", "ControlMaster=auto", "-o", "ControlPersist=15"]
 
 
-def ssh(target: NodeTarget, command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+def ssh(target: NodeTarget, command: list[str], timeout: float,
+        input: str | None = None) -> subprocess.CompletedProcess[str]:
     cmd = [*_ssh_base(target), f"root@{target.address}", "--", *command]
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
+                              input=input if input is not None else "")
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         return subprocess.CompletedProcess(cmd, 124, out, f"timed out after {timeout:.0f} s")
@@ -109,48 +125,68 @@ def _timed(name: str, fn: Callable[[], tuple[bool, str]]) -> CheckResult:
     return CheckResult(name, ok, round(time.monotonic() - t0, 3), output)
 
 
-def verify_node(target: NodeTarget, release: str, run: Runner | None = None) -> Verdict:
-    """Run the checks over SSH (or through ``run``, which tests inject)."""
-    if run is not None:
-        return _verify(target, release, run)
+def verify_node(target: NodeTarget, want: Expectation, run: Runner | None = None,
+                extra: Callable[[], list[CheckResult]] | None = None) -> Verdict:
+    """Run the checks over SSH (or through ``run``, which tests inject); ``extra`` adds the caller's own."""
     try:
-        return _verify(target, release, ssh)
+        verdict = _verify(target, want, run or ssh)
     finally:
-        close_ssh(target)
+        if run is None:
+            close_ssh(target)
+    if extra is not None:
+        verdict.results.extend(extra())
+    verdict.finished = time.time()
+    return verdict
 
 
-def _verify(target: NodeTarget, release: str, run: Runner) -> Verdict:
-    verdict = Verdict(target.name, release)
+def _facts(target: NodeTarget, run: Runner) -> tuple[dict[str, Any] | None, CheckResult]:
+    t0 = time.monotonic()
+    p = run(target, FACTS_COMMAND, SSH_TIMEOUT, input=FACTS_SCRIPT)
+    took = round(time.monotonic() - t0, 3)
+    if p.returncode != 0:
+        said = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit status {p.returncode}"
+        if p.returncode == 255 or p.returncode == 124:
+            return None, CheckResult("facts", False, took, f"node does not answer over SSH at {target.address}: "
+                                                           f"{said}")
+        return None, CheckResult("facts", False, took, f"could not read the node's facts: {said}")
+    try:
+        facts = json.loads(p.stdout)
+    except ValueError:
+        facts = None
+    if not isinstance(facts, dict):
+        return None, CheckResult("facts", False, took, "the node's facts are not a JSON object: "
+                                                      f"{p.stdout.strip()[:200]!r}")
+    return facts, CheckResult("facts", True, took, f"{len(facts.get('processes', []))} processes, "
+                                                   f"{len(facts.get('etc', {}))} paths under /etc")
 
-    def stamp() -> tuple[bool, str]:
-        p = run(target, ["cat", "/etc/imageupdate/release.json"], SSH_TIMEOUT)
-        if p.returncode != 0:
-            return False, f"node does not answer over SSH at {target.address}: {p.stderr.strip() or p.returncode}"
-        try:
-            stamp = json.loads(p.stdout)
-        except ValueError:
-            stamp = None
-        if not isinstance(stamp, dict):
-            return False, "release stamp /etc/imageupdate/release.json is not a JSON object with a release"
-        found = stamp.get("release")
-        if found != release:
-            return False, f"node runs {found!r}, expected {release!r}"
-        return True, f"runs {release}"
 
-    verdict.results.append(_timed("release", stamp))
-    if not verdict.ok:
+def _verify(target: NodeTarget, want: Expectation, run: Runner) -> Verdict:
+    verdict = Verdict(target.name, want.release)
+    facts, result = _facts(target, run)
+    verdict.results.append(result)
+    if facts is None:
         return verdict
-    # A release may ship no tests (the directory is absent); any other failure to list them fails the gate.
-    listing = run(target, LIST_TESTS, SSH_TIMEOUT)
-    if listing.returncode != 0:
-        verdict.results.append(CheckResult("tests", False, 0.0, f"cannot list {TESTS_DIR}: "
-                                           f"{listing.stderr.strip() or f'exit status {listing.returncode}'}"))
+    for name, check in BUILTIN:
+        verdict.results.append(_timed(name, lambda check=check: check(facts, want)))  # type: ignore[misc]
+    if not verdict.results[1].ok:  # the wrong release: its tests would test something else
         return verdict
-    names = sorted(n for n in listing.stdout.split() if n)
-    for name in names:
-        def test(name: str = name) -> tuple[bool, str]:
+    for test in facts.get("tests", []):
+        name = test["name"]
+        problem = None
+        if not test.get("file"):
+            problem = f"{TESTS_DIR}/{name} is not a regular file"
+        elif not test.get("executable"):
+            problem = (f"{TESTS_DIR}/{name} is not executable: ship it with mode 0755 "
+                       "(or remove it from the element)")
+        elif not test.get("runnable"):
+            problem = f"{TESTS_DIR}/{name} is neither a #! script nor an ELF binary"
+        if problem is not None:
+            verdict.results.append(CheckResult(f"test:{name}", False, 0.0, problem))
+            continue
+
+        def shipped(name: str = name) -> tuple[bool, str]:
             p = run(target, [f"{TESTS_DIR}/{name}"], TEST_TIMEOUT)
             said = (p.stdout + p.stderr).strip()
             return p.returncode == 0, said or f"exit status {p.returncode}"
-        verdict.results.append(_timed(f"test:{name}", test))
+        verdict.results.append(_timed(f"test:{name}", shipped))
     return verdict
