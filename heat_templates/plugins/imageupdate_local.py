@@ -24,8 +24,8 @@ class LocalServer(resource.Resource):
     support_status = support.SupportStatus(version="27.0.0")
 
     PROPERTIES = (NAME, RELEASE, OPTIONS) = ("name", "release", "options")
-    ATTRIBUTES = (NODE, RELEASE_ATTR, ADDRESS, REBUILD_STARTED, REBUILD_FINISHED) = (
-        "node", "release", "address", "rebuild_started", "rebuild_finished")
+    ATTRIBUTES = (NODE, RELEASE_ATTR, ADDRESS, REBUILD_STARTED, REBUILD_FINISHED, PHASES) = (
+        "node", "release", "address", "rebuild_started", "rebuild_finished", "phases")
 
     properties_schema = {
         NAME: properties.Schema(properties.Schema.STRING, "Node name in the site.", required=True),
@@ -42,6 +42,8 @@ class LocalServer(resource.Resource):
                                            type=attributes.Schema.STRING),
         REBUILD_FINISHED: attributes.Schema("When the last rebuild ended with the node answering.",
                                             type=attributes.Schema.STRING),
+        PHASES: attributes.Schema("When the last rebuild stopped the node, switched its tree, started it, and "
+                                  "saw it answer (JSON: seconds since the epoch).", type=attributes.Schema.STRING),
     }
 
     def _rebuild(self, release):
@@ -85,6 +87,7 @@ class LocalServer(resource.Resource):
         self.data_set("address", status.get("address", ""))
         self.data_set("release", release)
         self.data_set("rebuild_finished", repr(time.time()))
+        self.data_set("phases", json.dumps(status.get("phases") or {}))
         return True
 
     def handle_create(self):
@@ -113,7 +116,7 @@ class LocalServer(resource.Resource):
             return self.data().get("release", self.properties[self.RELEASE])
         if name == self.ADDRESS:
             return self.data().get("address", "")
-        if name in (self.REBUILD_STARTED, self.REBUILD_FINISHED):
+        if name in (self.REBUILD_STARTED, self.REBUILD_FINISHED, self.PHASES):
             return self.data().get(name, "")
         return None
 

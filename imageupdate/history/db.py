@@ -7,6 +7,8 @@ Tables:
 - ``steps``: per node and operation, the ``rebuild`` and ``gate`` steps with start, end and outcome;
 - ``checks``: each check a gate ran on a node, with result, duration and output;
 - ``releases``: per node, each release it reached and whether it passed its gate (the last good release);
+- ``hooks``: each run of an operator's resource hook (script, phase, node, result, output);
+- ``probes``: per node, what the workload probe saw during the operation (requests, failures, outages);
 - ``log``: the operation's timeline in words.
 
 Each write is its own short transaction (WAL, busy timeout), so a crash loses nothing already said.
@@ -74,6 +76,29 @@ CREATE TABLE IF NOT EXISTS releases (
     rollout INTEGER REFERENCES rollouts(id),
     good INTEGER NOT NULL,
     at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS hooks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    rollout INTEGER NOT NULL REFERENCES rollouts(id),
+    script TEXT NOT NULL,
+    phase TEXT NOT NULL,             -- create | verify_noapi | verify | destroy
+    node TEXT,
+    ok INTEGER NOT NULL,
+    started REAL NOT NULL,
+    seconds REAL NOT NULL,
+    output TEXT
+);
+CREATE TABLE IF NOT EXISTS probes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    rollout INTEGER NOT NULL REFERENCES rollouts(id),
+    node TEXT NOT NULL,
+    target TEXT NOT NULL,            -- what was asked, e.g. http://10.231.0.11:8080/health
+    requests INTEGER NOT NULL,
+    failures INTEGER NOT NULL,
+    downtime REAL NOT NULL,          -- seconds the node's service did not answer
+    outages TEXT NOT NULL,           -- json: [[start, end], ...]
+    started REAL NOT NULL,
+    finished REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS log (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -260,6 +285,33 @@ class History:
             rows = db.execute("SELECT * FROM checks WHERE rollout = ? AND (? IS NULL OR node = ?) ORDER BY id",
                               (rid, node, node)).fetchall()
         return [dict(r) for r in rows]
+
+    # resource hooks and probes --------------------------------------------------
+
+    def hook(self, rid: int, script: str, phase: str, node: str | None, ok: bool, started: float, seconds: float,
+             output: str) -> None:
+        with self._db() as db:
+            db.execute("INSERT INTO hooks (rollout, script, phase, node, ok, started, seconds, output) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (rid, script, phase, node, int(ok), started, seconds, output[-4000:]))
+
+    def hooks(self, rid: int) -> list[dict[str, Any]]:
+        with self._db() as db:
+            return [dict(r) for r in db.execute("SELECT * FROM hooks WHERE rollout = ? ORDER BY id", (rid,))]
+
+    def probe(self, rid: int, result: dict[str, Any], started: float, finished: float) -> None:
+        with self._db() as db:
+            db.execute("INSERT INTO probes (rollout, node, target, requests, failures, downtime, outages, started, "
+                       "finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (rid, result["node"], result["target"], result["requests"], result["failures"],
+                        result["downtime"], json.dumps(result["outages"]), started, finished))
+
+    def probes(self, rid: int) -> list[dict[str, Any]]:
+        with self._db() as db:
+            rows = [dict(r) for r in db.execute("SELECT * FROM probes WHERE rollout = ? ORDER BY id", (rid,))]
+        for r in rows:
+            r["outages"] = json.loads(r["outages"])
+        return rows
 
     # releases ------------------------------------------------------------------
 

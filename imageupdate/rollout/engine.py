@@ -11,6 +11,7 @@ nodes are then rolled back by a forward update to their last good release, gated
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
@@ -30,7 +32,10 @@ from imageupdate.heat.service import HeatProcess
 from imageupdate.history.db import RolloutRow
 from imageupdate.rollout.fleet import LocalFleet
 from imageupdate.rollout.lock import RolloutLock
-from imageupdate.verify.checks import NodeTarget, Verdict, verify_node
+from imageupdate.verify.checks import CheckResult, Verdict, verify_node
+from imageupdate.verify.probe import DEFAULT_INTERVAL, Prober, endpoints_for
+from imageupdate.verify.resources import DEFAULT_TIMEOUT as HOOK_TIMEOUT
+from imageupdate.verify.resources import HookRun, ResourceHooks
 
 POLL = 0.2  # seconds between looks at the stack
 HEAT_LOST_AFTER = 15.0  # seconds of failing Heat calls before the watch gives up (resume takes over)
@@ -60,12 +65,21 @@ class RolloutOptions:
     pause_between_batches: bool = False
     gate_timeout: int = DEFAULT_GATE_TIMEOUT
     rollback: bool = True
+    resources: str | None = None  # the operator's resource hooks directory
+    keep_resources: bool = False
+    hook_timeout: float = HOOK_TIMEOUT
+    probe: bool = True
+    probe_interval: float = DEFAULT_INTERVAL
 
     def validate(self) -> None:
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, not {self.batch_size}")
         if self.gate_timeout < 1:
             raise InputError(f"--gate-timeout must be at least 1 second, not {self.gate_timeout}")
+        if self.hook_timeout <= 0:
+            raise InputError(f"--hook-timeout must be above 0 seconds, not {self.hook_timeout:g}")
+        if not 0.01 <= self.probe_interval <= 10:
+            raise InputError(f"--probe-interval must be between 0.01 and 10 seconds, not {self.probe_interval:g}")
 
 
 @dataclass(frozen=True)
@@ -84,14 +98,17 @@ class Outcome:
     reason: str | None
     nodes: dict[str, str]  # the release each node runs at the end
     rollback: Outcome | None = None
+    resources: str | None = None  # what became of the operator's resources, if there were hooks
+    resources_ok: bool = True
 
     @property
     def ok(self) -> bool:
-        return self.status in ("succeeded", "paused", "nothing-to-do")
+        return self.status in ("succeeded", "paused", "nothing-to-do") and self.resources_ok
 
     def to_dict(self) -> dict[str, Any]:
         return {"rollout": self.rollout.to_dict(), "status": self.status, "reason": self.reason,
-                "nodes": self.nodes, "rollback": self.rollback.to_dict() if self.rollback else None}
+                "nodes": self.nodes, "rollback": self.rollback.to_dict() if self.rollback else None,
+                "resources": self.resources}
 
 
 @dataclass
@@ -103,6 +120,7 @@ class _Watch:
     rebuilding: set[str] = field(default_factory=set)
     rebuilt: set[str] = field(default_factory=set)
     checking: dict[str, Future[Verdict]] = field(default_factory=dict)
+    noapi: dict[str, Future[list[HookRun]]] = field(default_factory=dict)  # verify_noapi per node rebuilt
     signalled: set[str] = field(default_factory=set)
     finished: set[str] = field(default_factory=set)
     cancelling: bool = False
@@ -116,7 +134,7 @@ class _Watch:
 class Orchestrator:
     def __init__(self, fleet: LocalFleet, on_event: Callable[[RolloutEvent], None] | None = None,
                  sleep: Callable[[float], None] = time.sleep, poll: float = POLL,
-                 verify: Callable[[NodeTarget, str], Verdict] = verify_node) -> None:
+                 verify: Callable[..., Verdict] = verify_node) -> None:
         self.fleet = fleet
         self.history = fleet.history
         self.on_event = on_event or (lambda e: None)
@@ -124,6 +142,7 @@ class Orchestrator:
         self.poll = poll
         self.verify = verify
         self.lock = RolloutLock(fleet.path)
+        self.hooks: ResourceHooks | None = None  # the operator's resource hooks for this operation
 
     # public operations ---------------------------------------------------------------------------
 
@@ -131,6 +150,7 @@ class Orchestrator:
         opts.validate()
         self.fleet.store.manifest(release)  # ReleaseNotFound: bad input, nothing started
         self._check_limit(opts)
+        self.hooks = self._load_hooks(opts)  # BadHooksDir: bad input, nothing started
         self.fleet.require_up()
         with self.lock:
             self.lock.acquire()
@@ -143,7 +163,8 @@ class Orchestrator:
             before = {n: states[n].release for n in nodes}
             changing = [n for n in nodes if n in selected and before[n] != release]
             after = {n: (release if n in changing else before[n]) for n in nodes}
-            return self._operate(client, heat, stack_id, "rollout", release, None, opts, before, after, changing)
+            outcome = self._operate(client, heat, stack_id, "rollout", release, None, opts, before, after, changing)
+            return self._end_resources(outcome, opts)
 
     def rollback(self, to: str | None, opts: RolloutOptions) -> Outcome:
         """Undo the newest rollout (the nodes it touched go back to their last good release from before
@@ -188,6 +209,7 @@ class Orchestrator:
                 raise OperationError(f"the stack {self.fleet.stack_name} is gone; rollout {row.id} cannot resume",
                                      step="resume")
             opts = RolloutOptions(**row.options)
+            self.hooks = self._load_hooks(opts)
             self.history.update(row.id, status="running", pid=os.getpid())
             self._say(row, None, "info", f"resuming {row.kind} {row.id} (was {row.status})")
             watch = _Watch()
@@ -212,7 +234,7 @@ class Orchestrator:
                 elif not seen and stack.status != "IN_PROGRESS":
                     self._say(row, None, "info", "the update never reached Heat: sending it")
                     self._send(client, heat, stack.id, row, opts)
-            return self._finish(client, heat, stack.id, self._reload(row), opts, watch)
+            return self._end_resources(self._finish(client, heat, stack.id, self._reload(row), opts, watch), opts)
 
     def cancel(self) -> Outcome | None:
         """Stop the running, paused or interrupted operation; roll back what it touched (unless it said not to)."""
@@ -229,11 +251,13 @@ class Orchestrator:
             client, heat = self.fleet.connect()
             stack = client.stack(self.fleet.stack_name)
             opts = RolloutOptions(**row.options)
+            self.hooks = self._load_hooks(opts)
             self.history.update(row.id, status="running", pid=os.getpid())
             if stack is not None and stack.status == "IN_PROGRESS" and row.status == "paused":
                 self._say(row, None, "info", "cancelling the paused update")
                 client.cancel_update(stack.id)
-            return self._finish(client, heat, stack.id if stack else "", self._reload(row), opts, _Watch())
+            return self._end_resources(
+                self._finish(client, heat, stack.id if stack else "", self._reload(row), opts, _Watch()), opts)
 
     # planning and sending ------------------------------------------------------------------------
 
@@ -306,6 +330,13 @@ class Orchestrator:
         for k, b in enumerate(plan["batches"]):
             for n in b:
                 self.history.step(row.id, n, "rebuild", "pending", batch=k, from_release=before[n], to_release=after[n])
+        if self.hooks is not None and kind == "rollout":
+            failed = [r for r in self._hook_phase(row, "create", None, target) if not r.ok]
+            if failed:
+                reason = f"resource hook {failed[0].script} create failed: {_last_line(failed[0].output)}"
+                self.history.finish(row.id, "failed", reason)
+                self._say(row, None, "failed", f"{reason}; no node was touched")
+                return Outcome(self._reload(row), "failed", reason, self._nodes())
         self._send(client, heat, stack_id, row, opts)
         return self._finish(client, heat, stack_id, self._reload(row), opts, _Watch())
 
@@ -340,7 +371,11 @@ class Orchestrator:
 
     def _finish(self, client: HeatClient, heat: HeatProcess, stack_id: str, row: RolloutRow,
                 opts: RolloutOptions, watch: _Watch) -> Outcome:
-        result = self._watch(client, stack_id, row, opts, watch)
+        prober = self._start_probe(row, opts)
+        try:
+            result = self._watch(client, stack_id, row, opts, watch)
+        finally:
+            self._stop_probe(row, prober)
         if result == "paused":
             self.history.update(row.id, status="paused", pid=None)
             waiting = ", ".join(sorted(r.removeprefix("server_") for r in watch.paused))
@@ -395,7 +430,7 @@ class Orchestrator:
         plan = row.plan
         batch_of = {n: k for k, b in enumerate(plan["batches"]) for n in b}
         # not a with-block: on an interrupt, checks still running must not hold the exit up
-        pool = ThreadPoolExecutor(max_workers=max(1, min(16, opts.batch_size)))
+        pool = ThreadPoolExecutor(max_workers=max(2, min(32, 2 * opts.batch_size + 1)))
         try:
             while True:
                 stack, resources = self._look(client, stack_id)
@@ -408,6 +443,8 @@ class Orchestrator:
                 now = time.time()
                 for node, k in batch_of.items():
                     self._track_node(client, stack_id, row, node, k, resources, watch, pool, now)
+                if self.hooks is not None and not watch.cancelling:
+                    self._start_noapi(row, watch, pool)
                 if watch.paused and opts.pause_between_batches and not watch.checking:
                     if not watch.cancelling:
                         return "paused"
@@ -508,8 +545,13 @@ class Orchestrator:
             else:
                 attrs = client.attributes(stack_id, chain.server_name(node))
                 started = _float(attrs.get("rebuild_started")) or (None if node in watch.rebuilding else now)
+                try:
+                    phases = json.loads(attrs.get("phases") or "{}")
+                except (TypeError, ValueError):
+                    phases = {}
                 self.history.step(row.id, node, "rebuild", "succeeded", started=started,
-                                  finished=_float(attrs.get("rebuild_finished")) or now)
+                                  finished=_float(attrs.get("rebuild_finished")) or now,
+                                  data={"phases": phases} if phases else None)
                 self._say(row, node, "rebuilt", f"{node} runs {release}")
         if gate_res is None or node in watch.finished:
             return
@@ -522,8 +564,7 @@ class Orchestrator:
                 watch.signalled.add(node)
                 return
             self._say(row, node, "checking", f"checking {node}")
-            target = self.fleet.target(node)
-            watch.checking[node] = pool.submit(self.verify, target, release)
+            watch.checking[node] = pool.submit(self._check_node, row, node, release, watch)
         fut = watch.checking.get(node)
         if fut is not None and fut.done():
             del watch.checking[node]
@@ -538,6 +579,7 @@ class Orchestrator:
                                                               "data": data})
             watch.signalled.add(node)
             self.history.step(row.id, node, "gate", "running", data=verdict.to_dict())
+            self._say(row, node, "checked", verdict.reason)
             if status == "FAILURE":
                 watch.failure = watch.failure or reason
         if gate_res.state == "CREATE_COMPLETE":
@@ -559,6 +601,99 @@ class Orchestrator:
             if timed_out:
                 watch.failure = watch.failure or f"gate of {node} timed out after {row.options.get('gate_timeout')} s"
             self._say(row, node, "failed", f"{node} failed its gate on {release}: {watch.failure or gate_res.reason}")
+
+    def _check_node(self, row: RolloutRow, node: str, release: str, watch: _Watch) -> Verdict:
+        """The gate's checks: built-ins and shipped tests, then the resource hooks (verify_noapi, run while
+        the node was rebuilt, and verify)."""
+        def hooks() -> list[CheckResult]:
+            results: list[CheckResult] = []
+            noapi = watch.noapi.get(node)
+            if noapi is not None:
+                results += [r.as_check() for r in noapi.result()]
+            if self.hooks is not None:
+                results += [r.as_check() for r in self._hook_phase(row, "verify", node, release)]
+            return results
+        return self.verify(self.fleet.target(node), self.fleet.expectation(release), extra=hooks)
+
+    def _start_noapi(self, row: RolloutRow, watch: _Watch, pool: ThreadPoolExecutor) -> None:
+        """verify_noapi for each node of a batch as the batch begins (the first at once, the next when the
+        one before has passed): it runs while Heat rebuilds the node and asks the rest of the fleet."""
+        batches = row.plan["batches"]
+        for k, batch in enumerate(batches):
+            if k > 0 and not set(batches[k - 1]) <= watch.passed:
+                break
+            for node in batch:
+                if node in watch.noapi or node in watch.finished or \
+                        self.history.step_status(row.id, node, "gate") in ("succeeded", "failed", "timed-out"):
+                    continue
+                watch.noapi[node] = pool.submit(self._hook_phase, row, "verify_noapi", node,
+                                                row.plan["after"][node])
+
+    def _load_hooks(self, opts: RolloutOptions) -> ResourceHooks | None:
+        if opts.resources is None:
+            return None
+        nodes = " ".join(f"{n}={self.fleet.target(n).address}" for n in self.fleet.node_names())
+        return ResourceHooks(Path(opts.resources), self.fleet.path / "resources" / "kv", opts.hook_timeout,
+                             env={"IMAGEUPDATE_SITE": str(self.fleet.path), "IMAGEUPDATE_NODES": nodes,
+                                  "IMAGEUPDATE_SSH_KEY": str(self.fleet.target(self.fleet.node_names()[0]).key)})
+
+    def _hook_phase(self, row: RolloutRow, phase: str, node: str | None, release: str | None) -> list[HookRun]:
+        assert self.hooks is not None
+        env = {"IMAGEUPDATE_ROLLOUT": str(row.id), "IMAGEUPDATE_RELEASE": release or ""}
+        if node is not None:
+            env["IMAGEUPDATE_NODE_ADDRESS"] = self.fleet.target(node).address
+        runs = self.hooks.run(phase, node, env)
+        for r in runs:
+            self.history.hook(row.id, r.script, r.phase, r.node, r.ok, r.started, r.seconds, r.output)
+            if not r.ok:
+                self._say(row, node, "info", f"resource hook {r.script} {phase}"
+                          f"{' on ' + node if node else ''} failed: {_last_line(r.output)}")
+        return runs
+
+    def _end_resources(self, outcome: Outcome, opts: RolloutOptions) -> Outcome:
+        """``destroy`` once the operation has ended (rolled back or not), unless the operator keeps them."""
+        if self.hooks is None or outcome.status == "paused":
+            return outcome
+        row = outcome.rollout
+        if not any(h["phase"] == "create" for h in self.history.hooks(row.id)):
+            return outcome
+        if opts.keep_resources:
+            outcome.resources = f"kept (--keep-resources); their data: {self.hooks.kv_root}"
+            self._say(row, None, "info", f"resources {outcome.resources}")
+            return outcome
+        failed = [r for r in self._hook_phase(row, "destroy", None, row.target) if not r.ok]
+        if failed:
+            outcome.resources = f"destroy failed: {failed[0].script}: {_last_line(failed[0].output)}"
+            outcome.resources_ok = False
+            self._say(row, None, "failed", f"resources {outcome.resources}; their data stays in {self.hooks.kv_root}")
+        else:
+            self.hooks.forget()
+            outcome.resources = "destroyed"
+            self._say(row, None, "info", "resources destroyed")
+        return outcome
+
+    def _start_probe(self, row: RolloutRow, opts: RolloutOptions) -> Prober | None:
+        if not opts.probe:
+            return None
+        endpoints = []
+        for node in (n for b in row.plan["batches"] for n in b):
+            release = row.plan["after"][node]
+            ep = endpoints_for(self.fleet.store.manifest(release).services, node, self.fleet.target(node).address)
+            if ep is not None:
+                endpoints.append(ep)
+        return Prober(endpoints, opts.probe_interval).start() if endpoints else None
+
+    def _stop_probe(self, row: RolloutRow, prober: Prober | None) -> None:
+        if prober is None:
+            return
+        started = prober.started or time.time()
+        for probe in prober.stop().values():
+            result = probe.to_dict()
+            self.history.probe(row.id, result, started, time.time())
+            if result["failures"]:
+                self._say(row, probe.endpoint.node, "info",
+                          f"{probe.endpoint.node} was down {result['downtime']:.2f} s "
+                          f"({result['failures']} of {result['requests']} probes failed)")
 
     def _cancel_requested(self, row: RolloutRow) -> bool:
         fresh = self.history.rollout(row.id)
@@ -582,3 +717,8 @@ def _float(value: Any) -> float | None:
         return float(value) if value is not None else None
     except (TypeError, ValueError):
         return None
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else "no output"

@@ -80,6 +80,7 @@ class NodeStatus:
     running: bool
     reachable: bool
     pid: int | None
+    phases: dict[str, float] | None = None  # after a rebuild: when it stopped, switched, started, answered
 
 
 def tcp_open(address: str, port: int, timeout: float = 0.3) -> bool:
@@ -184,23 +185,28 @@ class Node:
         self._save(rec, f"stopped ({how})")
         return how
 
-    def rebuild(self, release: str) -> None:
-        """Switch the node to ``release`` (unpacked already), keeping its state."""
+    def rebuild(self, release: str) -> dict[str, float]:
+        """Switch the node to ``release`` (unpacked already), keeping its state; say when each phase ended."""
+        phases = {"begun": time.time()}
         rec = self.record()
         if rec.current == release and procs.alive(rec.pid):
-            return
+            return phases
         rec.pending = release
         self._save(rec, f"rebuild {rec.current} -> {release} begins")
         crashpoint("after-intent")
         self.stop(wanted="running")
+        phases["stopped"] = time.time()
         crashpoint("after-stop")
         rec = self.record()
         if rec.current != release:
             rec.previous, rec.current = rec.current, release
         rec.pending = None
         self._save(rec, f"switched to {release}")
+        phases["switched"] = time.time()
         crashpoint("after-switch")
         self.start()
+        phases["started"] = time.time()
+        return phases
 
     def recover(self) -> str | None:
         """Bring the node back to one complete release after a crash; say what was done."""

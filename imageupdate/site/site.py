@@ -301,11 +301,14 @@ class LocalSite:
         with self.locked(shared=True, wait=wait), self.node_locked(node, wait):
             self._require_bootable(release)
             ensure_release(self.store, release, self.path / "releases")
-            node.rebuild(release)
+            phases = node.rebuild(release)
             if not node.wait_ready(self._ready_ports()):
                 raise OperationError(f"node {node_name} did not answer after the rebuild to {release}",
                                      node=node_name, release=release, step="boot")
-            return node.status()
+            phases["ready"] = time.time()
+            status = node.status()
+            status.phases = phases
+            return status
 
     def recover(self) -> list[str]:
         with self.locked():

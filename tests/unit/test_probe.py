@@ -1,0 +1,94 @@
+"""The downtime probe: outage arithmetic, the background loop, and real requests on loopback."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from imageupdate.verify.probe import Endpoint, NodeProbe, Prober, ask, endpoints_for
+
+EP = Endpoint("node0", "127.0.0.1", (8080,), "/health")
+
+
+def test_outages_run_from_the_first_failure_to_the_next_success() -> None:
+    p = NodeProbe(EP)
+    for at, ok in [(0.0, True), (1.0, False), (1.1, False), (1.2, True), (2.0, False), (2.5, True), (3.0, False)]:
+        p.record(at, ok)
+    p.close(3.4)
+    assert p.outages == [[1.0, 1.2], [2.0, 2.5], [3.0, 3.4]]
+    assert p.downtime == pytest.approx(1.1) and p.requests == 7 and p.failures == 4
+    assert p.to_dict()["target"] == "http://127.0.0.1:8080/health"
+
+
+def test_a_node_always_up_has_no_downtime() -> None:
+    p = NodeProbe(EP)
+    p.record(0.0, True)
+    p.close(1.0)
+    assert p.downtime == 0 and p.outages == []
+
+
+def test_the_prober_loop_records_what_ask_says() -> None:
+    answers = iter([True, False, False, True] + [True] * 10_000)
+    seen = threading.Event()
+
+    def fake_ask(ep: Endpoint) -> bool:
+        ok = next(answers)
+        seen.set()
+        return ok
+
+    prober = Prober([EP], interval=0.01, ask=fake_ask).start()
+    seen.wait(5)
+    while prober.probes["node0"].requests < 5:
+        threading.Event().wait(0.01)
+    probe = prober.stop()["node0"]
+    assert probe.failures == 2 and len(probe.outages) == 1
+
+
+def test_endpoints_come_from_the_first_service_with_ports() -> None:
+    services = [{"name": "agent"}, {"name": "web", "ports": [8080, 8443], "health": "/health"}]
+    assert endpoints_for(services, "n", "10.0.0.1") == Endpoint("n", "10.0.0.1", (8080, 8443), "/health")
+    assert endpoints_for([{"name": "db", "ports": [5432]}], "n", "h") == Endpoint("n", "h", (5432,), None)
+    assert endpoints_for([{"name": "x", "ports": [1], "health": "health"}], "n", "h") == Endpoint("n", "h", (1,))
+    assert endpoints_for([{"name": "agent"}], "n", "h") is None
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[int, list[int]]]:
+    codes = [200]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(codes[0])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = HTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield httpd.server_address[1], codes
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_ask_over_http_and_tcp_on_loopback(server: tuple[int, list[int]]) -> None:
+    port, codes = server
+    assert ask(Endpoint("n", "127.0.0.1", (port,), "/health"))
+    assert ask(Endpoint("n", "127.0.0.1", (port,)))
+    codes[0] = 503
+    assert not ask(Endpoint("n", "127.0.0.1", (port,), "/health"))
+    closed = free_port()
+    assert not ask(Endpoint("n", "127.0.0.1", (closed,), "/health"))
+    assert not ask(Endpoint("n", "127.0.0.1", (port, closed)))
