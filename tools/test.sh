@@ -5,6 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh
+# chromium: the functional test that renders the HTML report in a headless browser.
+if ! dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q "ok installed"; then
+    echo "installing Debian packages for the tests: chromium"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+fi
 .venv/bin/ruff check imageupdate tests bench
 .venv/bin/mypy
 # pytest exits 5 when it collects nothing: that fails here, as it should.

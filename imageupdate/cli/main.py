@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 the operation failed, 2 bad input (nothing done).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -21,6 +22,9 @@ from imageupdate.cli.output import Output
 from imageupdate.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ImageUpdateError, InputError
 from imageupdate.heat.service import HeatProcess
 from imageupdate.images.store import ImageStore
+from imageupdate.report.data import collect
+from imageupdate.report.html import render_page, write_page
+from imageupdate.rollout.check import check_nodes
 from imageupdate.rollout.engine import Orchestrator, Outcome, RolloutOptions
 from imageupdate.rollout.fleet import LocalFleet
 from imageupdate.rollout.status import fleet_status
@@ -123,6 +127,15 @@ def _add_rollout_commands(sub: Any, common: _Parser, site_opt: _Parser) -> None:
                    help="stop after each batch; continue with 'imageupdate resume'")
     r.add_argument("--no-rollback", action="store_true",
                    help="on failure leave the fleet as it is for inspection")
+    r.add_argument("--resources", metavar="DIR", default=os.environ.get("IMAGEUPDATE_RESOURCES"),
+                   help="resource survival hooks: scripts run as SCRIPT create|verify_noapi|verify|destroy "
+                        "(default: $IMAGEUPDATE_RESOURCES)")
+    r.add_argument("--keep-resources", action="store_true", help="do not run the hooks' destroy phase at the end")
+    r.add_argument("--hook-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="bound on each hook run (default 60)")
+    r.add_argument("--no-probe", action="store_true", help="do not probe the workload for downtime")
+    r.add_argument("--probe-interval", type=float, default=0.05, metavar="SECONDS",
+                   help="seconds between probes of each node's workload (default 0.05)")
     r.set_defaults(func=cmd_rollout)
     rb = sub.add_parser("rollback", parents=[common, site_opt, gates],
                         help="return each node to its last good release (or every node to --to R)")
@@ -131,6 +144,15 @@ def _add_rollout_commands(sub: Any, common: _Parser, site_opt: _Parser) -> None:
     st = sub.add_parser("status", parents=[common, site_opt], help="which node runs what, and what is going on")
     st.add_argument("--rollout", type=int, metavar="ID", help="show this rollout's steps (default: the newest)")
     st.set_defaults(func=cmd_status)
+    ck = sub.add_parser("check", parents=[common, site_opt],
+                        help="run the gate's checks on nodes now, against the release each runs")
+    ck.add_argument("nodes", nargs="*", metavar="NODE", help="nodes to check (default: all)")
+    ck.set_defaults(func=cmd_check)
+    rep = sub.add_parser("report", parents=[common, site_opt],
+                         help="write an HTML page of a rollout: per node timeline, checks, downtime, rollback")
+    rep.add_argument("rollout", nargs="?", type=int, metavar="ROLLOUT", help="rollout id (default: the newest)")
+    rep.add_argument("--output", "-o", metavar="FILE", help="where to write the page (default: SITE/reports/)")
+    rep.set_defaults(func=cmd_report)
     heat = sub.add_parser("heat", parents=[common], help="the site's ephemeral Heat")
     hsub = heat.add_subparsers(dest="heat_command", required=True, parser_class=_Parser)
     for name, func, text in (
@@ -289,7 +311,10 @@ def _outcome(out: Output, outcome: Outcome | None) -> int:
 def cmd_rollout(args: argparse.Namespace, out: Output) -> int:
     opts = RolloutOptions(batch_size=args.batch_size, canary=args.canary, limit=args.limit,
                           pause_between_batches=args.pause_between_batches, gate_timeout=args.gate_timeout,
-                          rollback=not args.no_rollback)
+                          rollback=not args.no_rollback,
+                          resources=str(Path(args.resources).resolve()) if args.resources else None,
+                          keep_resources=args.keep_resources, hook_timeout=args.hook_timeout,
+                          probe=not args.no_probe, probe_interval=args.probe_interval)
     return _outcome(out, _orchestrator(args, out).rollout(args.release, opts))
 
 
@@ -305,6 +330,26 @@ def cmd_resume(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_cancel(args: argparse.Namespace, out: Output) -> int:
     return _outcome(out, _orchestrator(args, out).cancel())
+
+
+def cmd_check(args: argparse.Namespace, out: Output) -> int:
+    verdicts = check_nodes(LocalFleet(_site(args)), args.nodes or None)
+    out.result({"nodes": [v.to_dict() for v in verdicts], "ok": all(v.ok for v in verdicts)},
+               render.verdicts(verdicts))
+    failed = [v for v in verdicts if not v.ok]
+    if failed:
+        out.fail(f"{len(failed)} of {len(verdicts)} nodes failed their checks: {failed[0].reason}")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace, out: Output) -> int:
+    fleet = LocalFleet(_site(args))
+    data = collect(fleet.history, args.rollout, site=str(fleet.path))
+    path = Path(args.output) if args.output else fleet.path / "reports" / f"rollout-{data['rollout']['id']}.html"
+    write_page(path, render_page(data))
+    out.result(data | {"page": str(path)}, f"report of {data['rollout']['kind']} {data['rollout']['id']}: {path}")
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace, out: Output) -> int:

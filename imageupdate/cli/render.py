@@ -14,6 +14,7 @@ from imageupdate.rollout.engine import Outcome
 from imageupdate.rollout.status import FleetStatus
 from imageupdate.site.node import NodeStatus
 from imageupdate.site.site import SiteStatus
+from imageupdate.verify.checks import Verdict
 
 
 def _mib(n: int) -> str:
@@ -153,7 +154,18 @@ def outcome_line(o: Outcome) -> str:
                  else f"; rollback {rb.rollout.id} {rb.status}: {rb.reason}")
     elif o.status in ("failed", "cancelled") and r.kind == "rollout" and not r.options.get("rollback", True):
         line += "; fleet left as it is (--no-rollback): 'imageupdate rollback' returns it to the last good releases"
+    if o.resources:
+        line += f"; resources {o.resources}"
     return line
+
+
+def verdicts(vs: list[Verdict]) -> Group:
+    t = table("NODE", "RELEASE", "CHECK", "RESULT", "SECONDS", "SAYS")
+    for v in vs:
+        for r in v.results:
+            said = r.output.strip().splitlines()[-1] if r.output.strip() else ""
+            t.add_row(v.node, v.release, r.name, "passed" if r.ok else "FAILED", f"{r.seconds:.2f}", said[:120])
+    return Group(t, *(Text(v.reason) for v in vs))
 
 
 def outcome(o: Outcome) -> Group:
