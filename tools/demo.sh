@@ -47,20 +47,24 @@ show() {
 }
 
 echo
-echo "== rollout R2 through the site's Heat: node by node, each gated on its post-deploy checks"
-$iu rollout R2 --site "$SITE"
+echo "== rollout R2 through the site's Heat: node by node, each gated on its checks"
+echo "== (built-in checks, R2's shipped tests, the resource hooks of tools/resources.d; the probe measures downtime)"
+$iu rollout R2 --site "$SITE" --resources tools/resources.d
 show
 
 echo
 echo "== rollout of the broken release: its first node fails its gate, nothing else is touched,"
 echo "== and the node is rolled back to R2 through the same chain (exit status 1 is expected)"
-if $iu rollout R2-broken --site "$SITE"; then
+if $iu rollout R2-broken --site "$SITE" --resources tools/resources.d; then
     echo "the broken release passed its gates: that is a bug" >&2
     exit 1
 fi
 show
 echo
 $iu status --site "$SITE"
+echo
+$iu report --site "$SITE"
+echo "(open it in a browser: every node's timeline, checks, downtime, and the rollback)"
 echo
 echo "inspect the stack with the standard client:"
 echo "  eval \"\$($iu heat env --site $SITE)\" && .venv/bin/openstack stack event list \$IMAGEUPDATE_STACK"
