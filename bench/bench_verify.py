@@ -2,8 +2,9 @@
 """Verification benchmark: per-node downtime of the sample workload during a rollout, and what the gate's
 checks cost per node, side by side in one run.
 
-The CLI as a user runs it (``imageupdate rollout R --site DIR --json``) on one local site per node count,
-alternating R1 -> R2 -> R1 ... after an untimed warm-up, in these scenarios:
+The CLI as a user runs it (``imageupdate rollout R2 --site DIR --json``): each measured rollout is the
+upgrade R1 -> R2 on a fresh site (the sample workload cannot go R2 -> R1 -> R2 without losing what it
+wrote on R1 in between, which its resource hook rightly fails), in these scenarios:
 
 * ``probe 50 ms``: the default probe (an HTTP GET of /health on each node every 50 ms);
 * ``probe 20 ms``: a finer probe, to see how much of the figure is probe granularity;
@@ -125,23 +126,19 @@ def bench(store: Path, nodes: int, repeat: int) -> list[Scenario]:
         Scenario("probe 20 ms", ["--probe-interval", "0.02"]),
         Scenario("probe 50 ms + hooks", ["--probe-interval", "0.05", "--resources", str(ROOT / "tools/resources.d")]),
     ]
-    with tempfile.TemporaryDirectory(prefix="iu-bench-verify-") as tmp:
-        site = Path(tmp) / "site"
-        where = ["--site", str(site), "--store", str(store)]
-        cli("site", "up", "--nodes", str(nodes), "--release", "R1", *where)
-        try:
-            release = "R2"
-            cli("rollout", release, *where)  # warm-up: starts Heat, adopts the fleet, unpacks R2
-            print(f"[{nodes} nodes] warm-up done", file=sys.stderr)
-            for k in range(repeat):
-                for sc in scenarios:
-                    release = "R1" if release == "R2" else "R2"
-                    out = cli("rollout", release, *sc.args, *where)
+    for k in range(repeat):
+        for sc in scenarios:
+            with tempfile.TemporaryDirectory(prefix="iu-bench-verify-") as tmp:
+                site = Path(tmp) / "site"
+                where = ["--site", str(site), "--store", str(store)]
+                cli("site", "up", "--nodes", str(nodes), "--release", "R1", *where)
+                try:
+                    out = cli("rollout", "R2", *sc.args, *where)
                     record(site, out["rollout"]["id"], sc)
-                    print(f"[{nodes} nodes] round {k + 1}: {sc.name} -> {release}: {out['status']}", file=sys.stderr)
-        finally:
-            subprocess.run([str(Path(sys.executable).with_name("imageupdate")), "site", "destroy", *where],
-                           capture_output=True, check=False)
+                    print(f"[{nodes} nodes] round {k + 1}: {sc.name}: {out['status']}", file=sys.stderr)
+                finally:
+                    subprocess.run([str(Path(sys.executable).with_name("imageupdate")), "site", "destroy", *where],
+                                   capture_output=True, check=False)
     return scenarios
 
 

@@ -121,6 +121,7 @@ class _Watch:
     rebuilt: set[str] = field(default_factory=set)
     checking: dict[str, Future[Verdict]] = field(default_factory=dict)
     noapi: dict[str, Future[list[HookRun]]] = field(default_factory=dict)  # verify_noapi per node rebuilt
+    noapi_skip: set[str] = field(default_factory=set)
     signalled: set[str] = field(default_factory=set)
     finished: set[str] = field(default_factory=set)
     cancelling: bool = False
@@ -170,6 +171,7 @@ class Orchestrator:
         """Undo the newest rollout (the nodes it touched go back to their last good release from before
         it), or with ``to`` roll every (``--limit``) node to that release."""
         opts.validate()
+        self.hooks = None
         if to is not None:
             self.fleet.store.manifest(to)
         self._check_limit(opts)
@@ -613,7 +615,11 @@ class Orchestrator:
             if self.hooks is not None:
                 results += [r.as_check() for r in self._hook_phase(row, "verify", node, release)]
             return results
-        return self.verify(self.fleet.target(node), self.fleet.expectation(release), extra=hooks)
+        try:
+            return self.verify(self.fleet.target(node), self.fleet.expectation(release), extra=hooks)
+        except Exception as e:  # noqa: BLE001 - fail closed: a check that cannot run fails the gate
+            return Verdict(node, release, [CheckResult("checks", False, 0.0, f"the checks could not run: {e}")],
+                           finished=time.time())
 
     def _start_noapi(self, row: RolloutRow, watch: _Watch, pool: ThreadPoolExecutor) -> None:
         """verify_noapi for each node of a batch as the batch begins (the first at once, the next when the
@@ -623,8 +629,10 @@ class Orchestrator:
             if k > 0 and not set(batches[k - 1]) <= watch.passed:
                 break
             for node in batch:
-                if node in watch.noapi or node in watch.finished or \
-                        self.history.step_status(row.id, node, "gate") in ("succeeded", "failed", "timed-out"):
+                if node in watch.noapi or node in watch.noapi_skip or node in watch.finished:
+                    continue
+                if self.history.step_status(row.id, node, "gate") in ("succeeded", "failed", "timed-out"):
+                    watch.noapi_skip.add(node)  # gated before a crash: resume does not run it again
                     continue
                 watch.noapi[node] = pool.submit(self._hook_phase, row, "verify_noapi", node,
                                                 row.plan["after"][node])
@@ -655,7 +663,10 @@ class Orchestrator:
         if self.hooks is None or outcome.status == "paused":
             return outcome
         row = outcome.rollout
-        if not any(h["phase"] == "create" for h in self.history.hooks(row.id)):
+        if row.kind == "rollback" and row.parent is not None:  # a resumed rollback: its rollout made them
+            row = self.history.rollout(row.parent) or row
+        ran = {h["phase"] for h in self.history.hooks(row.id)}
+        if "create" not in ran or "destroy" in ran:
             return outcome
         if opts.keep_resources:
             outcome.resources = f"kept (--keep-resources); their data: {self.hooks.kv_root}"
