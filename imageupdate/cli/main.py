@@ -249,7 +249,7 @@ def cmd_delete(args: argparse.Namespace, out: Output) -> int:
 
 
 def _site(args: argparse.Namespace) -> LocalSite:
-    return LocalSite(getattr(args, "site", None), _store(args))
+    return LocalSite.open(getattr(args, "site", None), getattr(args, "store", None))
 
 
 def _site_result(out: Output, status: SiteStatus) -> None:

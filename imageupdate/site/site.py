@@ -100,6 +100,17 @@ class LocalSite:
         self.path = Path(path) if path is not None else default_site()
         self.store = store or ImageStore()
 
+    @classmethod
+    def open(cls, path: Path | None = None, store: Path | None = None) -> LocalSite:
+        """The site at ``path`` with ``store``; without one (and without IMAGEUPDATE_STORE), the store the
+        site was created with, so later commands need not repeat ``--store``."""
+        site = cls(path)
+        if store is None and not os.environ.get("IMAGEUPDATE_STORE") and site.exists():
+            recorded = site.config().get("store")
+            store = Path(str(recorded)) if recorded else None
+        site.store = ImageStore(store)
+        return site
+
     # layout ------------------------------------------------------------------
 
     @property

@@ -1,6 +1,7 @@
 """Units of the local site that need no root: unpack checks, addressing, records, procs."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tarfile
@@ -10,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from imageupdate.errors import InputError
+from imageupdate.images.store import ImageStore
 from imageupdate.site import procs
 from imageupdate.site.network import MAX_NODES, SiteNet
 from imageupdate.site.node import Node, NodeRecord
+from imageupdate.site.site import LocalSite
 from imageupdate.site.unpack import unsafe_member
 
 
@@ -126,3 +129,16 @@ def test_a_release_without_the_node_init_is_refused(tmp_path: Path, monkeypatch:
         site_mod.LocalSite(tmp_path / "site", store).up(1, "R1")
     assert "has no /usr/lib/imageupdate/init" in str(exc.value) and "--force" in str(exc.value)
     assert not (tmp_path / "site").exists()
+
+
+def test_a_site_remembers_its_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IMAGEUPDATE_STORE", raising=False)
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    (site_dir / "site.json").write_text(json.dumps({"id": "x", "store": str(tmp_path / "recorded")}))
+    assert LocalSite.open(site_dir).store.root == tmp_path / "recorded"
+    assert LocalSite.open(site_dir, tmp_path / "given").store.root == tmp_path / "given"
+    monkeypatch.setenv("IMAGEUPDATE_STORE", str(tmp_path / "env"))
+    assert LocalSite.open(site_dir).store.root == tmp_path / "env"
+    monkeypatch.delenv("IMAGEUPDATE_STORE")
+    assert LocalSite.open(tmp_path / "no-site").store.root == ImageStore().root
