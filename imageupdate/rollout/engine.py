@@ -575,7 +575,8 @@ class Orchestrator:
                 self.history.check(row.id, node, r.name, r.ok, r.seconds, r.output)
             status = "SUCCESS" if verdict.ok and not watch.cancelling else "FAILURE"
             reason = verdict.reason if not watch.cancelling else CANCELLED
-            data = {"checks": [{"name": r.name, "ok": r.ok, "seconds": r.seconds} for r in verdict.results]}
+            data = {"checks": [{"name": r.name, "ok": r.ok, "seconds": r.seconds} for r in verdict.results],
+                    "failed": [{"name": r.name, "why": _last_line(r.output)} for r in verdict.failed]}
             crashpoint("before-signal")
             client.signal(stack_id, chain.handle_name(gate), {"status": status, "reason": reason, "id": node,
                                                               "data": data})

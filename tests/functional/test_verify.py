@@ -7,8 +7,10 @@ then checks and bad input on the fleet back on R2.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,6 +76,13 @@ def test_a_rollout_runs_every_check_the_hooks_in_order_and_measures_downtime(sit
                      "test:20-data-roundtrip", "resources:10-sample-workload:verify",
                      "resources:20-recorder:verify_noapi", "resources:20-recorder:verify"):
             assert checks.get((n, name)) == 1, (n, name, checks)
+    # the evidence travelled with the signal: the gate's data in Heat names every check
+    env = json.loads(cli(site, store_dir, "heat", "env").stdout)
+    shown = subprocess.run([str(Path(sys.executable).parent / "openstack"), "stack", "resource", "show",
+                            env["IMAGEUPDATE_STACK"], f"gate_node1_r{rid}", "-f", "json"], capture_output=True,
+                           text=True, timeout=120, env={**os.environ, **env}, check=True)
+    gate_data = str(json.loads(shown.stdout)["attributes"]["data"])
+    assert all(name in gate_data for name in ("stale-code", "config", "test:20-data-roundtrip", "failed"))
     # the phases in order: create, then per node verify_noapi and verify, then destroy; the data lasted
     runs = query(site, "SELECT * FROM hooks WHERE rollout = ? AND script = '20-recorder' ORDER BY id", rid)
     assert [(r["phase"], r["node"]) for r in runs] == [("create", None)] + [
