@@ -44,7 +44,8 @@ def _common() -> _Parser:
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                    help="print one machine-readable JSON document")
     p.add_argument("--store", type=Path, default=argparse.SUPPRESS, metavar="DIR",
-                   help="image store (default: $IMAGEUPDATE_STORE or /var/lib/imageupdate/images)")
+                   help="image store (default: $IMAGEUPDATE_STORE, else for a site the store it was created "
+                        "with, else /var/lib/imageupdate/images)")
     return p
 
 
