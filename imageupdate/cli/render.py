@@ -14,7 +14,7 @@ from imageupdate.rollout.engine import Outcome
 from imageupdate.rollout.status import FleetStatus
 from imageupdate.site.node import NodeStatus
 from imageupdate.site.site import SiteStatus
-from imageupdate.verify.checks import Verdict
+from imageupdate.verify.checks import Verdict, last_line
 
 
 def _mib(n: int) -> str:
@@ -163,8 +163,8 @@ def verdicts(vs: list[Verdict]) -> Group:
     t = table("NODE", "RELEASE", "CHECK", "RESULT", "SECONDS", "SAYS")
     for v in vs:
         for r in v.results:
-            said = r.output.strip().splitlines()[-1] if r.output.strip() else ""
-            t.add_row(v.node, v.release, r.name, "passed" if r.ok else "FAILED", f"{r.seconds:.2f}", said[:120])
+            t.add_row(v.node, v.release, r.name, "passed" if r.ok else "FAILED", f"{r.seconds:.2f}",
+                      last_line(r.output)[:120])
     return Group(t, *(Text(v.reason) for v in vs))
 
 

@@ -32,17 +32,18 @@ def pick(history: History, rid: int | None) -> RolloutRow:
     raise UnknownRollout(f"no rollout in {history.path} yet: run 'imageupdate rollout RELEASE' first")
 
 
+def _node(node: str, from_release: str | None, to_release: str | None) -> dict[str, Any]:
+    return {"node": node, "from": from_release, "to": to_release, "rebuild": None, "gate": None, "verdict": None,
+            "checks": [], "probe": None}
+
+
 def _operation(history: History, row: RolloutRow) -> dict[str, Any]:
     steps = [s.to_dict() for s in history.steps(row.id)]
     checks = history.checks(row.id)
-    nodes: dict[str, dict[str, Any]] = {}
-    for node in (n for b in row.plan.get("batches", []) for n in b):
-        nodes[node] = {"node": node, "from": row.plan["before"].get(node), "to": row.plan["after"].get(node),
-                       "rebuild": None, "gate": None, "verdict": None, "checks": [], "probe": None}
+    nodes = {node: _node(node, row.plan["before"].get(node), row.plan["after"].get(node))
+             for node in (n for b in row.plan.get("batches", []) for n in b)}
     for s in steps:
-        entry = nodes.setdefault(s["node"], {"node": s["node"], "from": s["from_release"], "to": s["to_release"],
-                                             "rebuild": None, "gate": None, "verdict": None, "checks": [],
-                                             "probe": None})
+        entry = nodes.setdefault(s["node"], _node(s["node"], s["from_release"], s["to_release"]))
         entry[s["step"]] = {k: s[k] for k in ("status", "started", "finished", "seconds", "reason")}
         if s["step"] == "rebuild" and s["data"]:
             entry["rebuild"]["phases"] = s["data"].get("phases")

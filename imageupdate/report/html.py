@@ -13,6 +13,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from imageupdate.verify.checks import last_line
+
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
 h1{font-size:1.5em;margin:0 0 .3em} h2{font-size:1.2em;margin:1.6em 0 .4em;border-bottom:1px solid #ddd}
@@ -176,7 +178,7 @@ def render_page(doc: dict[str, Any]) -> str:
     r, s = doc["rollout"], doc["summary"]
     title = f'imageupdate {r["kind"]} {r["id"]}' + (f' to {r["target"]}' if r["target"] else "")
     failed = "".join(f'<li class="failed-check"><b>{escape(c["node"])}</b>: {escape(c["name"])}: '
-                     f'{escape((c["output"] or "").strip().splitlines()[-1] if (c["output"] or "").strip() else "")}'
+                     f'{escape(last_line(c["output"] or ""))}'
                      f'</li>' for c in s["failed_checks"])
     summary = (f'<table class="summary"><tr><th>status</th><td>{escape(s["status"])}</td></tr>'
                f'<tr><th>site</th><td>{escape(doc.get("site") or "-")}</td></tr>'

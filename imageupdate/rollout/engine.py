@@ -32,7 +32,7 @@ from imageupdate.heat.service import HeatProcess
 from imageupdate.history.db import RolloutRow
 from imageupdate.rollout.fleet import LocalFleet
 from imageupdate.rollout.lock import RolloutLock
-from imageupdate.verify.checks import CheckResult, Verdict, verify_node
+from imageupdate.verify.checks import CheckResult, Verdict, last_line, verify_node
 from imageupdate.verify.probe import DEFAULT_INTERVAL, Prober, endpoints_for
 from imageupdate.verify.resources import DEFAULT_TIMEOUT as HOOK_TIMEOUT
 from imageupdate.verify.resources import HookRun, ResourceHooks
@@ -732,5 +732,4 @@ def _float(value: Any) -> float | None:
 
 
 def _last_line(text: str) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1][:200] if lines else "no output"
+    return last_line(text, "no output")[:200]

@@ -14,6 +14,7 @@ from imageupdate.errors import InputError
 from imageupdate.heat.client import HeatClient, environment_files
 from imageupdate.heat.service import HeatProcess, HeatService
 from imageupdate.history.db import History
+from imageupdate.images.fileindex import FileEntry
 from imageupdate.images.store import ImageStore
 from imageupdate.resources import heat_templates_dir
 from imageupdate.site.site import LocalSite
@@ -39,7 +40,7 @@ class LocalFleet:
         self.site = site
         self.heat = HeatService(site.path / "heat")
         self.history = History(site.path / "history.sqlite")
-        self._indexes: dict[str, Any] = {}
+        self._indexes: dict[str, dict[str, FileEntry]] = {}  # release -> its file index, read once
 
     @property
     def path(self) -> Path:

@@ -73,7 +73,7 @@ class Verdict:
         if not self.results:
             return f"{self.node} on {self.release}: no check ran"
         first = self.failed[0]
-        detail = first.output.strip().splitlines()[-1] if first.output.strip() else "failed"
+        detail = last_line(first.output, "failed")
         more = f" (and {len(self.failed) - 1} more)" if len(self.failed) > 1 else ""
         return f"{self.node} on {self.release}: check {first.name} failed: {detail[:200]}{more}"
 
@@ -85,6 +85,11 @@ class Verdict:
 class Runner(Protocol):
     def __call__(self, target: NodeTarget, command: list[str], timeout: float,
                  input: str | None = None) -> subprocess.CompletedProcess[str]: ...
+
+
+def last_line(text: str, default: str = "") -> str:
+    """The last line of what a check or command said (its conclusion), or ``default`` if it said nothing."""
+    return text.strip().splitlines()[-1] if text.strip() else default
 
 
 def _control_path() -> str:
@@ -144,7 +149,7 @@ def _facts(target: NodeTarget, run: Runner) -> tuple[dict[str, Any] | None, Chec
     p = run(target, FACTS_COMMAND, SSH_TIMEOUT, input=FACTS_SCRIPT)
     took = round(time.monotonic() - t0, 3)
     if p.returncode != 0:
-        said = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit status {p.returncode}"
+        said = last_line(p.stderr, f"exit status {p.returncode}")
         if p.returncode == 255 or p.returncode == 124:
             return None, CheckResult("facts", False, took, f"node does not answer over SSH at {target.address}: "
                                                            f"{said}")

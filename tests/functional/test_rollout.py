@@ -24,9 +24,8 @@ from tests.functional.test_site import http, leftovers
 pytestmark = pytest.mark.functional
 
 
-@pytest.fixture
-def site(releases: dict, store_dir: Path, tmp_path: Path) -> Iterator[Path]:  # type: ignore[type-arg]
-    path = tmp_path / "site"
+def three_node_site(path: Path, store_dir: Path) -> Iterator[Path]:
+    """A 3-node site on R1 at ``path``; destroyed afterwards, and nothing of it (its Heat included) left."""
     imageupdate("site", "up", "--nodes", "3", "--release", "R1", "--site", str(path), "--store", str(store_dir),
                 check=True)
     site_id = json.loads((path / "site.json").read_text())["id"]
@@ -36,6 +35,11 @@ def site(releases: dict, store_dir: Path, tmp_path: Path) -> Iterator[Path]:  # 
         imageupdate("site", "destroy", "--site", str(path), "--store", str(store_dir))
         assert not leftovers(site_id, path)
         assert not live_processes_mentioning(f"{path}/heat")
+
+
+@pytest.fixture
+def site(releases: dict, store_dir: Path, tmp_path: Path) -> Iterator[Path]:  # type: ignore[type-arg]
+    yield from three_node_site(tmp_path / "site", store_dir)
 
 
 def cli(site: Path, store: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:

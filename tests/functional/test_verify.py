@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.functional.conftest import imageupdate, live_processes_mentioning
-from tests.functional.test_rollout import query, releases_of
-from tests.functional.test_site import leftovers, ssh
+from tests.functional.test_rollout import query, releases_of, three_node_site
+from tests.functional.test_site import ssh
 
 pytestmark = pytest.mark.functional
 
@@ -36,16 +36,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 @pytest.fixture(scope="module")
 def site(releases: dict, store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:  # type: ignore[type-arg]
-    path = tmp_path_factory.mktemp("verify") / "site"
-    imageupdate("site", "up", "--nodes", "3", "--release", "R1", "--site", str(path), "--store", str(store_dir),
-                check=True)
-    site_id = json.loads((path / "site.json").read_text())["id"]
-    try:
-        yield path
-    finally:
-        imageupdate("site", "destroy", "--site", str(path), "--store", str(store_dir))
-        assert not leftovers(site_id, path)
-        assert not live_processes_mentioning(f"{path}/heat")
+    yield from three_node_site(tmp_path_factory.mktemp("verify") / "site", store_dir)
 
 
 @pytest.fixture(scope="module")
