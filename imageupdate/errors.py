@@ -97,6 +97,10 @@ class InvalidPostDeployTest(InputError):
     """A release ships a post-deploy test that cannot run (not executable, not a script or binary)."""
 
 
+class InvalidUpgradeMetadata(InputError):
+    """A release ships upgrade metadata (upgrade.json) that is invalid or does not match its migrations."""
+
+
 class BuildFailed(OperationError):
     """disk-image-create or the packaging of its output failed."""
 

@@ -26,6 +26,7 @@ from imageupdate.errors import (
     BuildInterrupted,
     ImageUpdateError,
     InvalidPostDeployTest,
+    InvalidUpgradeMetadata,
     ReleaseExists,
 )
 from imageupdate.hostdeps import BUILD_TOOLS, require, require_root
@@ -218,6 +219,14 @@ class Builder:
                 step="pack",
             )
 
+        if facts.upgrade_problems:
+            raise InvalidUpgradeMetadata(
+                f"release {release} ships invalid upgrade metadata: {facts.upgrade_problems[0]}"
+                + (f" (and {len(facts.upgrade_problems) - 1} more)" if len(facts.upgrade_problems) > 1 else ""),
+                release=release,
+                step="pack",
+            )
+
         manifest = Manifest(
             release=release,
             built_at=stamp.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -234,6 +243,7 @@ class Builder:
             tests=facts.tests,
             migrations=facts.migrations,
             state_paths=facts.state_paths,
+            upgrade=facts.upgrade,
             files={
                 "count": facts.file_count,
                 "total_size": facts.total_size,

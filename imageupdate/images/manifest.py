@@ -47,6 +47,7 @@ class Manifest:
     state_paths: list[str]
     files: dict[str, int]
     artifacts: dict[str, Artifact] = field(default_factory=dict)
+    upgrade: dict[str, Any] | None = None  # upgrade.json: version, state_version, min_from, migrations, config
     format: int = MANIFEST_FORMAT
 
     def to_dict(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from imageupdate.images.fileindex import FileEntry, write_index
+from imageupdate.upgrade import meta as upgrade_meta
 
 DPKG_STATUS = "var/lib/dpkg/status"
 DPKG_INFO = "var/lib/dpkg/info/"
@@ -33,6 +34,7 @@ STATE_PATHS = "etc/imageupdate/state-paths"
 SERVICES_DIR = "usr/share/imageupdate/services/"
 TESTS_DIR = "usr/share/imageupdate/tests/"
 MIGRATIONS_DIR = "usr/share/imageupdate/migrations/"
+UPGRADE_FILE = upgrade_meta.UPGRADE_FILE
 
 # Directories a root filesystem needs that DIB's tar output does not carry.
 ROOT_DIRS = {"proc": 0o555, "sys": 0o555, "dev": 0o755, "run": 0o755, "tmp": 0o1777}
@@ -48,6 +50,8 @@ class TreeFacts:
     tests: list[dict[str, object]] = field(default_factory=list)
     migrations: list[dict[str, object]] = field(default_factory=list)
     state_paths: list[str] = field(default_factory=list)
+    upgrade: dict[str, object] | None = None  # upgrade.json as shipped, when it is valid
+    upgrade_problems: list[str] = field(default_factory=list)
     kernel: str | None = None
     file_count: int = 0
     total_size: int = 0
@@ -65,7 +69,7 @@ def _norm(name: str) -> str:
 
 def _wanted_content(path: str) -> bool:
     return (
-        path in (DPKG_STATUS, RELEASE_STAMP, STATE_PATHS)
+        path in (DPKG_STATUS, RELEASE_STAMP, STATE_PATHS, UPGRADE_FILE)
         or (path.startswith(DPKG_INFO) and path.endswith(".list"))
         or (path.startswith(SERVICES_DIR) and path.endswith(".json"))
         or (path.startswith(TESTS_DIR) and "/" not in path[len(TESTS_DIR):])  # to see each test can run
@@ -295,6 +299,23 @@ def _collect_facts(facts: TreeFacts, entries: list[FileEntry], contents: dict[st
             if rest and "/" not in rest:
                 kernels.add(rest)
     facts.kernel = max(kernels) if kernels else None
+    if UPGRADE_FILE in contents:
+        _read_upgrade(facts, contents[UPGRADE_FILE])
+
+
+def _read_upgrade(facts: TreeFacts, raw: bytes) -> None:
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        facts.upgrade_problems = [f"/{UPGRADE_FILE} is not valid JSON: {e}"]
+        return
+    shipped = {str(m["name"]) for m in facts.migrations}
+    _, facts.upgrade_problems = upgrade_meta.parse(data, shipped)
+    for m in facts.migrations:
+        if not m["executable"]:
+            facts.upgrade_problems.append(f"{m['path']} is not executable (give it mode 0755 in its element)")
+    if not facts.upgrade_problems:
+        facts.upgrade = data
 
 
 def shipped_test_problems(tests: list[dict[str, object]]) -> list[str]:

@@ -86,7 +86,7 @@ def _process_start_time(pid: int) -> str | None:
     return fields[19]
 
 
-def _exchange(a: Path, b: Path) -> None:
+def exchange_paths(a: Path, b: Path) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     rc = libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
     if rc != 0:
@@ -293,7 +293,7 @@ class ImageStore:
                         "pass --force to replace it or choose a new release id",
                         release=release,
                     )
-                _exchange(staged, target)
+                exchange_paths(staged, target)
                 _fsync_dir(self.root)
                 shutil.rmtree(staged, ignore_errors=True)  # now the old release
             else:

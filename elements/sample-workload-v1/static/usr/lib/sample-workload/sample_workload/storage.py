@@ -1,4 +1,8 @@
-"""Storage, data format 1: one JSON object in data.json, rewritten atomically."""
+"""Storage, data format 1: one JSON object in data.json, rewritten atomically.
+
+Config: ``[storage] fsync`` (default true) fsyncs every write.
+"""
+import configparser
 import json
 import os
 import threading
@@ -6,9 +10,14 @@ import threading
 FORMAT = 1
 
 
+class StateNotMigrated(Exception):
+    pass
+
+
 class Store:
-    def __init__(self, data_dir: str) -> None:
+    def __init__(self, data_dir: str, config: configparser.ConfigParser) -> None:
         self.path = os.path.join(data_dir, "data.json")
+        self.fsync = config.getboolean("storage", "fsync", fallback=True)
         self.lock = threading.Lock()
         if not os.path.exists(self.path):
             self._write({})
@@ -22,7 +31,8 @@ class Store:
         with open(tmp, "w") as f:
             json.dump(data, f)
             f.flush()
-            os.fsync(f.fileno())
+            if self.fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
     def get(self, key: str) -> bytes | None:

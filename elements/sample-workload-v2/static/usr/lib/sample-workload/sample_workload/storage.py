@@ -1,19 +1,39 @@
-"""Storage, data format 2: SQLite data.db (migrated from format 1 on start)."""
+"""Storage, data format 2: SQLite data.db, table kv (key, value).
+
+The state is migrated by imageupdate (``0002-json-to-sqlite``), never by the service: on format-1 data
+the service refuses to start. Config: ``[storage] sync`` (default true); the deprecated ``fsync`` is
+still read when ``sync`` is absent.
+"""
+import configparser
 import os
 import sqlite3
-import subprocess
+import sys
 import threading
 
 FORMAT = 2
-MIGRATION = "/usr/share/imageupdate/migrations/0002-json-to-sqlite"
+
+
+class StateNotMigrated(Exception):
+    pass
+
+
+def sync_writes(config: configparser.ConfigParser) -> bool:
+    if config.has_option("storage", "sync"):
+        return config.getboolean("storage", "sync")
+    if config.has_option("storage", "fsync"):
+        print("warning: [storage] fsync is deprecated, use [storage] sync", file=sys.stderr)
+        return config.getboolean("storage", "fsync")
+    return True
 
 
 class Store:
-    def __init__(self, data_dir: str) -> None:
+    def __init__(self, data_dir: str, config: configparser.ConfigParser) -> None:
         path = os.path.join(data_dir, "data.db")
-        if not os.path.exists(path):
-            subprocess.run([MIGRATION, data_dir], check=True)
+        if not os.path.exists(path) and os.path.exists(os.path.join(data_dir, "data.json")):
+            raise StateNotMigrated(f"{data_dir} holds data format 1: migration 0002-json-to-sqlite has not run")
         self.db = sqlite3.connect(path, check_same_thread=False)
+        self.db.execute("CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+        self.db.execute(f"PRAGMA synchronous = {'FULL' if sync_writes(config) else 'OFF'}")
         self.lock = threading.Lock()
 
     def get(self, key: str) -> bytes | None:
@@ -23,7 +43,7 @@ class Store:
 
     def put(self, key: str, value: bytes) -> None:
         with self.lock, self.db:
-            self.db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, value))
+            self.db.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
 
     def delete(self, key: str) -> None:
         with self.lock, self.db:

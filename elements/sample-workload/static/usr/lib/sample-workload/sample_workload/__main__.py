@@ -1,4 +1,5 @@
 """HTTP layer of the sample workload; storage comes from the release's storage module."""
+import configparser
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ from sample_workload import storage
 
 DATA_DIR = os.environ.get("SAMPLE_WORKLOAD_DATA", "/var/lib/sample-workload")
 PORT = int(os.environ.get("SAMPLE_WORKLOAD_PORT", "8080"))
+CONFIG = os.environ.get("SAMPLE_WORKLOAD_CONFIG", "/etc/sample-workload/sample-workload.conf")
 
 
 def release() -> str:
@@ -75,8 +77,17 @@ class Server(ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
 
+def load_config() -> configparser.ConfigParser:
+    config = configparser.ConfigParser()
+    config.read(CONFIG)
+    return config
+
+
 def main() -> None:
-    Handler.store = storage.Store(DATA_DIR)
+    try:
+        Handler.store = storage.Store(DATA_DIR, load_config())
+    except storage.StateNotMigrated as e:
+        sys.exit(f"sample-workload {release()}: {e}")
     server = Server(("0.0.0.0", PORT), Handler)
     # server.shutdown() from a handler running in serve_forever's own thread
     # would wait for itself forever: leave by raising SystemExit instead.

@@ -1,0 +1,1 @@
+"""Upgrade paths: release metadata, planning, state versions, migrations, snapshots, config checks."""
