@@ -24,38 +24,21 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from imageupdate.crashpoints import crashpoint
 from imageupdate.errors import OperationError
 from imageupdate.site import procs
 from imageupdate.site.network import SiteNet
+from imageupdate.site.rootfs import BOOT
+from imageupdate.upgrade import state as state_version
+from imageupdate.upgrade.meta import from_tree
 
 STOP_GRACE = 10.0  # the node's init gives its services 5 s, then SIGKILLs them
 
-BOOT = r"""
-set -eu
-root=$1 tree=$2 state=$3 name=$4
-mount --bind "$tree" "$root"
-mount -o remount,bind,ro "$root"
-mount --bind "$state" "$root/mnt/state"
-mount -t proc proc "$root/proc"
-mount -t sysfs -o ro sysfs "$root/sys"
-mount -t tmpfs -o mode=0755,size=64m tmpfs "$root/run"
-mount -t tmpfs -o mode=1777,size=256m tmpfs "$root/tmp"
-mount -t tmpfs -o mode=0755,size=1m tmpfs "$root/dev"
-for d in null zero full random urandom tty; do
-    touch "$root/dev/$d"
-    mount --bind "/dev/$d" "$root/dev/$d"
-done
-mkdir "$root/dev/pts" "$root/dev/shm"
-mount -t devpts -o newinstance,ptmxmode=0666 devpts "$root/dev/pts"
-ln -s pts/ptmx "$root/dev/ptmx"
-mount -t tmpfs -o mode=1777,size=16m tmpfs "$root/dev/shm"
-hostname "$name"
-exec chroot "$root" /usr/lib/imageupdate/init
-"""
 
 
 @dataclass
@@ -81,6 +64,7 @@ class NodeStatus:
     reachable: bool
     pid: int | None
     phases: dict[str, float] | None = None  # after a rebuild: when it stopped, switched, started, answered
+    state: dict[str, Any] | None = None  # after a rebuild: what was done to the state (migrations, restore)
 
 
 def tcp_open(address: str, port: int, timeout: float = 0.3) -> bool:
@@ -140,6 +124,7 @@ class Node:
         keys = identity / "authorized_keys"
         keys.write_text(authorized_key)
         os.chmod(keys, 0o600)
+        state_version.seed(self.state_dir, from_tree(self.releases_dir / release), release)
         self._save(NodeRecord(self.name, self.index, current=release), f"created on {release}")
         self.start()
 
@@ -151,13 +136,18 @@ class Node:
         if not (tree / "etc/imageupdate/release.json").is_file():
             raise OperationError(f"release {rec.current} is not unpacked in {self.releases_dir}",
                                  node=self.name, release=rec.current, step="start")
+        why = state_version.incompatible(state_version.read(self.state_dir), rec.current, from_tree(tree))
+        if why:
+            raise OperationError(f"node {self.name} cannot start {rec.current}: {why}",
+                                 node=self.name, release=rec.current, step="start")
         if not self.net.netns_exists(self.name):
             self.net.create_node(self.name, self.index)
         with open(self.dir / "console.log", "ab") as console:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.net.netns(self.name),
                  "unshare", "--mount", "--pid", "--uts", "--ipc", "--fork", "--propagation", "private", "--",
-                 "sh", "-c", BOOT, "node-boot", str(self.dir / "root"), str(tree), str(self.state_dir), self.name],
+                 "sh", "-c", BOOT, "node-boot", str(self.dir / "root"), str(tree), str(self.state_dir), self.name,
+                 "/usr/lib/imageupdate/init"],
                 stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
         if not procs.wait_until(lambda: bool(procs.children(proc.pid)) or proc.poll() is not None, 10):
@@ -185,8 +175,11 @@ class Node:
         self._save(rec, f"stopped ({how})")
         return how
 
-    def rebuild(self, release: str) -> dict[str, float]:
-        """Switch the node to ``release`` (unpacked already), keeping its state; say when each phase ended."""
+    def rebuild(self, release: str, prepare: Callable[[str, str], object] | None = None) -> dict[str, float]:
+        """Switch the node to ``release`` (unpacked already), keeping its state; say when each phase ended.
+
+        ``prepare(current, release)`` runs once the node is stopped, before the switch (the state's
+        migrations). If it fails the node goes back to its current release, if that can run on the state."""
         phases = {"begun": time.time()}
         rec = self.record()
         if rec.current == release and procs.alive(rec.pid):
@@ -198,6 +191,18 @@ class Node:
         phases["stopped"] = time.time()
         crashpoint("after-stop")
         rec = self.record()
+        if prepare is not None:
+            try:
+                prepare(rec.current, release)
+            except Exception:
+                rec.pending = None
+                self._save(rec, f"rebuild to {release} abandoned: preparing the state failed")
+                try:
+                    self.start()
+                except OperationError as e:
+                    self._save(self.record(), f"stays stopped: {e.message}")
+                raise
+            phases["migrated"] = time.time()
         if rec.current != release:
             rec.previous, rec.current = rec.current, release
         rec.pending = None
@@ -220,8 +225,12 @@ class Node:
             rec.pid = None
             self._save(rec)
         if rec.wanted == "running" and not procs.alive(rec.pid):
-            self.start()
-            said = (said + "; " if said else "") + f"restarted on {rec.current}"
+            try:
+                self.start()
+                said = (said + "; " if said else "") + f"restarted on {rec.current}"
+            except OperationError as e:
+                said = (said + "; " if said else "") + f"stays stopped: {e.message}"
+                self._save(self.record(), f"stays stopped: {e.message}")
         return said
 
     def status(self) -> NodeStatus:

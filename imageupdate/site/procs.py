@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
@@ -75,3 +77,51 @@ def stop(pid: int, grace: float, sleep: Callable[[float], None] = time.sleep) ->
         return "stopped"
     wait_until(lambda: not alive(pid), 5.0, sleep=sleep)
     return "killed"
+
+
+def flock_wait(fd: int, how: int, wait: float, sleep: Callable[[float], None] = time.sleep) -> bool:
+    """flock(2) ``fd``, polling for up to ``wait`` seconds; False if it stays taken."""
+    return wait_until(lambda: try_flock(fd, how), wait, interval=0.1, sleep=sleep) if wait > 0 \
+        else try_flock(fd, how)
+
+
+def try_flock(fd: int, how: int) -> bool:
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children(p))
+    return out
+
+
+@contextmanager
+def frozen(pid: int | None) -> Iterator[None]:
+    """Stop ``pid``'s whole process tree (SIGSTOP, which nothing can catch) and continue it afterwards:
+    what it writes to disk is crash-consistent while frozen. Rescans until no new process appears."""
+    stopped: list[int] = []
+    try:
+        if pid is not None and alive(pid):
+            while True:
+                new = [p for p in tree(pid) if p not in stopped]
+                if not new:
+                    break
+                for p in new:
+                    try:
+                        os.kill(p, signal.SIGSTOP)
+                        stopped.append(p)
+                    except ProcessLookupError:
+                        pass
+        yield
+    finally:
+        for p in stopped:
+            with suppress(ProcessLookupError):
+                os.kill(p, signal.SIGCONT)

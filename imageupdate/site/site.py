@@ -23,19 +23,21 @@ import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from imageupdate.errors import InputError, OperationError
 from imageupdate.heat.service import HeatService
+from imageupdate.history.db import History
 from imageupdate.hostdeps import require, require_root
 from imageupdate.images.store import ImageStore
 from imageupdate.site import procs
 from imageupdate.site.network import MAX_NODES, SiteNet, pick_subnet
 from imageupdate.site.node import Node, NodeStatus
 from imageupdate.site.unpack import ensure_release
+from imageupdate.upgrade.migrate import Migrator, StateChange
 
 DEFAULT_SITE = Path("/var/lib/imageupdate/site")
 NODE_MEMORY_MB = 48  # an idle sample node measured 17 MiB PSS (bench_site.py); RSS and growth margin
@@ -70,20 +72,6 @@ class SiteStatus:
     up: bool
     subnet: str
     nodes: list[NodeStatus]
-
-
-def _flock(fd: int, how: int, wait: float, sleep: Callable[[float], None] = time.sleep) -> bool:
-    """flock(2) ``fd``, polling for up to ``wait`` seconds; False if it stays taken."""
-    return procs.wait_until(lambda: _try_flock(fd, how), wait, interval=0.1, sleep=sleep) if wait > 0 \
-        else _try_flock(fd, how)
-
-
-def _try_flock(fd: int, how: int) -> bool:
-    try:
-        fcntl.flock(fd, how | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
 
 
 def _available_memory_mb() -> int:
@@ -158,7 +146,7 @@ class LocalSite:
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            if not _flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, wait):
+            if not procs.flock_wait(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, wait):
                 owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
                 raise SiteInUse(f"site {self.path} is in use by process {owner}; wait for it to finish "
                                 "or stop it, then retry") from None
@@ -173,7 +161,7 @@ class LocalSite:
     def node_locked(self, node: Node, wait: float) -> Iterator[None]:
         fd = os.open(node.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            if not _flock(fd, fcntl.LOCK_EX, wait):
+            if not procs.flock_wait(fd, fcntl.LOCK_EX, wait):
                 raise SiteInUse(f"node {node.name} is being rebuilt by another process; wait for it to finish",
                                 node=node.name)
             yield
@@ -312,14 +300,26 @@ class LocalSite:
         with self.locked(shared=True, wait=wait), self.node_locked(node, wait):
             self._require_bootable(release)
             ensure_release(self.store, release, self.path / "releases")
-            phases = node.rebuild(release)
+            change = StateChange()
+
+            def prepare(current: str, target: str) -> None:
+                nonlocal change
+                change = self.migrator(node).prepare(current, target)
+
+            phases = node.rebuild(release, prepare)
             if not node.wait_ready(self._ready_ports()):
                 raise OperationError(f"node {node_name} did not answer after the rebuild to {release}",
                                      node=node_name, release=release, step="boot")
             phases["ready"] = time.time()
             status = node.status()
             status.phases = phases
+            status.state = change.to_dict()
             return status
+
+    def migrator(self, node: Node) -> Migrator:
+        """Runs ``node``'s state migrations; intermediate releases that passed a gate here are preferred."""
+        return Migrator(self.path, self.store, node.name, node.state_dir, node.dir / "snapshots",
+                        preferred=History(self.path / "history.sqlite").good_releases())
 
     def recover(self) -> list[str]:
         with self.locked():

@@ -1,0 +1,15 @@
+"""What the store knows about upgrades: every release's metadata, for the planner."""
+
+from __future__ import annotations
+
+from imageupdate.images.store import ImageStore
+from imageupdate.upgrade import meta as upgrade_meta
+from imageupdate.upgrade.plan import ReleaseInfo
+
+
+def catalog(store: ImageStore) -> dict[str, ReleaseInfo]:
+    out: dict[str, ReleaseInfo] = {}
+    for release in store.releases():
+        manifest = store.manifest(release)
+        out[release] = ReleaseInfo(release, upgrade_meta.from_manifest(manifest.upgrade), manifest.built_at)
+    return out

@@ -1,0 +1,115 @@
+"""The state version, kept with the state: ``imageupdate/state.json`` on the node's state partition.
+
+It records the version the state is at and a journal of every migration step (started, finished, ok)
+and every snapshot restore, so a step knows where it starts, a resumed run skips what is done, and a
+node refuses to start code that cannot run on its state. Written atomically (write, fsync, rename).
+A state without the file is at the version of the release that seeded it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imageupdate.upgrade.meta import ReleaseMeta
+
+STATE_FILE = "imageupdate/state.json"
+
+
+@dataclass
+class StepRecord:
+    release: str
+    migration: str
+    state_version: int
+    kind: str
+    started: float
+    finished: float | None = None
+    ok: bool | None = None
+    output: str = ""
+
+
+@dataclass
+class StateRecord:
+    version: int | None = None
+    steps: list[StepRecord] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)  # restores, seeds: what happened to the state
+
+    def done(self, release: str, migration: str) -> bool:
+        return any(s.release == release and s.migration == migration and s.ok for s in self.steps)
+
+    def interrupted(self) -> list[StepRecord]:
+        return [s for s in self.steps if s.finished is None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def path(state_dir: Path) -> Path:
+    return state_dir / STATE_FILE
+
+
+def read(state_dir: Path) -> StateRecord:
+    p = path(state_dir)
+    if not p.is_file():
+        return StateRecord()
+    data = json.loads(p.read_text())
+    return StateRecord(data.get("version"), [StepRecord(**s) for s in data.get("steps", [])],
+                       list(data.get("events", [])))
+
+
+def write(state_dir: Path, record: StateRecord) -> None:
+    p = path(state_dir)
+    p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump(record.to_dict(), f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+
+
+def seed(state_dir: Path, meta: ReleaseMeta | None, release: str) -> None:
+    """A new node's state starts at its release's state version."""
+    if meta is None or path(state_dir).is_file():
+        return
+    write(state_dir, StateRecord(meta.state_version, [],
+                                 [{"at": time.time(), "event": "seeded", "release": release,
+                                   "version": meta.state_version}]))
+
+
+def event(state_dir: Path, what: str, **data: Any) -> None:
+    rec = read(state_dir)
+    rec.events.append({"at": time.time(), "event": what, **data})
+    write(state_dir, rec)
+
+
+def contract_after(record: StateRecord, version: int) -> StepRecord | None:
+    """The first contract step beyond ``version`` that ran or began on this state (None: only expand)."""
+    for s in record.steps:
+        if s.state_version > version and s.kind == "contract":
+            return s
+    return None
+
+
+def incompatible(record: StateRecord, release: str, meta: ReleaseMeta | None) -> str | None:
+    """Why ``release``'s code must not run on this state (None: it may)."""
+    if meta is None or record.version is None:
+        return None
+    if record.interrupted():
+        s = record.interrupted()[0]
+        return (f"migration {s.migration} of {s.release} was interrupted on this state; finish it with "
+                f"'imageupdate resume' (or roll back, which restores the snapshot)")
+    if record.version < meta.state_version:
+        return (f"the state is at version {record.version} and {release} needs {meta.state_version}: "
+                f"its migrations have not run")
+    step = contract_after(record, meta.state_version)
+    if step is not None:
+        return (f"the state is at version {record.version}: contract migration {step.migration} of "
+                f"{step.release} ran on it and {release}'s code (state version {meta.state_version}) cannot "
+                f"work on it; rolling back restores the snapshot taken before it")
+    return None
