@@ -79,7 +79,8 @@ class LocalServer(resource.Resource):
             with open(log, "rb") as f:
                 lines = [x for x in f.read().decode(errors="replace").splitlines() if x.strip()]
             said = lines[-1] if lines else f"exit status {proc.returncode}"
-            raise exception.Error(f"rebuild of {node} to {release} failed: {said}")
+            said = said[len("imageupdate: error: "):] if said.startswith("imageupdate: error: ") else said
+            raise exception.Error(said if node in said else f"rebuild of {node} to {release} failed: {said}")
         try:
             status = json.loads(out)
         except ValueError:

@@ -27,8 +27,10 @@ from imageupdate.report.html import render_page, write_page
 from imageupdate.rollout.check import check_nodes
 from imageupdate.rollout.engine import Orchestrator, Outcome, RolloutOptions
 from imageupdate.rollout.fleet import LocalFleet
+from imageupdate.rollout.path import check_config, configs_between, plan_fleet, rehearse_fleet
 from imageupdate.rollout.status import fleet_status
 from imageupdate.site.site import LocalSite, SiteStatus
+from imageupdate.upgrade.catalog import catalog
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,6 +151,27 @@ def _add_rollout_commands(sub: Any, common: _Parser, site_opt: _Parser) -> None:
                         help="run the gate's checks on nodes now, against the release each runs")
     ck.add_argument("nodes", nargs="*", metavar="NODE", help="nodes to check (default: all)")
     ck.set_defaults(func=cmd_check)
+    r.add_argument("--no-rehearse", action="store_true",
+                   help="skip the rehearsal of the state migrations on a copy of the first node's state")
+    pl = sub.add_parser("plan", parents=[common, site_opt],
+                        help="the upgrade path to a release: the migrations each node's state goes through, in order")
+    pl.add_argument("--to", required=True, metavar="R", help="target release")
+    pl.set_defaults(func=cmd_plan)
+    rh = sub.add_parser("rehearse", parents=[common, site_opt],
+                        help="run the migration path to a release on a copy of a node's state, timed; "
+                             "nothing on the fleet changes")
+    rh.add_argument("--to", required=True, metavar="R", help="target release")
+    rh.add_argument("--node", metavar="NODE", help="whose state to copy (default: the first node that changes)")
+    rh.set_defaults(func=cmd_rehearse)
+    cc = sub.add_parser("check-config", parents=[common, site_opt],
+                        help="check config against the target release and every release before it")
+    cc.add_argument("--to", required=True, metavar="R", help="target release")
+    cc.add_argument("--from", dest="from_release", metavar="R",
+                    help="the release the config was written for (default: what the site's nodes run)")
+    cc.add_argument("configs", nargs="*", metavar="CONFIG",
+                    help="config files, matched by name to the release's config files "
+                         "(default: each node's, from its state partition)")
+    cc.set_defaults(func=cmd_check_config)
     rep = sub.add_parser("report", parents=[common, site_opt],
                          help="write an HTML page of a rollout: per node timeline, checks, downtime, rollback")
     rep.add_argument("rollout", nargs="?", type=int, metavar="ROLLOUT", help="rollout id (default: the newest)")
@@ -315,7 +338,8 @@ def cmd_rollout(args: argparse.Namespace, out: Output) -> int:
                           rollback=not args.no_rollback,
                           resources=str(Path(args.resources).resolve()) if args.resources else None,
                           keep_resources=args.keep_resources, hook_timeout=args.hook_timeout,
-                          probe=not args.no_probe, probe_interval=args.probe_interval)
+                          probe=not args.no_probe, probe_interval=args.probe_interval,
+                          rehearse=not args.no_rehearse)
     return _outcome(out, _orchestrator(args, out).rollout(args.release, opts))
 
 
@@ -340,6 +364,42 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
     failed = [v for v in verdicts if not v.ok]
     if failed:
         out.fail(f"{len(failed)} of {len(verdicts)} nodes failed their checks: {failed[0].reason}")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace, out: Output) -> int:
+    fleet = LocalFleet(_site(args))
+    fp = plan_fleet(fleet, args.to)
+    findings = check_config(fleet, fp)
+    out.result(fp.to_dict() | {"config": [f.to_dict() for f in findings]}, render.fleet_plan(fp, findings))
+    return EXIT_OK
+
+
+def cmd_rehearse(args: argparse.Namespace, out: Output) -> int:
+    report, path = rehearse_fleet(LocalFleet(_site(args)), args.to, args.node)
+    out.result(report.to_dict() | {"report": str(path)}, render.rehearsal(report, path))
+    if not report.ok:
+        out.fail(report.problems[0])
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace, out: Output) -> int:
+    given = [Path(c) for c in args.configs]
+    if args.from_release:
+        if not given:
+            raise InputError("check-config --from R checks the CONFIG files given: name at least one")
+        findings = configs_between(catalog(_store(args)), args.from_release, args.to, given)
+    else:
+        fleet = LocalFleet(_site(args))
+        findings = check_config(fleet, plan_fleet(fleet, args.to), given or None)
+    errors = [f for f in findings if f.level == "error"]
+    out.result({"target": args.to, "ok": not errors, "findings": [f.to_dict() for f in findings]},
+               render.config_findings(args.to, findings))
+    if errors:
+        out.fail(f"{errors[0].source}: {errors[0].message}"
+                 + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
         return EXIT_FAILED
     return EXIT_OK
 

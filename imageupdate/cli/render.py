@@ -11,9 +11,12 @@ from imageupdate.images.diff import ReleaseDiff
 from imageupdate.images.manifest import Manifest
 from imageupdate.images.store import VerifyResult
 from imageupdate.rollout.engine import Outcome
+from imageupdate.rollout.path import FleetPlan
 from imageupdate.rollout.status import FleetStatus
 from imageupdate.site.node import NodeStatus
 from imageupdate.site.site import SiteStatus
+from imageupdate.upgrade.config import Finding
+from imageupdate.upgrade.rehearse import Rehearsal
 from imageupdate.verify.checks import Verdict, last_line
 
 
@@ -201,3 +204,50 @@ def fleet_status(s: FleetStatus) -> Group:
                        step["status"], _clock(step["started"]), secs, step["reason"] or "")
         parts.append(st)
     return Group(*parts)
+
+
+def config_findings(target: str, findings: list[Finding]) -> Group:
+    if not findings:
+        return Group(Text(f"config: nothing removed, deprecated or unknown up to {target}"))
+    lines = [Text(f"{f.level:8} {f.source}: {f.message}", style="red" if f.level == "error" else "yellow")
+             for f in findings]
+    return Group(*lines)
+
+
+def fleet_plan(fp: FleetPlan, findings: list[Finding]) -> Group:
+    if not fp.nodes:
+        return Group(Text(f"every node already runs {fp.target}"))
+    parts: list[RenderableType] = []
+    for names, p in fp.groups():
+        if p.to_state is None:
+            parts.append(Text(f"{', '.join(names)}: {p.from_release} -> {p.target}: an image swap "
+                              f"({p.target} declares no state version)"))
+            continue
+        parts.append(Text(f"{', '.join(names)}: {p.from_release} -> {p.target}, state version {p.from_state} -> "
+                          f"{p.to_state}" + (" (a contract step: rollback restores a snapshot)"
+                                             if p.has_contract else "")))
+        t = table("RELEASE", "VERSION", "MIGRATION", "KIND", "STATE", "NOTE")
+        for hop in p.hops:
+            note = f"cannot be skipped: {hop.required}" if hop.required else ""
+            if not hop.migrations:
+                t.add_row(hop.release, hop.version, "-", "-", "-", note or "no migrations")
+            for m in hop.migrations:
+                t.add_row(hop.release, hop.version, m.name, m.kind, str(m.state_version), note)
+                note = ""
+        parts.append(t)
+    parts.append(config_findings(fp.target, findings))
+    return Group(*parts)
+
+
+def rehearsal(r: Rehearsal, path: object) -> Group:
+    t = table("RELEASE", "MIGRATION", "KIND", "STATE", "RESULT", "SECONDS", "RERUN")
+    for s in r.steps:
+        result = "failed" if not s.ok else ("NOT idempotent" if s.idempotent is False else "ok, idempotent")
+        t.add_row(s.release, s.migration, s.kind, str(s.state_version), result, f"{s.seconds:.2f}",
+                  "-" if s.rerun_seconds is None else f"{s.rerun_seconds:.2f}")
+    head = (f"rehearsal of {r.target} on a copy of {r.node}'s state ({r.state_bytes / 1e6:.1f} MB, copied in "
+            f"{r.copy_seconds:.2f} s): state version {r.from_state} -> {r.to_state} in {r.seconds:.2f} s")
+    lines: list[RenderableType] = [Text(head), t]
+    lines += [Text(p, style="red") for p in r.problems]
+    lines.append(Text(f"report: {path}"))
+    return Group(*lines)

@@ -9,6 +9,8 @@ Tables:
 - ``releases``: per node, each release it reached and whether it passed its gate (the last good release);
 - ``hooks``: each run of an operator's resource hook (script, phase, node, result, output);
 - ``probes``: per node, what the workload probe saw during the operation (requests, failures, outages);
+- ``migrations``: per node, each state migration step run for the operation (and its rehearsal on a copy),
+  each snapshot taken and each snapshot restored;
 - ``log``: the operation's timeline in words.
 
 Each write is its own short transaction (WAL, busy timeout), so a crash loses nothing already said.
@@ -99,6 +101,21 @@ CREATE TABLE IF NOT EXISTS probes (
     outages TEXT NOT NULL,           -- json: [[start, end], ...]
     started REAL NOT NULL,
     finished REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS migrations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    rollout INTEGER NOT NULL REFERENCES rollouts(id),
+    node TEXT NOT NULL,
+    phase TEXT NOT NULL,             -- rehearsal | snapshot | migration | restore
+    release TEXT NOT NULL DEFAULT '',
+    migration TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL DEFAULT '',   -- expand | contract
+    state_version INTEGER,
+    ok INTEGER,
+    started REAL NOT NULL,
+    seconds REAL,
+    output TEXT,
+    UNIQUE (rollout, node, phase, release, migration, started)
 );
 CREATE TABLE IF NOT EXISTS log (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -313,6 +330,22 @@ class History:
             r["outages"] = json.loads(r["outages"])
         return rows
 
+    def migration(self, rid: int, node: str, phase: str, started: float, *, release: str = "",
+                  migration: str = "", kind: str = "", state_version: int | None = None, ok: bool | None = None,
+                  seconds: float | None = None, output: str = "") -> bool:
+        """Record one step; False if it was recorded already (a resumed watch reads the journal again)."""
+        with self._db() as db:
+            cur = db.execute("INSERT OR IGNORE INTO migrations (rollout, node, phase, release, migration, kind, "
+                             "state_version, ok, started, seconds, output) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             (rid, node, phase, release, migration, kind, state_version,
+                              None if ok is None else int(ok), started, seconds, output[-4000:]))
+            return cur.rowcount > 0
+
+    def migrations(self, rid: int) -> list[dict[str, Any]]:
+        with self._db() as db:
+            return [dict(r) for r in db.execute("SELECT * FROM migrations WHERE rollout = ? ORDER BY started, id",
+                                                (rid,))]
+
     # releases ------------------------------------------------------------------
 
     def reached(self, node: str, release: str, rid: int | None, good: bool) -> None:
@@ -327,6 +360,13 @@ class History:
                              "AND (? IS NULL OR rollout < ?) ORDER BY id DESC LIMIT 1",
                              (node, before, before)).fetchone()
         return str(row["release"]) if row else None
+
+    def good_releases(self) -> set[str]:
+        """Every release that passed a gate on some node of this site."""
+        if not self.path.exists():
+            return set()
+        with self._db() as db:
+            return {str(r["release"]) for r in db.execute("SELECT DISTINCT release FROM releases WHERE good = 1")}
 
     # log -----------------------------------------------------------------------
 

@@ -32,6 +32,9 @@ from imageupdate.heat.service import HeatProcess
 from imageupdate.history.db import RolloutRow
 from imageupdate.rollout.fleet import LocalFleet
 from imageupdate.rollout.lock import RolloutLock
+from imageupdate.rollout.path import FleetPlan, check_config, plan_fleet
+from imageupdate.upgrade import config
+from imageupdate.upgrade.plan import UpgradePlan
 from imageupdate.verify.checks import CheckResult, Verdict, last_line, verify_node
 from imageupdate.verify.probe import DEFAULT_INTERVAL, Prober, endpoints_for
 from imageupdate.verify.resources import DEFAULT_TIMEOUT as HOOK_TIMEOUT
@@ -70,6 +73,7 @@ class RolloutOptions:
     hook_timeout: float = HOOK_TIMEOUT
     probe: bool = True
     probe_interval: float = DEFAULT_INTERVAL
+    rehearse: bool = True  # run the state migrations on a copy of the first node's state before anything
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -130,6 +134,8 @@ class _Watch:
     passed: set[str] = field(default_factory=set)
     all_passed_at: float | None = None  # when the last gate passed (Heat then cleans up what was replaced)
     failure: str | None = None
+    # servers that had failed in an earlier operation: their FAILED is stale until Heat works on them again
+    failed_before: set[str] = field(default_factory=set)
 
 
 class Orchestrator:
@@ -156,15 +162,19 @@ class Orchestrator:
         with self.lock:
             self.lock.acquire()
             self._refuse_active()
-            client, heat = self.fleet.connect()
-            stack_id = self._ensure_stack(client)
             states = self.fleet.states()
             nodes = self.fleet.node_names()
             selected = set(opts.limit or nodes)
             before = {n: states[n].release for n in nodes}
             changing = [n for n in nodes if n in selected and before[n] != release]
             after = {n: (release if n in changing else before[n]) for n in nodes}
-            outcome = self._operate(client, heat, stack_id, "rollout", release, None, opts, before, after, changing)
+            upgrade = plan_fleet(self.fleet, release, changing)  # a downgrade or a blocked path: bad input
+            findings = check_config(self.fleet, upgrade)
+            config.raise_errors(findings)  # an option the path removes: bad input, nothing started
+            client, heat = self.fleet.connect()
+            stack_id = self._ensure_stack(client)
+            outcome = self._operate(client, heat, stack_id, "rollout", release, None, opts, before, after, changing,
+                                    upgrade, findings)
             return self._end_resources(outcome, opts)
 
     def rollback(self, to: str | None, opts: RolloutOptions) -> Outcome:
@@ -175,7 +185,7 @@ class Orchestrator:
         if to is not None:
             self.fleet.store.manifest(to)
         self._check_limit(opts)
-        self.fleet.require_up()
+        self.fleet.site.config()  # SiteNotFound; stopped nodes are fine: bringing them back is a rollback's job
         with self.lock:
             self.lock.acquire()
             self._refuse_active()
@@ -193,7 +203,7 @@ class Orchestrator:
                 parent = undo.id
                 for n in self._touched(undo) & selected:
                     after[n] = self.history.last_good(n, before=undo.id) or undo.plan["before"][n]
-            changing = [n for n in nodes if after[n] != before[n]]
+            changing = [n for n in nodes if after[n] != before[n] or (n in selected and not states[n].running)]
             return self._operate(client, heat, stack_id, "rollback", to, parent, opts, before, after, changing)
 
     def resume(self) -> Outcome:
@@ -316,9 +326,12 @@ class Orchestrator:
 
     def _operate(self, client: HeatClient, heat: HeatProcess, stack_id: str, kind: str, target: str | None,
                  parent: int | None, opts: RolloutOptions, before: dict[str, str], after: dict[str, str],
-                 changing: list[str]) -> Outcome:
-        plan = {"batches": chain.batches(changing, opts.batch_size, opts.canary and kind == "rollout"),
-                "before": before, "after": after}
+                 changing: list[str], upgrade: FleetPlan | None = None,
+                 findings: list[config.Finding] | None = None) -> Outcome:
+        batches = chain.batches(changing, opts.batch_size, opts.canary and kind == "rollout")
+        plan: dict[str, Any] = {"batches": batches, "before": before, "after": after}
+        if upgrade is not None and upgrade.migrates:
+            plan["upgrade"] = upgrade.to_dict()
         row = self.history.start(kind, target, asdict(opts), plan, parent=parent, pid=os.getpid())
         self.lock.record(row.id)
         if not changing:
@@ -332,6 +345,19 @@ class Orchestrator:
         for k, b in enumerate(plan["batches"]):
             for n in b:
                 self.history.step(row.id, n, "rebuild", "pending", batch=k, from_release=before[n], to_release=after[n])
+        for f in findings or []:
+            self._say(row, None, "info", f"config {f}")
+        if upgrade is not None and upgrade.migrates:
+            for names, p in upgrade.groups():
+                self._say(row, None, "plan", f"{', '.join(names)}: state {p.from_state} -> {p.to_state} through "
+                          + ", ".join(f"{m.name} ({m.kind}, {m.release})" for m in p.steps))
+            first = batches[0][0]
+            if opts.rehearse and upgrade.nodes.get(first) is not None and upgrade.nodes[first].steps:
+                failure = self._rehearse(row, first, upgrade.nodes[first])
+                if failure is not None:
+                    self.history.finish(row.id, "failed", failure)
+                    self._say(row, None, "failed", f"{failure}; no node was touched")
+                    return Outcome(self._reload(row), "failed", failure, self._nodes())
         if self.hooks is not None and kind == "rollout":
             failed = [r for r in self._hook_phase(row, "create", None, target) if not r.ok]
             if failed:
@@ -339,8 +365,12 @@ class Orchestrator:
                 self.history.finish(row.id, "failed", reason)
                 self._say(row, None, "failed", f"{reason}; no node was touched")
                 return Outcome(self._reload(row), "failed", reason, self._nodes())
+        watch = _Watch()
+        resources = client.resources(stack_id)
+        watch.failed_before = {n for n in changing if (r := resources.get(chain.server_name(n))) is not None
+                               and r.status == "FAILED"}
         self._send(client, heat, stack_id, row, opts)
-        return self._finish(client, heat, stack_id, self._reload(row), opts, _Watch())
+        return self._finish(client, heat, stack_id, self._reload(row), opts, watch)
 
     def _send(self, client: HeatClient, heat: HeatProcess, stack_id: str, row: RolloutRow,
               opts: RolloutOptions) -> None:
@@ -415,7 +445,10 @@ class Orchestrator:
         touched = self._touched(failed)
         after = {n: (self.history.last_good(n, before=failed.id) or failed.plan["before"][n]) if n in touched
                  else before[n] for n in nodes}
-        changing = [n for n in nodes if n in touched and after[n] != before[n]]
+        # a node whose rebuild failed before its switch still runs (or, stopped, still is on) its old release,
+        # but Heat holds the failed target for it and its state may be half migrated: it goes back through
+        # the chain too, so its rebuild restores the state if a contract migration began
+        changing = [n for n in nodes if n in touched and (after[n] != before[n] or not states[n].running)]
         # a short --gate-timeout may be what failed the rollout: the way back gets at least the default
         rb_opts = RolloutOptions(batch_size=opts.batch_size, gate_timeout=max(opts.gate_timeout, DEFAULT_GATE_TIMEOUT),
                                  rollback=False)
@@ -531,6 +564,10 @@ class Orchestrator:
         gate_res = resources.get(chain.gate_name(node, row.tag))
         if gate_res is not None and gate_res.action == "INIT":  # listed from the template, not created yet
             gate_res = None
+        if server is not None and server.status == "IN_PROGRESS":
+            watch.failed_before.discard(node)
+        if server is not None and server.status == "FAILED" and node in watch.failed_before:
+            server = None  # the failure of an earlier operation; this one has not reached the node yet
         if server is not None and node not in watch.rebuilding and node not in watch.rebuilt \
                 and server.status == "IN_PROGRESS":
             watch.rebuilding.add(node)
@@ -538,12 +575,14 @@ class Orchestrator:
             self._say(row, node, "rebuild", f"rebuilding {node} to {release}")
         if node not in watch.rebuilt and (gate_res is not None or (server is not None and server.status == "FAILED")):
             watch.rebuilt.add(node)
+            self._record_state(row, node)
             if self.history.step_status(row.id, node, "rebuild") in ("succeeded", "failed"):
                 pass  # recorded before a crash
             elif server is not None and server.status == "FAILED":
-                self.history.step(row.id, node, "rebuild", "failed", finished=now, reason=server.reason)
-                self._say(row, node, "failed", f"rebuild of {node} failed: {server.reason}")
-                watch.failure = watch.failure or f"rebuild of {node} to {release} failed: {server.reason}"
+                said = _heat_reason(server.reason)
+                self.history.step(row.id, node, "rebuild", "failed", finished=now, reason=said)
+                self._say(row, node, "failed", said)
+                watch.failure = watch.failure or said
             else:
                 attrs = client.attributes(stack_id, chain.server_name(node))
                 started = _float(attrs.get("rebuild_started")) or (None if node in watch.rebuilding else now)
@@ -604,6 +643,51 @@ class Orchestrator:
             if timed_out:
                 watch.failure = watch.failure or f"gate of {node} timed out after {row.options.get('gate_timeout')} s"
             self._say(row, node, "failed", f"{node} failed its gate on {release}: {watch.failure or gate_res.reason}")
+
+    def _rehearse(self, row: RolloutRow, node: str, upgrade: UpgradePlan) -> str | None:
+        """The migration path on a copy of ``node``'s state; the reason it failed, or None."""
+        self._say(row, node, "info", f"rehearsing the migrations on a copy of {node}'s state")
+        report = self.fleet.rehearse(node, upgrade)
+        started = time.time() - report.seconds
+        for s in report.steps:
+            self.history.migration(row.id, node, "rehearsal", started, release=s.release, migration=s.migration,
+                                   kind=s.kind, state_version=s.state_version, ok=s.ok and s.idempotent is not False,
+                                   seconds=s.seconds, output=s.output)
+            started += s.seconds + (s.rerun_seconds or 0)
+        if not report.ok:
+            return f"rehearsal failed: {report.problems[0]}"
+        self._say(row, node, "info", f"rehearsal passed: {len(report.steps)} step(s) on a copy of "
+                  f"{report.state_bytes / 1e6:.1f} MB in {report.seconds:.2f} s, each idempotent")
+        return None
+
+    def _record_state(self, row: RolloutRow, node: str) -> None:
+        """Copy what the node's rebuild did to its state (from the journal on its state partition) into the
+        history, in time order: snapshots, migration steps, restores."""
+        try:
+            record = self.fleet.state_record(node)
+        except (OSError, ValueError):
+            return
+        happened: list[tuple[float, Any]] = [(s.started, s) for s in record.steps if s.started >= row.started]
+        happened += [(e["at"], e) for e in record.events
+                     if e.get("at", 0) >= row.started and e.get("event") in ("snapshot", "restored")]
+        for at, x in sorted(happened, key=lambda h: h[0]):
+            if isinstance(x, dict):
+                phase = "snapshot" if x["event"] == "snapshot" else "restore"
+                if not self.history.migration(row.id, node, phase, at, state_version=x.get("version"), ok=True,
+                                              seconds=x.get("seconds"), output=json.dumps(x)):
+                    continue
+                if phase == "restore":
+                    self._say(row, node, "info", f"restored the state snapshot at version {x['version']} because "
+                              f"{x.get('because')} had run: changes made since the snapshot are gone")
+                else:
+                    self._say(row, node, "info", f"state snapshot at version {x['version']} taken and read back")
+            elif self.history.migration(row.id, node, "migration", at, release=x.release, migration=x.migration,
+                                        kind=x.kind, state_version=x.state_version, ok=x.ok,
+                                        seconds=None if x.finished is None else round(x.finished - x.started, 3),
+                                        output=x.output):
+                how = {True: "done", False: "FAILED"}.get(x.ok, "interrupted")
+                self._say(row, node, "info", f"migration {x.migration} ({x.kind}, from {x.release}) {how}: "
+                          f"state version {x.state_version if x.ok else record.version}")
 
     def _check_node(self, row: RolloutRow, node: str, release: str, watch: _Watch) -> Verdict:
         """The gate's checks: built-ins and shipped tests, then the resource hooks (verify_noapi, run while
@@ -722,6 +806,11 @@ class Orchestrator:
     def _say(self, row: RolloutRow, node: str | None, what: str, message: str) -> None:
         self.history.say(row.id, message, node)
         self.on_event(RolloutEvent(row.id, node, what, message))
+
+
+def _heat_reason(reason: str) -> str:
+    """A resource's failure without Heat's "Error: resources.NAME: " wrapping."""
+    return re.sub(r"^(\w+: )?resources\.[^:]+: ", "", reason)
 
 
 def _float(value: Any) -> float | None:

@@ -17,10 +17,17 @@ from imageupdate.history.db import History
 from imageupdate.images.fileindex import FileEntry
 from imageupdate.images.store import ImageStore
 from imageupdate.resources import heat_templates_dir
+from imageupdate.site import procs
 from imageupdate.site.site import LocalSite
-from imageupdate.site.unpack import unpacked_from
+from imageupdate.site.unpack import ensure_release, unpacked_from
+from imageupdate.upgrade import sandbox, state
+from imageupdate.upgrade.meta import Migration
+from imageupdate.upgrade.plan import UpgradePlan
+from imageupdate.upgrade.rehearse import Rehearsal, copy_state, rehearse
 from imageupdate.verify.builtin import Expectation
 from imageupdate.verify.checks import NodeTarget
+
+STEP_TIMEOUT = 600.0
 
 
 class SiteNotUp(InputError):
@@ -87,3 +94,33 @@ class LocalFleet:
     def connect(self) -> tuple[HeatClient, HeatProcess]:
         proc = self.heat.ensure()
         return HeatClient(proc.endpoint), proc
+
+    def state_record(self, node: str) -> state.StateRecord:
+        """The node's state version and migration journal, as kept on its state partition."""
+        return state.read(self.site.node(node).state_dir)
+
+    def state_file(self, node: str, path: str) -> str | None:
+        """A file of the node's state partition, by its path on the node (a registered state path)."""
+        release = self.site.node(node).record().current
+        state_paths = self.store.manifest(release).state_paths
+        if not any(path == p or path.startswith(p.rstrip("/") + "/") for p in state_paths):
+            return None
+        try:
+            return (self.site.node(node).state_dir / path.lstrip("/")).read_text(errors="replace")
+        except OSError:
+            return None
+
+    def rehearse(self, node: str, upgrade: UpgradePlan, step_timeout: float = STEP_TIMEOUT) -> Rehearsal:
+        """``upgrade``'s migrations on a copy of ``node``'s state (taken with the node frozen for the copy)."""
+        n = self.site.node(node)
+        work = self.path / "upgrade" / "rehearsal" / node
+
+        def copy(dst: Path) -> None:
+            with procs.frozen(n.record().pid):
+                copy_state(n.state_dir, dst)
+
+        def run_step(step: Migration, state_dir: Path) -> sandbox.RunResult:
+            tree = ensure_release(self.store, step.release, self.path / "releases")
+            return sandbox.run(tree, state_dir, [step.path], work / "sandbox", step_timeout)
+
+        return rehearse(node, upgrade, copy, work, run_step)

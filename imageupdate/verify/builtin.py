@@ -11,7 +11,9 @@ Pure functions of data, so each can be shown to fail in a unit test:
   finds them from ``/proc/*/exe`` and ``/proc/*/maps``;
 - ``config``: every file under ``/etc`` is the image's, except below the release's declared state paths
   (its overlays onto the state partition);
-- ``filesystems``: the root is mounted read-only and refuses a write; ``/mnt/state`` is mounted and takes one.
+- ``filesystems``: the root is mounted read-only and refuses a write; ``/mnt/state`` is mounted and takes one;
+- ``state-version``: the state's version (``/mnt/state/imageupdate/state.json``) is one the release's code
+  runs on: its own, or newer through expand steps only, with no migration left half done.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 
 from imageupdate.images.fileindex import FileEntry
 from imageupdate.images.manifest import ROOT_IMAGE, Manifest
+from imageupdate.upgrade import meta as upgrade_meta
+from imageupdate.upgrade import state
 
 # Mapped paths that are not code: shared memory, the node's own devices.
 NOT_CODE = ("/dev/", "/run/", "/proc/", "/sys/")
@@ -199,10 +203,29 @@ def check_filesystems(facts: dict[str, Any], want: Expectation) -> Finding:
     return True, f"/ read-only (write refused: {rw.get('error')}), /mnt/state read-write"
 
 
+def check_state_version(facts: dict[str, Any], want: Expectation) -> Finding:
+    meta = upgrade_meta.from_manifest(want.manifest.upgrade)
+    if meta is None:
+        return True, f"{want.release} declares no state version"
+    raw = facts.get("state_version")
+    if not raw:
+        return False, f"no {state.STATE_FILE} on /mnt/state: the state's version is unknown"
+    try:
+        data = json.loads(raw)
+        record = state.StateRecord(data.get("version"), [state.StepRecord(**x) for x in data.get("steps", [])])
+    except (ValueError, TypeError, AttributeError):
+        return False, f"{state.STATE_FILE} on /mnt/state is not a valid state record"
+    why = state.incompatible(record, want.release, meta)
+    if why:
+        return False, why
+    return True, f"state version {record.version} (release {want.release} needs {meta.state_version})"
+
+
 BUILTIN: list[tuple[str, Callable[[dict[str, Any], Expectation], Finding]]] = [
     ("release", check_release),
     ("services", check_services),
     ("stale-code", check_stale_code),
     ("config", check_config),
     ("filesystems", check_filesystems),
+    ("state-version", check_state_version),
 ]

@@ -220,6 +220,7 @@ def main() -> None:
         "code": hashes(c for c in code if c.startswith("/")),
         "etc": etc_tree(),
         "tests": tests(),
+        "state_version": read("/mnt/state/imageupdate/state.json"),
     }
     json.dump(doc, sys.stdout)
 

@@ -278,10 +278,11 @@ def test_a_healthy_node_passes_builtins_then_tests_in_order() -> None:
     v = verify_node(TARGET, expectation(), run=node)
     assert v.ok, v.reason
     assert [r.name for r in v.results] == ["facts", "release", "services", "stale-code", "config", "filesystems",
+                                           "state-version",
                                            "test:10-a", "test:20-b"]
     assert v.results[-1].output == "exit status 0"
     assert node.calls[1:] == [[f"{TESTS_DIR}/10-a"], [f"{TESTS_DIR}/20-b"]]
-    assert v.reason == "node0 on R2: 8 checks passed" and v.finished is not None and v.finished >= v.started
+    assert v.reason == "node0 on R2: 9 checks passed" and v.finished is not None and v.finished >= v.started
 
 
 def test_a_failing_shipped_test_is_named_in_the_reason() -> None:
