@@ -3,8 +3,7 @@
 checks cost per node, side by side in one run.
 
 The CLI as a user runs it (``imageupdate rollout R2 --site DIR --json``): each measured rollout is the
-upgrade R1 -> R2 on a fresh site (the sample workload cannot go R2 -> R1 -> R2 without losing what it
-wrote on R1 in between, which its resource hook rightly fails), in these scenarios:
+upgrade R1 -> R2 on a fresh site (each measured rollout starts from the same state), in these scenarios:
 
 * ``probe 50 ms``: the default probe (an HTTP GET of /health on each node every 50 ms);
 * ``probe 20 ms``: a finer probe, to see how much of the figure is probe granularity;
@@ -35,7 +34,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_DOWNTIME = 1.0
-BUILTIN = ("release", "services", "stale-code", "config", "filesystems")
+BUILTIN = ("release", "services", "stale-code", "config", "filesystems", "state-version")
 
 
 @dataclass

@@ -74,7 +74,7 @@ def make_root_tar(path: Path, release: str = "R1", *, extra: dict[str, bytes] | 
         if kernel:
             _add(tf, f"./lib/modules/{kernel}", kind=tarfile.DIRTYPE, mode=0o755, mtime=mtime)
         for name in sorted(files, reverse=reverse):
-            mode = 0o755 if "/tests/" in name or name.endswith(".11") else 0o644
+            mode = 0o755 if "/tests/" in name or "/migrations/" in name or name.endswith(".11") else 0o644
             _add(tf, name, files[name], mode=mode, mtime=mtime)
         _add(tf, "./usr/bin/python3", kind=tarfile.SYMTYPE, link="python3.11", mtime=mtime)
         _add(tf, "./dev", kind=tarfile.DIRTYPE, mode=0o755, mtime=mtime)

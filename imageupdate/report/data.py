@@ -67,7 +67,10 @@ def _operation(history: History, row: RolloutRow) -> dict[str, Any]:
                 prev["finished"] = p["finished"]
     hooks = [{k: h[k] for k in ("script", "phase", "node", "started", "seconds", "output")} | {"ok": bool(h["ok"])}
              for h in history.hooks(row.id)]
-    return {"rollout": row.to_dict(), "nodes": list(nodes.values()), "hooks": hooks,
+    migrations = [{k: m[k] for k in ("node", "phase", "release", "migration", "kind", "state_version", "started",
+                                     "seconds", "output")} | {"ok": None if m["ok"] is None else bool(m["ok"])}
+                  for m in history.migrations(row.id)]
+    return {"rollout": row.to_dict(), "nodes": list(nodes.values()), "hooks": hooks, "migrations": migrations,
             "log": [{k: e[k] for k in ("at", "node", "message")} for e in history.log(row.id)]}
 
 

@@ -1,8 +1,9 @@
 """One self-contained HTML page for a rollout: no scripts, no external files, readable offline.
 
-Sections: a summary (status, reason, downtime), per node a timeline (stop, boot, checks, gate, and the
-probe's outages drawn over them), the checks of each node with their output (failed ones first and open),
-the resource hooks, the rollback if there was one, and the log.
+Sections: a summary (status, reason, downtime), per node a timeline (stop, state migrations, boot, checks,
+gate, and the probe's outages drawn over them), the state migrations (rehearsal, snapshot, steps, restore),
+the checks of each node with their output (failed ones first and open), the resource hooks, the rollback if
+there was one, and the log.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ pre{background:#f7f7f7;padding:6px;margin:0;white-space:pre-wrap;max-height:16em
 margin-right:4px;vertical-align:middle}
 svg text{font:11px system-ui,sans-serif}
 """
-COLOURS = {"stop": "#9e9e9e", "boot": "#1e6fd9", "checks": "#e0a100", "gate": "#17692e", "gate-failed": "#b3261e",
-           "down": "#b3261e"}
+COLOURS = {"stop": "#9e9e9e", "migrate": "#7b3fb5", "boot": "#1e6fd9", "checks": "#e0a100", "gate": "#17692e",
+           "gate-failed": "#b3261e", "down": "#b3261e"}
 
 
 def _t(at: float | None) -> str:
@@ -53,7 +54,11 @@ def _segments(n: dict[str, Any]) -> list[tuple[str, float, float]]:
     rb, gate, verdict = n.get("rebuild") or {}, n.get("gate") or {}, n.get("verdict") or {}
     phases = rb.get("phases") or {}
     begun = phases.get("begun") or rb.get("started")
-    if begun and phases.get("switched"):
+    if begun and phases.get("switched") and phases.get("migrated") and phases.get("stopped"):
+        segs.append(("stop", begun, phases["stopped"]))
+        segs.append(("migrate", phases["stopped"], phases["switched"]))
+        segs.append(("boot", float(phases["switched"]), float(phases.get("ready") or phases["switched"])))
+    elif begun and phases.get("switched"):
         segs.append(("stop", begun, phases["switched"]))
         ready = phases.get("ready") or rb.get("finished") or phases["switched"]
         segs.append(("boot", float(phases["switched"]), float(ready)))
@@ -154,6 +159,22 @@ def _hooks(hooks: list[dict[str, Any]]) -> str:
     return "".join(out)
 
 
+def _migrations(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return '<p class="muted">no state migrations</p>'
+    out = ['<table class="migrations"><tr><th>at</th><th>node</th><th>phase</th><th>release</th><th>migration</th>'
+           '<th>kind</th><th>state version</th><th>result</th><th>seconds</th><th>output</th></tr>']
+    for m in rows:
+        result = _ok(m["ok"], "done", "failed") if m["ok"] is not None else '<span class="fail">interrupted</span>'
+        out.append(f'<tr><td>{_t(m["started"])}</td><td>{escape(m["node"])}</td><td>{escape(m["phase"])}</td>'
+                   f'<td>{escape(m["release"] or "-")}</td><td>{escape(m["migration"] or "-")}</td>'
+                   f'<td>{escape(m["kind"] or "-")}</td><td>{m["state_version"] if m["state_version"] else "-"}</td>'
+                   f'<td>{result}</td><td>{_secs(m["seconds"])}</td><td><pre>{escape(m["output"] or "")}</pre></td>'
+                   '</tr>')
+    out.append("</table>")
+    return "".join(out)
+
+
 def _log(log: list[dict[str, Any]]) -> str:
     rows = "".join(f'<tr><td>{_t(e["at"])}</td><td>{escape(e["node"] or "")}</td><td>{escape(e["message"])}</td></tr>'
                    for e in log)
@@ -169,6 +190,7 @@ def _operation(op: dict[str, Any], heading: str) -> str:
             + (f'<p class="reason">{escape(r["reason"])}</p>' if r["reason"] else "")
             + "<h3>Timeline</h3>" + _timeline(op["nodes"], f"timeline of {title}")
             + "<h3>Nodes</h3>" + _node_table(op["nodes"])
+            + "<h3>State migrations</h3>" + _migrations(op.get("migrations") or [])
             + "<h3>Checks</h3>" + _checks(op["nodes"])
             + "<h3>Resource hooks</h3>" + _hooks(op["hooks"])
             + "<h3>Log</h3>" + _log(op["log"]) + "</section>")

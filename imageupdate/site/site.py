@@ -228,9 +228,14 @@ class LocalSite:
             raise SiteAlreadyUp(f"site {self.path} is already up; see 'imageupdate site status'")
         self._clear_stale()
         self.net().create_bridge()
+        stopped = []
         for node in self.nodes():
-            node.recover()
-        self._wait_ready()
+            said = node.recover()
+            if said and "stays stopped" in said:
+                stopped.append(f"{node.name} {said[said.index('stays stopped'):]}")
+        self._wait_ready(skip={s.split()[0] for s in stopped})
+        if stopped:  # the rest of the site is up; these need a rollback or a resume
+            raise OperationError(f"site up, but {'; '.join(stopped)}", node=stopped[0].split()[0], step="start")
         return self._status()
 
     def _require_bootable(self, release: str) -> None:
@@ -246,10 +251,10 @@ class LocalSite:
         """SSH and the declared services' ports, recorded in site.json at creation."""
         return [22, *(int(p) for p in self.config().get("ports", []))]  # type: ignore[attr-defined]
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, skip: set[str] | None = None) -> None:
         ports = self._ready_ports()
         for node in self.nodes():
-            if not node.wait_ready(ports):
+            if node.name not in (skip or set()) and not node.wait_ready(ports):
                 raise OperationError(f"node {node.name} did not answer on ports {ports} within 30 s "
                                      f"(console: {node.dir / 'console.log'})", node=node.name, step="boot")
 

@@ -62,3 +62,14 @@ def releases(store_dir: Path) -> Iterator[dict[str, dict]]:  # type: ignore[type
         proc = imageupdate("build", release, "-e", element, "--store", str(store_dir), "--json", check=True)
         built[release] = json.loads(proc.stdout)
     yield built
+
+
+@pytest.fixture(scope="session")
+def upgrade_releases(releases: dict, store_dir: Path) -> dict[str, dict]:  # type: ignore[type-arg]
+    """R3, R4 and R4-badmig (R4 with a contract migration that fails half way) on top of R1 and R2."""
+    built: dict[str, dict] = {}  # type: ignore[type-arg]
+    for release, element in (("R3", "sample-workload-v3"), ("R4", "sample-workload-v4"),
+                             ("R4-badmig", "sample-workload-broken-migration")):
+        proc = imageupdate("build", release, "-e", element, "--store", str(store_dir), "--json", check=True)
+        built[release] = json.loads(proc.stdout)
+    return built

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import tarfile
 from pathlib import Path
@@ -103,3 +104,32 @@ def test_same_content_packs_to_identical_bytes(tmp_path: Path) -> None:
 def test_parse_dpkg_status_ignores_continuation_lines() -> None:
     pk = packer.parse_dpkg_status("Package: a\nStatus: install ok installed\nVersion: 1\nDescription: x\n Foo: bar\n")
     assert pk == {"a": {"version": "1", "arch": ""}}
+
+
+UPGRADE = {"version": "2", "state_version": 2,
+           "migrations": [{"name": "0002-convert", "state_version": 2, "kind": "contract"}]}
+
+
+def _pack_with(tmp_path: Path, extra: dict[str, bytes]) -> packer.TreeFacts:
+    out = tmp_path / "out"
+    out.mkdir()
+    return packer.pack(make_root_tar(tmp_path / "dib.tar", extra=extra), out, EPOCH)
+
+
+def test_upgrade_metadata_is_read_and_checked_against_the_shipped_migrations(tmp_path: Path) -> None:
+    facts = _pack_with(tmp_path, {"./usr/share/imageupdate/upgrade.json": json.dumps(UPGRADE).encode(),
+                                  "./usr/share/imageupdate/migrations/0002-convert": b"#!/bin/sh\n"})
+    assert facts.upgrade_problems == [] and facts.upgrade == UPGRADE
+    assert [m["name"] for m in facts.migrations] == ["0002-convert"]
+
+
+@pytest.mark.parametrize("extra, problem", [
+    ({"./usr/share/imageupdate/upgrade.json": b"{not json"}, "is not valid JSON"),
+    ({"./usr/share/imageupdate/upgrade.json": json.dumps(UPGRADE).encode()}, "0002-convert is not shipped"),
+    ({"./usr/share/imageupdate/upgrade.json": json.dumps({**UPGRADE, "migrations": []}).encode(),
+      "./usr/share/imageupdate/migrations/0002-convert": b"#!/bin/sh\n"}, "is shipped but not listed"),
+])
+def test_invalid_upgrade_metadata_is_a_problem_not_a_manifest(tmp_path: Path, extra: dict[str, bytes],
+                                                              problem: str) -> None:
+    facts = _pack_with(tmp_path, extra)
+    assert facts.upgrade is None and any(problem in p for p in facts.upgrade_problems), facts.upgrade_problems

@@ -75,3 +75,22 @@ def test_unknown_rollouts_are_bad_input(tmp_path: Path) -> None:
         collect(h, 42)
     assert "no rollout 42 in" in str(exc.value) and "the newest is 2" in str(exc.value)
     assert exc.value.exit_code == 2
+
+
+def test_state_migrations_are_shown_with_their_own_timeline_segment(tmp_path: Path) -> None:
+    h = History(tmp_path / "history.sqlite")
+    ro, rb = failed_rollout_with_rollback(h)
+    h.step(ro, "node1", "rebuild", "failed", started=110.0, finished=111.0,
+           data={"phases": {"begun": 110.0, "stopped": 110.1, "migrated": 110.6, "switched": 110.6,
+                            "ready": 110.9}})
+    h.migration(ro, "node1", "snapshot", 110.1, state_version=1, ok=True, seconds=0.05)
+    h.migration(ro, "node1", "migration", 110.2, release="R2", migration="0002-<x>", kind="contract",
+                state_version=2, ok=False, seconds=0.3, output="cannot convert <kv>")
+    assert not h.migration(ro, "node1", "snapshot", 110.1, state_version=1, ok=True)  # recorded once
+    h.migration(rb, "node1", "restore", 112.0, state_version=1, ok=True, seconds=0.1)
+    doc = collect(h, ro)
+    assert [(m["phase"], m["ok"]) for m in doc["migrations"]] == [("snapshot", True), ("migration", False)]
+    assert [m["phase"] for m in doc["rollback"]["migrations"]] == ["restore"]
+    page = render_page(doc)
+    assert 'class="seg migrate"' in page and "0002-&lt;x&gt;" in page and "cannot convert &lt;kv&gt;" in page
+    assert "<h3>State migrations</h3>" in page

@@ -4,6 +4,7 @@ verify_node's flow with a fake SSH runner (facts, built-ins, shipped tests, the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -353,3 +354,36 @@ def test_shipped_tests_are_validated_at_build_time() -> None:
         "/usr/share/imageupdate/tests/30-text is neither a #! script nor an ELF binary",
     ]
     assert shipped_test_problems(copy.deepcopy(tests[:1])) == []
+
+
+def versioned(state_version: int = 3) -> Expectation:
+    want = expectation()
+    upgrade = {"version": "3", "state_version": state_version,
+               "migrations": [{"name": "0003-add", "state_version": 3, "kind": "expand"}]}
+    return Expectation(want.release, dataclasses.replace(want.manifest, upgrade=upgrade), want.index, want.artifact)
+
+
+def state_json(version: int, *steps: tuple[str, int, str, bool | None]) -> str:
+    return json.dumps({"version": version, "steps": [
+        {"release": "R", "migration": m, "state_version": sv, "kind": kind, "started": 1.0,
+         "finished": None if ok is None else 2.0, "ok": ok} for m, sv, kind, ok in steps]})
+
+
+def test_the_state_version_must_be_one_the_release_runs_on() -> None:
+    facts = healthy()
+    assert run("state-version", facts)[0]  # a release without upgrade metadata: nothing to hold it to
+    facts["state_version"] = state_json(3, ("0003-add", 3, "expand", True))
+    ok, said = run("state-version", facts, versioned())
+    assert ok and said == "state version 3 (release R2 needs 3)"
+    facts["state_version"] = state_json(2)
+    assert run("state-version", facts, versioned()) == (False, "the state is at version 2 and R2 needs 3: its "
+                                                               "migrations have not run")
+    facts["state_version"] = state_json(4, ("0004-drop", 4, "contract", True))
+    ok, said = run("state-version", facts, versioned())
+    assert not ok and "contract migration 0004-drop" in said
+    facts["state_version"] = state_json(3, ("0003-add", 3, "expand", None))
+    assert "was interrupted" in run("state-version", facts, versioned())[1]
+    facts["state_version"] = None
+    assert run("state-version", facts, versioned())[1].startswith("no imageupdate/state.json on /mnt/state")
+    facts["state_version"] = "{]"
+    assert not run("state-version", facts, versioned())[0]
