@@ -64,6 +64,14 @@ def manifest(m: Manifest) -> Group:
         Text(f"tests        {' '.join(t['name'] for t in m.tests) or 'none'}"),
         Text(f"migrations   {' '.join(x['name'] for x in m.migrations) or 'none'}"),
     ]
+    up = m.upgrade
+    if up:
+        steps = ", ".join(f"{x['name']} ({x['kind']})" for x in up.get("migrations", [])) or "no migrations"
+        lines.append(Text(f"upgrade      version {up['version']}, state version {up['state_version']}"
+                          + (f", upgrades from {up['min_from']} or later" if up.get("min_from") else "")
+                          + f"; {steps}"))
+    else:
+        lines.append(Text("upgrade      no upgrade metadata (a plain image swap)"))
     arts = table("ARTIFACT", "SIZE", "SHA256")
     for name, a in sorted(m.artifacts.items()):
         arts.add_row(name, _mib(a.size), a.sha256)
