@@ -133,8 +133,8 @@ class Migrator:
 
     def _run(self, step: Migration) -> sandbox.RunResult:
         rec = state.read(self.state_dir)
-        rec.steps = [s for s in rec.steps if not (s.finished is None and s.migration == step.name
-                                                 and s.release == step.release)]
+        # an interrupted run of this step (or of another release's step to the same version) is superseded
+        rec.steps = [s for s in rec.steps if not (s.finished is None and s.state_version == step.state_version)]
         record = state.StepRecord(step.release, step.name, step.state_version, step.kind, time.time())
         rec.steps.append(record)
         state.write(self.state_dir, rec)
