@@ -40,7 +40,9 @@ def test_manifests_say_what_is_inside(releases: dict, store_dir: Path) -> None: 
     assert [t["name"] for t in r1["tests"]] == ["10-service-health", "20-data-roundtrip"]
     assert all(t["executable"] for t in r1["tests"])
     assert r1["migrations"] == [] and [m["name"] for m in r2["migrations"]] == ["0002-json-to-sqlite"]
-    assert r1["state_paths"] == ["/var/log", "/var/lib/sample-workload"]
+    assert r1["state_paths"] == ["/var/log", "/var/lib/sample-workload", "/etc/sample-workload"]
+    assert (r1["upgrade"]["version"], r1["upgrade"]["state_version"], r1["upgrade"]["migrations"]) == ("1", 1, [])
+    assert r2["upgrade"]["migrations"] == [{"name": "0002-json-to-sqlite", "state_version": 2, "kind": "contract"}]
     assert r1["environment"]["DIB_IMAGEUPDATE_RELEASE"] == "R1"
     root = r1["artifacts"]["root.tar.zst"]
     assert root["size"] == (store_dir / "R1" / "root.tar.zst").stat().st_size
