@@ -157,7 +157,8 @@ def test_a_hanging_hook_is_cut_off_and_nothing_is_touched(site: Path, store_dir:
     hang.mkdir()
     (hang / "10-hang").write_text("#!/bin/sh\n[ \"$1\" = create ] && exec sleep 600\nexit 0\n")
     (hang / "10-hang").chmod(0o755)
-    proc = cli(site, store_dir, "rollout", "R1", "--resources", str(hang), "--hook-timeout", "2")
+    # R-broken: the same version as R2 (no migration), so only the hook stands in the way
+    proc = cli(site, store_dir, "rollout", "R-broken", "--resources", str(hang), "--hook-timeout", "2")
     assert proc.returncode == 1
     out = json.loads(proc.stdout)
     assert out["status"] == "failed"
