@@ -647,17 +647,23 @@ class Orchestrator:
     def _rehearse(self, row: RolloutRow, node: str, upgrade: UpgradePlan) -> str | None:
         """The migration path on a copy of ``node``'s state; the reason it failed, or None."""
         self._say(row, node, "info", f"rehearsing the migrations on a copy of {node}'s state")
+        began = time.time()
         report = self.fleet.rehearse(node, upgrade)
-        started = time.time() - report.seconds
+        summary = {k: getattr(report, k) for k in ("state_bytes", "copy_seconds", "prepare_seconds", "seconds")}
+        self.history.migration(row.id, node, "rehearsal", began, ok=report.ok, seconds=report.seconds,
+                               output=json.dumps(summary | {"problems": report.problems}))
+        started = began + report.copy_seconds + report.prepare_seconds
         for s in report.steps:
+            took = s.seconds + (s.rerun_seconds or 0.0)
             self.history.migration(row.id, node, "rehearsal", started, release=s.release, migration=s.migration,
                                    kind=s.kind, state_version=s.state_version, ok=s.ok and s.idempotent is not False,
-                                   seconds=s.seconds, output=s.output)
-            started += s.seconds + (s.rerun_seconds or 0)
+                                   seconds=round(took, 3), output=s.output)
+            started += took
         if not report.ok:
             return f"rehearsal failed: {report.problems[0]}"
-        self._say(row, node, "info", f"rehearsal passed: {len(report.steps)} step(s) on a copy of "
-                  f"{report.state_bytes / 1e6:.1f} MB in {report.seconds:.2f} s, each idempotent")
+        self._say(row, node, "info", f"rehearsal passed in {report.seconds:.2f} s: {len(report.steps)} step(s), each "
+                  f"run twice on a copy of {report.state_bytes / 1e6:.1f} MB (copied in {report.copy_seconds:.2f} s, "
+                  f"images unpacked in {report.prepare_seconds:.2f} s)")
         return None
 
     def _record_state(self, row: RolloutRow, node: str) -> None:
@@ -673,8 +679,9 @@ class Orchestrator:
         for at, x in sorted(happened, key=lambda h: h[0]):
             if isinstance(x, dict):
                 phase = "snapshot" if x["event"] == "snapshot" else "restore"
+                took = (x.get("seconds") or 0.0) + (x.get("verify_seconds") or 0.0)  # a snapshot counts its read-back
                 if not self.history.migration(row.id, node, phase, at, state_version=x.get("version"), ok=True,
-                                              seconds=x.get("seconds"), output=json.dumps(x)):
+                                              seconds=round(took, 3), output=json.dumps(x)):
                     continue
                 if phase == "restore":
                     self._say(row, node, "info", f"restored the state snapshot at version {x['version']} because "

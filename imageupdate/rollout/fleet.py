@@ -123,4 +123,8 @@ class LocalFleet:
             tree = ensure_release(self.store, step.release, self.path / "releases")
             return sandbox.run(tree, state_dir, [step.path], work / "sandbox", step_timeout)
 
-        return rehearse(node, upgrade, copy, work, run_step)
+        def prepare() -> None:
+            for release in upgrade.releases:
+                ensure_release(self.store, release, self.path / "releases")
+
+        return rehearse(node, upgrade, copy, work, run_step, prepare)

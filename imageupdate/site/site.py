@@ -306,10 +306,12 @@ class LocalSite:
             self._require_bootable(release)
             ensure_release(self.store, release, self.path / "releases")
             change = StateChange()
+            migrator = self.migrator(node)
+            migrator.prefetch(node.record().current, release)
 
             def prepare(current: str, target: str) -> None:
                 nonlocal change
-                change = self.migrator(node).prepare(current, target)
+                change = migrator.prepare(current, target)
 
             phases = node.rebuild(release, prepare)
             if not node.wait_ready(self._ready_ports()):

@@ -94,6 +94,18 @@ class Migrator:
             self._backward(current, target, tgt, change)
         return change
 
+    def prefetch(self, current: str, target: str) -> list[str]:
+        """Unpack every release whose migrations the path to ``target`` runs, before the node stops (an unpack
+        is seconds; the node should not be down for it). Returns those releases."""
+        tgt = self.meta(target)
+        version = state.read(self.state_dir).version
+        if tgt is None or version is None or version >= tgt.state_version:
+            return []
+        path = plan_path(catalog(self.store), current, version, target, self.preferred, str(self.store.root))
+        for release in path.releases:
+            ensure_release(self.store, release, self.releases_dir)
+        return path.releases
+
     @staticmethod
     def _forward_of(rec: state.StateRecord, tgt: ReleaseMeta) -> bool:
         return all(s.state_version <= tgt.state_version for s in rec.interrupted())

@@ -38,7 +38,7 @@ class StepRehearsal:
     state_version: int
     ok: bool
     seconds: float
-    rerun_seconds: float | None = None
+    rerun_seconds: float | None = None  # the second run and the two comparisons of the state
     idempotent: bool | None = None
     changed: list[str] = field(default_factory=list)  # what the second run changed
     output: str = ""
@@ -52,6 +52,7 @@ class Rehearsal:
     to_state: int | None
     state_bytes: int
     copy_seconds: float
+    prepare_seconds: float = 0.0  # unpacking the releases' images, once per site
     steps: list[StepRehearsal] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -114,8 +115,9 @@ def copy_state(src: Path, dst: Path) -> None:
 
 
 def rehearse(node: str, upgrade: UpgradePlan, copy: Callable[[Path], None], workdir: Path,
-             run_step: RunStep) -> Rehearsal:
-    """``copy(dst)`` fills ``dst`` with the node's state; ``run_step(step, state_dir)`` runs one step."""
+             run_step: RunStep, prepare: Callable[[], object] | None = None) -> Rehearsal:
+    """``copy(dst)`` fills ``dst`` with the node's state; ``run_step(step, state_dir)`` runs one step;
+    ``prepare()`` makes the releases' images ready (unpacks them), timed apart."""
     shutil.rmtree(workdir, ignore_errors=True)
     state_dir = workdir / "state"
     state_dir.mkdir(parents=True)
@@ -125,6 +127,10 @@ def rehearse(node: str, upgrade: UpgradePlan, copy: Callable[[Path], None], work
         size = sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file() and not f.is_symlink())
         report = Rehearsal(node, upgrade.target, upgrade.from_state, upgrade.to_state, size,
                            round(time.monotonic() - t0, 3))
+        if prepare is not None:
+            t1 = time.monotonic()
+            prepare()
+            report.prepare_seconds = round(time.monotonic() - t1, 3)
         for step in upgrade.steps:
             first = run_step(step, state_dir)
             result = StepRehearsal(step.release, step.name, step.kind, step.state_version, first.ok,
@@ -132,10 +138,11 @@ def rehearse(node: str, upgrade: UpgradePlan, copy: Callable[[Path], None], work
             report.steps.append(result)
             if not first.ok:
                 break
+            t1 = time.monotonic()
             before = digest(state_dir)
             again = run_step(step, state_dir)
-            result.rerun_seconds = round(again.seconds, 3)
             result.changed = changed(before, digest(state_dir))
+            result.rerun_seconds = round(time.monotonic() - t1, 3)
             result.idempotent = again.ok and not result.changed
             if not again.ok:
                 result.output += f"\n(second run failed: {_last(again.output)})"

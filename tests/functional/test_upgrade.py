@@ -96,8 +96,10 @@ def test_skip_level_rollout_runs_every_migration_in_order_and_keeps_the_data(sit
     rid = result["rollout"]["id"]
     rows = query(site, "SELECT node, phase, release, migration, kind, state_version, ok FROM migrations "
                        "WHERE rollout = ? ORDER BY started, id", rid)
-    rehearsal = [tuple(r)[2:] for r in rows if r["phase"] == "rehearsal"]
-    assert [r[1] for r in rehearsal] == ["0002-json-to-sqlite", "0003-add-created", "0004-kv-to-entries"]
+    rehearsal = [r for r in rows if r["phase"] == "rehearsal"]
+    assert [r["migration"] for r in rehearsal] == ["", "0002-json-to-sqlite", "0003-add-created",
+                                                   "0004-kv-to-entries"]  # the whole, then each step
+    assert all(r["ok"] == 1 for r in rehearsal)
     for n in addrs:
         mine = [(r["phase"], r["release"], r["migration"], r["state_version"], r["ok"]) for r in rows
                 if r["node"] == n and r["phase"] != "rehearsal"]
