@@ -203,6 +203,8 @@ class Plane:
             "heat/heat.conf": (
                 f"[DEFAULT]\ntransport_url = {transport}\nnum_engine_workers = 1\n"
                 "auth_encryption_key = 0123456789abcdef0123456789abcdef\n"
+                "stack_user_domain_name = heat\nstack_domain_admin = heat_domain_admin\n"
+                f"stack_domain_admin_password = {PASSWORD}\n"
                 f"log_file = {self.logs / 'heat-app.log'}\n"
                 f"[database]\nconnection = {self.db('heat')}\n" + authtoken("heat")
                 + creds("trustee", "heat").replace("project_name = service\n", "")
@@ -255,6 +257,9 @@ class Plane:
             u = ident.create_user(name=user, password=PASSWORD, domain_id="default")
             for role in (admin_role, service_role):
                 ident.assign_project_role_to_user(service_project, u, role)
+        heat_domain = ident.create_domain(name="heat", description="Heat's stack users (wait condition handles)")
+        domain_admin = ident.create_user(name="heat_domain_admin", password=PASSWORD, domain_id=heat_domain.id)
+        ident.assign_domain_role_to_user(heat_domain, domain_admin, admin_role)
         for role in ("heat_stack_owner", "heat_stack_user", "member"):
             if ident.find_role(role) is None:
                 ident.create_role(name=role)
@@ -325,16 +330,19 @@ class Plane:
 
 
     def stragglers(self) -> list[int]:
-        """Live processes whose command line or environment names this plane's directory."""
+        """Live processes whose command line names this plane's directory, and RabbitMQ's (its environment
+        does). Not any process whose environment mentions the directory: nodes the Nova driver started belong
+        to their site and outlive the plane."""
         me, found = os.getpid(), []
         needle = str(self.root).encode()
+        rabbit = f"RABBITMQ_MNESIA_BASE={self.root / 'rabbit' / 'mnesia'}".encode()
         for d in Path("/proc").iterdir():
             if not d.name.isdigit() or int(d.name) == me:
                 continue
             try:
                 if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
                     continue
-                if needle in (d / "cmdline").read_bytes() or needle in (d / "environ").read_bytes():
+                if needle in (d / "cmdline").read_bytes() or rabbit in (d / "environ").read_bytes():
                     found.append(int(d.name))
             except OSError:
                 continue

@@ -79,6 +79,13 @@ class LocalSiteDriver(fake.FakeDriverWithoutFakeNodes):
         if proc.returncode != 0:
             said = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
             raise exception.NovaException(f"node {node} could not be swapped to {release}: {said}")
+        try:
+            address = json.loads(proc.stdout).get("address")
+        except ValueError:
+            address = None
+        if address and instance.access_ip_v4 != address:  # how the orchestrator reaches the node (no Neutron here)
+            instance.access_ip_v4 = address
+            instance.save()
         self._record(instance.uuid, {"name": instance.name, "node": node, "release": release})
 
     # the driver interface ------------------------------------------------------------------------------------
