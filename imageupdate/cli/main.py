@@ -19,6 +19,8 @@ from imageupdate.build.builder import Builder, BuildEvent, BuildRequest
 from imageupdate.build.elements import DEFAULT_OS_ELEMENT
 from imageupdate.cli import render
 from imageupdate.cli.output import Output
+from imageupdate.cloud.fleet import DEFAULT_ROOT as DEFAULT_CLOUD_ROOT
+from imageupdate.cloud.fleet import CloudConfig, CloudFleet
 from imageupdate.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ImageUpdateError, InputError
 from imageupdate.heat.service import HeatProcess
 from imageupdate.images.store import ImageStore
@@ -55,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common()
     site_opt = _Parser(add_help=False)
     site_opt.add_argument("--site", type=Path, default=argparse.SUPPRESS, metavar="DIR",
-                          help="site directory (default: $IMAGEUPDATE_SITE or /var/lib/imageupdate/site)")
+                          help="site directory (default: $IMAGEUPDATE_SITE or /var/lib/imageupdate/site; with "
+                               "--cloud, where the fleet's history is kept: /var/lib/imageupdate/clouds/NAME)")
+    site_opt.add_argument("--cloud", default=argparse.SUPPRESS, metavar="NAME",
+                          help="drive the fleet on this cloud of clouds.yaml instead of the local site "
+                               "(default: $OS_CLOUD when set)")
     parser = _Parser(prog="imageupdate", parents=[common],
                      description="Image-based, immutable fleet updates through OpenStack Heat.")
     parser.add_argument("--version", action="version", version=f"imageupdate {version()}")
@@ -104,6 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     rb.set_defaults(func=cmd_site_rebuild)
 
     _add_rollout_commands(sub, common, site_opt)
+    cloud = sub.add_parser("cloud", parents=[common], help="a fleet of Nova servers on a cloud of clouds.yaml")
+    csub = cloud.add_subparsers(dest="cloud_command", required=True, parser_class=_Parser)
+    cu = csub.add_parser("up", parents=[common, site_opt],
+                         help="create the fleet's Heat stack: N servers on a release (uploaded to Glance)")
+    cu.add_argument("--nodes", type=int, required=True, metavar="N")
+    cu.add_argument("--release", required=True, metavar="R")
+    cu.add_argument("--flavor", required=True, help="Nova flavor, with an ephemeral disk for the state")
+    cu.add_argument("--ssh-key", required=True, metavar="FILE", help="private key the servers accept (as root)")
+    cu.add_argument("--key-name", help="Nova key pair to inject")
+    cu.add_argument("--network", help="Neutron network name or id, or 'none' (default: the cloud's default)")
+    cu.add_argument("--ssh-user", default="root")
+    cu.add_argument("--stack", help="stack name (default imageupdate-CLOUD)")
+    cu.add_argument("--prefix", default="node", help="server names: PREFIX0, PREFIX1, ... (default node)")
+    cu.set_defaults(func=cmd_cloud_up)
 
     d = isub.add_parser("diff", parents=[common], help="compare two releases")
     d.add_argument("old")
@@ -317,8 +337,41 @@ def cmd_site_rebuild(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def _cloud_name(args: argparse.Namespace) -> str | None:
+    return getattr(args, "cloud", None) or os.environ.get("OS_CLOUD") or None
+
+
+def _fleet(args: argparse.Namespace) -> Any:
+    """The local site's fleet, or with --cloud (or $OS_CLOUD) the fleet on that cloud."""
+    cloud = _cloud_name(args)
+    if cloud is None:
+        return LocalFleet(_site(args))
+    path = getattr(args, "site", None) or DEFAULT_CLOUD_ROOT / cloud
+    return CloudFleet(Path(path), _store(args), cloud)
+
+
 def _orchestrator(args: argparse.Namespace, out: Output) -> Orchestrator:
-    return Orchestrator(LocalFleet(_site(args)), on_event=out.event)
+    return Orchestrator(_fleet(args), on_event=out.event)
+
+
+def cmd_cloud_up(args: argparse.Namespace, out: Output) -> int:
+    cloud = _cloud_name(args)
+    if cloud is None:
+        raise InputError("cloud up needs --cloud NAME (a cloud of clouds.yaml) or $OS_CLOUD")
+    if args.nodes < 1:
+        raise InputError(f"--nodes must be at least 1, not {args.nodes}")
+    if not Path(args.ssh_key).is_file():
+        raise InputError(f"--ssh-key {args.ssh_key} is not a file: the private key the servers accept")
+    networks = None if args.network is None else (
+        [{"allocate_network": "none"}] if args.network == "none" else [{"network": args.network}])
+    fleet = _fleet(args)
+    cfg = CloudConfig(cloud=cloud, stack=args.stack or f"imageupdate-{cloud}", flavor=args.flavor,
+                      ssh_key=str(Path(args.ssh_key).resolve()), networks=networks, key_name=args.key_name,
+                      ssh_user=args.ssh_user, nodes=[f"{args.prefix}{i}" for i in range(args.nodes)])
+    said = fleet.up(cfg, args.release)
+    out.result({"cloud": cloud, "stack": cfg.stack, "nodes": cfg.nodes, "release": args.release,
+                "directory": str(fleet.path)}, said)
+    return EXIT_OK
 
 
 def _outcome(out: Output, outcome: Outcome | None) -> int:
@@ -358,7 +411,7 @@ def cmd_cancel(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_check(args: argparse.Namespace, out: Output) -> int:
-    verdicts = check_nodes(LocalFleet(_site(args)), args.nodes or None)
+    verdicts = check_nodes(_fleet(args), args.nodes or None)
     out.result({"nodes": [v.to_dict() for v in verdicts], "ok": all(v.ok for v in verdicts)},
                render.verdicts(verdicts))
     failed = [v for v in verdicts if not v.ok]
@@ -369,7 +422,7 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_plan(args: argparse.Namespace, out: Output) -> int:
-    fleet = LocalFleet(_site(args))
+    fleet = _fleet(args)
     fp = plan_fleet(fleet, args.to)
     findings = check_config(fleet, fp)
     out.result(fp.to_dict() | {"config": [f.to_dict() for f in findings]}, render.fleet_plan(fp, findings))
@@ -405,7 +458,7 @@ def cmd_check_config(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_report(args: argparse.Namespace, out: Output) -> int:
-    fleet = LocalFleet(_site(args))
+    fleet = _fleet(args)
     data = collect(fleet.history, args.rollout, site=str(fleet.path))
     path = Path(args.output) if args.output else fleet.path / "reports" / f"rollout-{data['rollout']['id']}.html"
     write_page(path, render_page(data))
@@ -414,7 +467,7 @@ def cmd_report(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_status(args: argparse.Namespace, out: Output) -> int:
-    status = fleet_status(LocalFleet(_site(args)), args.rollout)
+    status = fleet_status(_fleet(args), args.rollout)
     out.result(status.to_dict(), render.fleet_status(status))
     return EXIT_OK
 

@@ -188,7 +188,10 @@ def outcome(o: Outcome) -> Group:
 
 def fleet_status(s: FleetStatus) -> Group:
     parts: list[RenderableType] = []
-    heat = f"Heat {s.heat['endpoint']} (pid {s.heat['pid']})" if s.heat.get("running") else "Heat not running"
+    if s.heat.get("cloud"):
+        heat = f"cloud {s.heat['cloud']}, Heat {s.heat['endpoint']}"
+    else:
+        heat = f"Heat {s.heat['endpoint']} (pid {s.heat['pid']})" if s.heat.get("running") else "Heat not running"
     stack = f", stack {s.stack['name']} {s.stack['state']}" if s.stack else ""
     parts.append(Text(f"site {s.site}: {heat}{stack}"))
     t = table("NODE", "ADDRESS", "RELEASE", "LAST GOOD", "STATE")

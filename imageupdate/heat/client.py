@@ -31,6 +31,7 @@ class Stack:
     status: str  # IN_PROGRESS | COMPLETE | FAILED
     reason: str
     outputs: dict[str, Any]
+    description: str = ""
 
     @property
     def state(self) -> str:
@@ -113,7 +114,8 @@ class HeatClient:
             raise HeatError(f"reading stack {name} failed: {_said(e)}", step="heat") from None
         outputs = {o["output_key"]: o.get("output_value") for o in (getattr(s, "outputs", None) or [])}
         self._names[s.id] = s.stack_name
-        return Stack(s.id, s.stack_name, s.action, s.status, s.stack_status_reason or "", outputs)
+        return Stack(s.id, s.stack_name, s.action, s.status, s.stack_status_reason or "", outputs,
+                     getattr(s, "description", "") or "")
 
     def create(self, name: str, template: dict[str, Any], environment: dict[str, Any],
                files: dict[str, str], timeout_mins: int) -> str:

@@ -6,11 +6,11 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from imageupdate.errors import InputError
-from imageupdate.rollout.fleet import LocalFleet
+from imageupdate.rollout.fleet import Fleet
 from imageupdate.verify.checks import Verdict, verify_node
 
 
-def check_nodes(fleet: LocalFleet, names: list[str] | None = None) -> list[Verdict]:
+def check_nodes(fleet: Fleet, names: list[str] | None = None) -> list[Verdict]:
     """The verdict of every (named) node against the release it runs, in node order."""
     nodes = fleet.node_names()
     unknown = [n for n in names or [] if n not in nodes]

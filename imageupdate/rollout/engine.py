@@ -30,7 +30,7 @@ from imageupdate.heat import chain
 from imageupdate.heat.client import HeatClient, HeatError
 from imageupdate.heat.service import HeatProcess
 from imageupdate.history.db import RolloutRow
-from imageupdate.rollout.fleet import LocalFleet
+from imageupdate.rollout.fleet import Fleet
 from imageupdate.rollout.lock import RolloutLock
 from imageupdate.rollout.path import FleetPlan, check_config, plan_fleet
 from imageupdate.upgrade import config
@@ -139,7 +139,7 @@ class _Watch:
 
 
 class Orchestrator:
-    def __init__(self, fleet: LocalFleet, on_event: Callable[[RolloutEvent], None] | None = None,
+    def __init__(self, fleet: Fleet, on_event: Callable[[RolloutEvent], None] | None = None,
                  sleep: Callable[[float], None] = time.sleep, poll: float = POLL,
                  verify: Callable[..., Verdict] = verify_node) -> None:
         self.fleet = fleet
@@ -173,8 +173,9 @@ class Orchestrator:
             config.raise_errors(findings)  # an option the path removes: bad input, nothing started
             client, heat = self.fleet.connect()
             stack_id = self._ensure_stack(client)
+            published = self.fleet.publish(release) if changing else None
             outcome = self._operate(client, heat, stack_id, "rollout", release, None, opts, before, after, changing,
-                                    upgrade, findings)
+                                    upgrade, findings, published)
             return self._end_resources(outcome, opts)
 
     def rollback(self, to: str | None, opts: RolloutOptions) -> Outcome:
@@ -185,7 +186,7 @@ class Orchestrator:
         if to is not None:
             self.fleet.store.manifest(to)
         self._check_limit(opts)
-        self.fleet.site.config()  # SiteNotFound; stopped nodes are fine: bringing them back is a rollback's job
+        self.fleet.require_exists()  # stopped nodes are fine: bringing them back is a rollback's job
         with self.lock:
             self.lock.acquire()
             self._refuse_active()
@@ -327,7 +328,7 @@ class Orchestrator:
     def _operate(self, client: HeatClient, heat: HeatProcess, stack_id: str, kind: str, target: str | None,
                  parent: int | None, opts: RolloutOptions, before: dict[str, str], after: dict[str, str],
                  changing: list[str], upgrade: FleetPlan | None = None,
-                 findings: list[config.Finding] | None = None) -> Outcome:
+                 findings: list[config.Finding] | None = None, published: str | None = None) -> Outcome:
         batches = chain.batches(changing, opts.batch_size, opts.canary and kind == "rollout")
         plan: dict[str, Any] = {"batches": batches, "before": before, "after": after}
         if upgrade is not None and upgrade.migrates:
@@ -345,6 +346,8 @@ class Orchestrator:
         for k, b in enumerate(plan["batches"]):
             for n in b:
                 self.history.step(row.id, n, "rebuild", "pending", batch=k, from_release=before[n], to_release=after[n])
+        if published:
+            self._say(row, None, "info", published)
         for f in findings or []:
             self._say(row, None, "info", f"config {f}")
         if upgrade is not None and upgrade.migrates:
@@ -352,7 +355,10 @@ class Orchestrator:
                 self._say(row, None, "plan", f"{', '.join(names)}: state {p.from_state} -> {p.to_state} through "
                           + ", ".join(f"{m.name} ({m.kind}, {m.release})" for m in p.steps))
             first = batches[0][0]
-            if opts.rehearse and upgrade.nodes.get(first) is not None and upgrade.nodes[first].steps:
+            if opts.rehearse and not self.fleet.can_rehearse:
+                self._say(row, None, "info", "no rehearsal: this fleet's state lives on its servers (rehearse on a "
+                          "local site with the same releases)")
+            elif opts.rehearse and upgrade.nodes.get(first) is not None and upgrade.nodes[first].steps:
                 failure = self._rehearse(row, first, upgrade.nodes[first])
                 if failure is not None:
                     self.history.finish(row.id, "failed", failure)

@@ -43,6 +43,8 @@ class NodeState:
 
 
 class LocalFleet:
+    can_rehearse = True
+
     def __init__(self, site: LocalSite) -> None:
         self.site = site
         self.heat = HeatService(site.path / "heat")
@@ -91,6 +93,19 @@ class LocalFleet:
         return Expectation(release, self.store.manifest(release), self._indexes[release],
                            unpacked_from(self.site.path / "releases", release))
 
+    def require_exists(self) -> None:
+        self.site.config()  # SiteNotFound
+
+    def publish(self, release: str) -> str | None:
+        """Nothing to upload: the site unpacks releases from the store when a node needs one."""
+        return None
+
+    def heat_status(self) -> tuple[dict[str, Any], HeatClient | None]:
+        proc = self.heat.running()
+        if proc is None:
+            return {"running": False}, None
+        return {"running": True, "pid": proc.pid, "endpoint": proc.endpoint}, HeatClient(proc.endpoint)
+
     def connect(self) -> tuple[HeatClient, HeatProcess]:
         proc = self.heat.ensure()
         return HeatClient(proc.endpoint), proc
@@ -128,3 +143,6 @@ class LocalFleet:
                 ensure_release(self.store, release, self.path / "releases")
 
         return rehearse(node, upgrade, copy, work, run_step, prepare)
+
+
+Fleet = Any  # LocalFleet or imageupdate.cloud.fleet.CloudFleet: the same surface for the orchestrator

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from imageupdate.errors import InputError
-from imageupdate.rollout.fleet import LocalFleet
+from imageupdate.rollout.fleet import Fleet
 from imageupdate.upgrade import config
 from imageupdate.upgrade.catalog import catalog
 from imageupdate.upgrade.plan import ReleaseInfo, UpgradePlan, pick, plan
@@ -45,7 +45,7 @@ class FleetPlan:
                 "groups": [{"nodes": names, **p.to_dict()} for names, p in self.groups()]}
 
 
-def plan_fleet(fleet: LocalFleet, target: str, nodes: list[str] | None = None) -> FleetPlan:
+def plan_fleet(fleet: Fleet, target: str, nodes: list[str] | None = None) -> FleetPlan:
     fleet.store.manifest(target)  # ReleaseNotFound
     releases = catalog(fleet.store)
     preferred = fleet.history.good_releases()
@@ -76,7 +76,7 @@ def _between(releases: dict[str, ReleaseInfo], current: list[str], target: str,
     return [*(pick(by_version[k], preferred) for k in sorted(by_version)), releases[target]]
 
 
-def fleet_configs(fleet: LocalFleet, fp: FleetPlan) -> list[config.ConfigFile]:
+def fleet_configs(fleet: Fleet, fp: FleetPlan) -> list[config.ConfigFile]:
     """The config files the nodes keep on their state partitions, for every file a release on the path
     has a schema for."""
     schemas = sorted({p for r in fp.between if r.meta for p in r.meta.config})
@@ -89,7 +89,7 @@ def fleet_configs(fleet: LocalFleet, fp: FleetPlan) -> list[config.ConfigFile]:
     return out
 
 
-def check_config(fleet: LocalFleet, fp: FleetPlan, given: list[Path] | None = None) -> list[config.Finding]:
+def check_config(fleet: Fleet, fp: FleetPlan, given: list[Path] | None = None) -> list[config.Finding]:
     schemas = {p for r in fp.between if r.meta for p in r.meta.config}
     files = config.files_given(given, schemas) if given else fleet_configs(fleet, fp)
     return config.check(files, fp.between, fp.target)
@@ -106,7 +106,7 @@ def configs_between(store_releases: dict[str, ReleaseInfo], current: str, target
     return config.check(config.files_given(given, schemas), between, target)
 
 
-def rehearse_fleet(fleet: LocalFleet, target: str, node: str | None = None) -> tuple[Rehearsal, Path]:
+def rehearse_fleet(fleet: Fleet, target: str, node: str | None = None) -> tuple[Rehearsal, Path]:
     """The migration path to ``target`` on a copy of one node's state (default: the first node that would
     change); the report is also written to ``SITE/upgrade/rehearsals/``."""
     if node is not None and node not in fleet.node_names():

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from imageupdate.heat.client import HeatClient
 from imageupdate.history.db import RolloutRow
-from imageupdate.rollout.fleet import LocalFleet
+from imageupdate.rollout.fleet import Fleet
 from imageupdate.rollout.lock import RolloutLock
 from imageupdate.site import procs
 
@@ -36,7 +35,7 @@ class FleetStatus:
                 "stack": self.stack, "active": self.active, "last": self.last, "recent": self.recent}
 
 
-def _describe(fleet: LocalFleet, row: RolloutRow) -> dict[str, Any]:
+def _describe(fleet: Fleet, row: RolloutRow) -> dict[str, Any]:
     d = row.to_dict()
     d["steps"] = [s.to_dict() for s in fleet.history.steps(row.id)]
     if row.status == "running":
@@ -49,15 +48,13 @@ def _describe(fleet: LocalFleet, row: RolloutRow) -> dict[str, Any]:
     return d
 
 
-def fleet_status(fleet: LocalFleet, rollout: int | None = None) -> FleetStatus:
+def fleet_status(fleet: Fleet, rollout: int | None = None) -> FleetStatus:
     states = fleet.states()
     nodes = [NodeLine(n, s.address, s.release, fleet.history.last_good(n), s.running) for n, s in states.items()]
-    proc = fleet.heat.running()
-    heat: dict[str, Any] = {"running": proc is not None}
+    heat, client = fleet.heat_status()
     stack = None
-    if proc is not None:
-        heat |= {"pid": proc.pid, "endpoint": proc.endpoint}
-        s = HeatClient(proc.endpoint).stack(fleet.stack_name)
+    if client is not None:
+        s = client.stack(fleet.stack_name)
         if s is not None:
             stack = {"id": s.id, "name": s.name, "state": s.state, "reason": s.reason}
     active_row = fleet.history.active()

@@ -18,13 +18,12 @@ import subprocess
 import sys
 import threading
 
-from oslo_log import log as logging
-
 import nova.conf
-from nova.compute import power_state, task_states
 from nova import exception
+from nova.compute import power_state, task_states
 from nova.image import glance
 from nova.virt import fake
+from oslo_log import log as logging
 
 CONF = nova.conf.CONF
 LOG = logging.getLogger(__name__)

@@ -1,0 +1,274 @@
+"""``CloudFleet``: the orchestrator's fleet on a real cloud. The nodes are the Nova servers of the fleet's Heat
+stack (``imageupdate-NAME``, made by ``imageupdate cloud up``); what each runs is the stack's ``releases`` output;
+each node's address is its server's accessIPv4 or first address; checks reach it over SSH with the fleet's key.
+History, lock and reports stay in a local directory, as on the local site.
+
+``cloud.json`` in that directory records the cloud, the stack and the server options (flavor, key name,
+networks, SSH key and user) so later commands need only ``--cloud NAME``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imageupdate.cloud import images
+from imageupdate.cloud.connect import connect
+from imageupdate.errors import InputError, OperationError
+from imageupdate.heat import chain
+from imageupdate.heat.client import HeatClient, environment_files
+from imageupdate.history.db import History
+from imageupdate.images.fileindex import FileEntry
+from imageupdate.images.store import ImageStore
+from imageupdate.resources import heat_templates_dir
+from imageupdate.rollout.fleet import NodeState
+from imageupdate.upgrade import state
+from imageupdate.verify.builtin import Expectation
+from imageupdate.verify.checks import NodeTarget
+
+DEFAULT_ROOT = Path("/var/lib/imageupdate/clouds")
+STACK_TAG = "imageupdate chain"  # every chain template's description starts with it
+
+
+class CloudNotSetUp(InputError):
+    """A cloud command on a directory that holds no fleet (``imageupdate cloud up`` makes one)."""
+
+
+class StackNotOurs(InputError):
+    """The fleet's stack name is taken by a stack imageupdate did not make."""
+
+
+@dataclass
+class CloudConfig:
+    cloud: str
+    stack: str
+    flavor: str
+    ssh_key: str
+    networks: list[dict[str, Any]] | None = None
+    key_name: str | None = None
+    ssh_user: str = "root"
+    nodes: list[str] = field(default_factory=list)
+
+    def server_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"flavor": self.flavor}
+        if self.networks is not None:
+            opts["networks"] = self.networks
+        if self.key_name:
+            opts["key_name"] = self.key_name
+        return opts
+
+
+@dataclass(frozen=True)
+class CloudHeat:
+    """Stands where the local site's Heat process does: a cloud's Heat never 'restarts' under us."""
+
+    endpoint: str
+
+    @property
+    def instance(self) -> str:
+        return self.endpoint
+
+
+class CloudFleet:
+    can_rehearse = False  # the state lives on the servers; rehearse on a local site with the same releases
+
+    def __init__(self, path: Path, store: ImageStore, cloud: str | None = None) -> None:
+        self.path = path
+        self.store = store
+        self.history = History(path / "history.sqlite")
+        self._cloud = cloud
+        self._conn: Any = None
+        self._client: HeatClient | None = None
+        self._indexes: dict[str, dict[str, FileEntry]] = {}
+
+    # configuration ---------------------------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "cloud.json"
+
+    def config(self) -> CloudConfig:
+        if not self.config_path.is_file():
+            raise CloudNotSetUp(f"no cloud fleet in {self.path}: make one with 'imageupdate cloud up --cloud NAME "
+                                "--nodes N --release R --flavor F --ssh-key KEY'")
+        return CloudConfig(**json.loads(self.config_path.read_text()))
+
+    def save_config(self, cfg: CloudConfig) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+
+    @property
+    def conn(self) -> Any:
+        if self._conn is None:
+            self._conn = connect(self._cloud or self.config().cloud)
+        return self._conn
+
+    # what the orchestrator asks of a fleet -------------------------------------------------------------------
+
+    @property
+    def stack_name(self) -> str:
+        return self.config().stack
+
+    def node_names(self) -> list[str]:
+        return list(self.config().nodes)
+
+    def connect(self) -> tuple[HeatClient, CloudHeat]:
+        if self._client is None:
+            endpoint = self.conn.endpoint_for("orchestration")
+            self._client = HeatClient(endpoint, session=self.conn.session)
+        return self._client, CloudHeat(self._client.endpoint)
+
+    def environment(self) -> tuple[dict[str, str], dict[str, Any]]:
+        return environment_files([heat_templates_dir() / "environments" / "openstack.yaml"])
+
+    def server_options(self) -> dict[str, Any]:
+        return self.config().server_options()
+
+    def _servers(self) -> dict[str, Any]:
+        client, _ = self.connect()
+        stack = client.stack(self.stack_name)
+        if stack is None:
+            return {}
+        if not stack.description.startswith(STACK_TAG):
+            raise StackNotOurs(f"stack {self.stack_name} on {self.config().cloud} was not made by imageupdate "
+                               f"(its description is {stack.description[:60]!r}); name another fleet")
+        resources = client.resources(stack.id)
+        out = {}
+        for node in self.node_names():
+            res = resources.get(chain.server_name(node))
+            server_id = self._nova_id(client, stack.id, node) if res is not None else None
+            out[node] = self.conn.compute.find_server(server_id, ignore_missing=True) if server_id else None
+        return out
+
+    @staticmethod
+    def _nova_id(client: HeatClient, stack_id: str, node: str) -> str | None:
+        """server_NODE is a nested stack (heat_templates/openstack/server.yaml); its output server_id is the
+        Nova server."""
+        attrs = client.attributes(stack_id, chain.server_name(node))
+        return attrs.get("server_id") or None
+
+    def releases(self) -> dict[str, str]:
+        client, _ = self.connect()
+        stack = client.stack(self.stack_name)
+        if stack is None:
+            return {}
+        return dict((stack.outputs or {}).get("releases") or {})
+
+    def states(self) -> dict[str, NodeState]:
+        """What each server runs, as Nova says: the release of the Glance image it was (re)built from. (Not
+        the stack's outputs: after a failed update they say what was asked, not what runs.)"""
+        servers = self._servers()
+        out = {}
+        for n in self.node_names():
+            server = servers.get(n)
+            release = self._release_of(server) if server is not None else "?"
+            out[n] = NodeState(n, self._address(server), release, server is not None and server.status == "ACTIVE")
+        return out
+
+    def _release_of(self, server: Any) -> str:
+        image_id = (server.image or {}).get("id")
+        if not image_id:
+            return "?"
+        image = self.conn.image.find_image(image_id, ignore_missing=True)
+        return str(((image.properties if image else None) or {}).get(images.RELEASE_PROPERTY, "?"))
+
+    def require_up(self) -> None:
+        down = [n for n, s in self.states().items() if not s.running]
+        if down:
+            raise InputError(f"servers not ACTIVE on {self.config().cloud}: {', '.join(down)}; see 'openstack "
+                             f"server list' (rollback brings failed rebuilds back)")
+
+    def require_exists(self) -> None:
+        self.config()
+
+    @staticmethod
+    def _address(server: Any) -> str:
+        if server is None:
+            return ""
+        if server.access_ipv4:
+            return str(server.access_ipv4)
+        for addrs in (server.addresses or {}).values():
+            for a in addrs:
+                if a.get("version") == 4:
+                    return str(a["addr"])
+        return ""
+
+    def target(self, node: str) -> NodeTarget:
+        server = self._servers().get(node)
+        return NodeTarget(node, self._address(server), Path(self.config().ssh_key))
+
+    def expectation(self, release: str) -> Expectation:
+        """What a node on ``release`` must look like; the artifact is the one its Glance image was uploaded from."""
+        if release not in self._indexes:
+            self._indexes[release] = self.store.file_index(release)
+        manifest = self.store.manifest(release)
+        sha = manifest.artifacts["root.tar.zst"].sha256
+        image = images.find(self.conn, release, sha)
+        return Expectation(release, manifest, self._indexes[release], sha if image is not None else None)
+
+    def publish(self, release: str) -> str | None:
+        image, uploaded = images.publish(self.conn, self.store, release)
+        return f"{'uploaded' if uploaded else 'reused'} Glance image {image.name} ({image.id})"
+
+    def heat_status(self) -> tuple[dict[str, Any], HeatClient | None]:
+        client, heat = self.connect()
+        return {"running": True, "endpoint": heat.endpoint, "cloud": self.config().cloud}, client
+
+    def up(self, cfg: CloudConfig, release: str) -> str:
+        """Create the fleet's stack: ``cfg.nodes`` servers on ``release`` (the 'adopt' operation of a cloud)."""
+        if self.config_path.exists():
+            raise InputError(f"{self.path} already holds the fleet {self.config().stack}; use it, or another --site")
+        self.store.manifest(release)
+        self._cloud = cfg.cloud
+        client, _ = self.connect()
+        if client.stack(cfg.stack) is not None:
+            raise StackNotOurs(f"a stack named {cfg.stack} already exists on {cfg.cloud}; name another fleet")
+        said = self.publish(release)
+        self.save_config(cfg)
+        current = {n: release for n in cfg.nodes}
+        row = self.history.start("adopt", release, {}, {"batches": [], "before": current, "after": current})
+        template = chain.render(chain.ChainSpec(cfg.nodes, current, [], row.tag, 1, cfg.server_options()))
+        files, env = self.environment()
+        stack_id = client.create(cfg.stack, template, env, files, timeout_mins=60)
+        while (stack := client.stack(stack_id)) is not None and stack.status == "IN_PROGRESS":
+            time.sleep(2)
+        if stack is None or stack.status != "COMPLETE":
+            reason = stack.reason if stack else "the stack disappeared"
+            self.history.finish(row.id, "failed", reason)
+            raise OperationError(f"creating the fleet's stack {cfg.stack} on {cfg.cloud} failed: {reason}",
+                                 step="adopt")
+        for n in cfg.nodes:
+            self.history.reached(n, release, row.id, good=True)
+        self.history.finish(row.id, "succeeded")
+        return f"{said}; stack {cfg.stack}: {len(cfg.nodes)} servers on {release}"
+
+    # the state partition, over SSH -------------------------------------------------------------------------
+
+    def _ssh(self, node: str, command: str) -> str | None:
+        t = self.target(node)
+        proc = subprocess.run(["ssh", "-i", str(t.key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                               "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
+                               f"{self.config().ssh_user}@{t.address}", command],
+                              capture_output=True, text=True, timeout=60, check=False)
+        return proc.stdout if proc.returncode == 0 else None
+
+    def state_record(self, node: str) -> state.StateRecord:
+        text = self._ssh(node, f"cat /mnt/state/{state.STATE_FILE}")
+        if not text:
+            return state.StateRecord()
+        data = json.loads(text)
+        return state.StateRecord(data.get("version"), [state.StepRecord(**s) for s in data.get("steps", [])],
+                                 list(data.get("events", [])))
+
+    def state_file(self, node: str, path: str) -> str | None:
+        return self._ssh(node, f"cat {shlex.quote(path)}")
+
+    def rehearse(self, node: str, upgrade: Any) -> Any:
+        raise OperationError("a rehearsal copies a node's state locally: on the cloud path run it on a local site "
+                             "with the same releases (imageupdate rehearse), then roll out with --no-rehearse",
+                             node=node, step="rehearse")
