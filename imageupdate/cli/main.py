@@ -28,7 +28,7 @@ from imageupdate.report.data import collect
 from imageupdate.report.html import render_page, write_page
 from imageupdate.rollout.check import check_nodes
 from imageupdate.rollout.engine import Orchestrator, Outcome, RolloutOptions
-from imageupdate.rollout.fleet import LocalFleet
+from imageupdate.rollout.fleet import Fleet, LocalFleet
 from imageupdate.rollout.path import check_config, configs_between, plan_fleet, rehearse_fleet
 from imageupdate.rollout.status import fleet_status
 from imageupdate.site.site import LocalSite, SiteStatus
@@ -341,7 +341,7 @@ def _cloud_name(args: argparse.Namespace) -> str | None:
     return getattr(args, "cloud", None) or os.environ.get("OS_CLOUD") or None
 
 
-def _fleet(args: argparse.Namespace) -> Any:
+def _fleet(args: argparse.Namespace) -> Fleet:
     """The local site's fleet, or with --cloud (or $OS_CLOUD) the fleet on that cloud."""
     cloud = _cloud_name(args)
     if cloud is None:
@@ -364,7 +364,7 @@ def cmd_cloud_up(args: argparse.Namespace, out: Output) -> int:
         raise InputError(f"--ssh-key {args.ssh_key} is not a file: the private key the servers accept")
     networks = None if args.network is None else (
         [{"allocate_network": "none"}] if args.network == "none" else [{"network": args.network}])
-    fleet = _fleet(args)
+    fleet = CloudFleet(Path(getattr(args, "site", None) or DEFAULT_CLOUD_ROOT / cloud), _store(args), cloud)
     cfg = CloudConfig(cloud=cloud, stack=args.stack or f"imageupdate-{cloud}", flavor=args.flavor,
                       ssh_key=str(Path(args.ssh_key).resolve()), networks=networks, key_name=args.key_name,
                       ssh_user=args.ssh_user, nodes=[f"{args.prefix}{i}" for i in range(args.nodes)])

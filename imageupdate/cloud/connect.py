@@ -3,6 +3,7 @@ line: an unknown cloud name, an authentication failure, a missing Heat or Glance
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from imageupdate.errors import InputError, OperationError
@@ -33,6 +34,8 @@ def connect(name: str) -> Any:
     from keystoneauth1 import exceptions as ksa
     from openstack import exceptions as sdk
 
+    logging.getLogger("keystoneauth").setLevel(logging.ERROR)  # its warnings would add lines to our one-line error
+
     try:
         conn = openstack.connect(cloud=name)
     except sdk.ConfigException as e:
@@ -41,26 +44,25 @@ def connect(name: str) -> Any:
                            step="connect") from None
     try:
         conn.authorize()
-    except (ksa.Unauthorized, sdk.HttpException) as e:
-        if getattr(e, "status_code", getattr(e, "http_status", None)) == 401 or isinstance(e, ksa.Unauthorized):
-            raise CloudAuthFailed(f"cloud {name!r} refused its credentials ({_first(e)}); check auth in "
+    except (ksa.ClientException, sdk.SDKException) as e:
+        cause = e.__cause__ or e.__context__ or e
+        if isinstance(cause, ksa.Unauthorized) or isinstance(e, ksa.Unauthorized) or "(HTTP 401)" in str(e):
+            raise CloudAuthFailed(f"cloud {name!r} refused its credentials ({_first(cause)}); check auth in "
                                   "clouds.yaml", step="connect") from None
+        if isinstance(cause, ksa.ConnectFailure) or isinstance(e, ksa.ConnectFailure):
+            raise CloudUnreachable(f"cloud {name!r} does not answer at its auth_url ({_first(cause)})",
+                                   step="connect") from None
         raise CloudUnreachable(f"cloud {name!r}: {_first(e)}", step="connect") from None
-    except ksa.ConnectFailure as e:
-        raise CloudUnreachable(f"cloud {name!r} does not answer at its auth_url ({_first(e)})",
-                               step="connect") from None
     for kind, what in NEEDED.items():
         try:
-            conn.endpoint_for(kind)
+            found = conn.endpoint_for(kind)  # None when the catalog has no such entry in the cloud's region
         except Exception:  # noqa: BLE001 - keystoneauth raises several kinds for a missing entry
             found = None
-        else:
-            found = True
         if not found:
             raise MissingEndpoint(f"cloud {name!r} has no {what} ({kind}) endpoint in its catalog; imageupdate "
                                   f"needs {', '.join(NEEDED.values())}", step="connect")
     return conn
 
 
-def _first(e: Exception) -> str:
+def _first(e: BaseException) -> str:
     return " ".join(str(e).split())[:300]

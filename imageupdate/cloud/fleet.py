@@ -28,6 +28,8 @@ from imageupdate.images.store import ImageStore
 from imageupdate.resources import heat_templates_dir
 from imageupdate.rollout.fleet import NodeState
 from imageupdate.upgrade import state
+from imageupdate.upgrade.plan import UpgradePlan
+from imageupdate.upgrade.rehearse import Rehearsal
 from imageupdate.verify.builtin import Expectation
 from imageupdate.verify.checks import NodeTarget
 
@@ -268,7 +270,7 @@ class CloudFleet:
     def state_file(self, node: str, path: str) -> str | None:
         return self._ssh(node, f"cat {shlex.quote(path)}")
 
-    def rehearse(self, node: str, upgrade: Any) -> Any:
+    def rehearse(self, node: str, upgrade: UpgradePlan) -> Rehearsal:
         raise OperationError("a rehearsal copies a node's state locally: on the cloud path run it on a local site "
                              "with the same releases (imageupdate rehearse), then roll out with --no-rehearse",
                              node=node, step="rehearse")

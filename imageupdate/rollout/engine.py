@@ -28,9 +28,8 @@ from imageupdate.crashpoints import crashpoint
 from imageupdate.errors import InputError, OperationError
 from imageupdate.heat import chain
 from imageupdate.heat.client import HeatClient, HeatError
-from imageupdate.heat.service import HeatProcess
 from imageupdate.history.db import RolloutRow
-from imageupdate.rollout.fleet import Fleet
+from imageupdate.rollout.fleet import Fleet, HeatHandle
 from imageupdate.rollout.lock import RolloutLock
 from imageupdate.rollout.path import FleetPlan, check_config, plan_fleet
 from imageupdate.upgrade import config
@@ -325,7 +324,7 @@ class Orchestrator:
                 return stack
             self.sleep(self.poll)
 
-    def _operate(self, client: HeatClient, heat: HeatProcess, stack_id: str, kind: str, target: str | None,
+    def _operate(self, client: HeatClient, heat: HeatHandle, stack_id: str, kind: str, target: str | None,
                  parent: int | None, opts: RolloutOptions, before: dict[str, str], after: dict[str, str],
                  changing: list[str], upgrade: FleetPlan | None = None,
                  findings: list[config.Finding] | None = None, published: str | None = None) -> Outcome:
@@ -378,7 +377,7 @@ class Orchestrator:
         self._send(client, heat, stack_id, row, opts)
         return self._finish(client, heat, stack_id, self._reload(row), opts, watch)
 
-    def _send(self, client: HeatClient, heat: HeatProcess, stack_id: str, row: RolloutRow,
+    def _send(self, client: HeatClient, heat: HeatHandle, stack_id: str, row: RolloutRow,
               opts: RolloutOptions) -> None:
         nodes = self.fleet.node_names()
         plan = row.plan
@@ -407,7 +406,7 @@ class Orchestrator:
 
     # watching ------------------------------------------------------------------------------------
 
-    def _finish(self, client: HeatClient, heat: HeatProcess, stack_id: str, row: RolloutRow,
+    def _finish(self, client: HeatClient, heat: HeatHandle, stack_id: str, row: RolloutRow,
                 opts: RolloutOptions, watch: _Watch) -> Outcome:
         prober = self._start_probe(row, opts)
         try:
@@ -443,7 +442,7 @@ class Orchestrator:
                       + "); roll back with 'imageupdate rollback'")
         return Outcome(self._reload(row), status, reason, self._nodes(), rollback)
 
-    def _rollback_after(self, client: HeatClient, heat: HeatProcess, stack_id: str, failed: RolloutRow,
+    def _rollback_after(self, client: HeatClient, heat: HeatHandle, stack_id: str, failed: RolloutRow,
                         opts: RolloutOptions) -> Outcome:
         nodes = self.fleet.node_names()
         states = self.fleet.states()

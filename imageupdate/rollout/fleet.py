@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from imageupdate.errors import InputError
 from imageupdate.heat.client import HeatClient, environment_files
@@ -145,4 +145,56 @@ class LocalFleet:
         return rehearse(node, upgrade, copy, work, run_step, prepare)
 
 
-Fleet = Any  # LocalFleet or imageupdate.cloud.fleet.CloudFleet: the same surface for the orchestrator
+class HeatHandle(Protocol):
+    """The Heat an operation talks to: where, and which instance of it (a different one means it restarted)."""
+
+    @property
+    def endpoint(self) -> str: ...
+
+    @property
+    def instance(self) -> str: ...
+
+
+class Fleet(Protocol):
+    """What the orchestrator, status, checks and planning need of a fleet: ``LocalFleet`` (the local site) or
+    ``imageupdate.cloud.fleet.CloudFleet`` (Nova servers in a Heat stack on a cloud)."""
+
+    can_rehearse: bool
+    history: History
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def store(self) -> ImageStore: ...
+
+    @property
+    def stack_name(self) -> str: ...
+
+    def node_names(self) -> list[str]: ...
+
+    def states(self) -> dict[str, NodeState]: ...
+
+    def require_up(self) -> None: ...
+
+    def require_exists(self) -> None: ...
+
+    def server_options(self) -> dict[str, Any]: ...
+
+    def environment(self) -> tuple[dict[str, str], dict[str, Any]]: ...
+
+    def target(self, node: str) -> NodeTarget: ...
+
+    def expectation(self, release: str) -> Expectation: ...
+
+    def connect(self) -> tuple[HeatClient, HeatHandle]: ...
+
+    def publish(self, release: str) -> str | None: ...
+
+    def heat_status(self) -> tuple[dict[str, Any], HeatClient | None]: ...
+
+    def state_record(self, node: str) -> state.StateRecord: ...
+
+    def state_file(self, node: str, path: str) -> str | None: ...
+
+    def rehearse(self, node: str, upgrade: UpgradePlan) -> Rehearsal: ...

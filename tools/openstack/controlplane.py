@@ -10,6 +10,7 @@ a minimal fake Neutron (test-only, empty lists). Every process starts in its own
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 VENV = Path(sys.executable).parent
@@ -111,6 +113,7 @@ class Plane:
             wait_port(ports[svc], svc)
         self.discover_hosts()
         self.write_clouds_yaml(ports)
+        self.flavor()
         self.state["ready_seconds"] = round(time.monotonic() - t0, 1)
         self.save()
         print(f"control plane up in {self.state['ready_seconds']} s: {self.root / 'clouds.yaml'}")
@@ -143,15 +146,17 @@ class Plane:
 
     def rabbitmq(self, port: int) -> None:
         base = self.root / "rabbit"
-        shutil.chown(base, "rabbitmq", "rabbitmq")
-        env = {"RABBITMQ_NODENAME": "rabbit@localhost", "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+        env = {"RABBITMQ_NODENAME": f"imageupdate{port}@localhost",  # two planes on one machine do not collide
+               "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
                "RABBITMQ_NODE_PORT": str(port), "RABBITMQ_DIST_PORT": str(free_port()),
                "ERL_EPMD_ADDRESS": "127.0.0.1", "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
                "RABBITMQ_LOG_BASE": str(base / "log"), "RABBITMQ_PID_FILE": str(base / "rabbit.pid"),
                "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"), "HOME": str(base)}
         (base / "rabbitmq.conf").write_text("loopback_users = none\n")
         self.state["rabbit_env"] = env
-        self.spawn("rabbitmq", ["rabbitmq-server"], env)
+        # the server script itself, as root: Debian's wrapper would switch to the rabbitmq user (in a session of
+        # its own, and unable to reach a directory under a private temporary directory)
+        self.spawn("rabbitmq", ["/usr/lib/rabbitmq/bin/rabbitmq-server"], env)
         wait_port(port, "rabbitmq", 120)
 
     def db(self, name: str) -> str:
@@ -242,14 +247,16 @@ class Plane:
         self.run(m("nova-manage"), "--config-file", n, "db", "sync")
         self.run(m("heat-manage"), "--config-file", h, "db_sync")
 
-    def register(self, p: dict[str, int]) -> None:
-        """Service users and the catalog, through keystone's API (openstacksdk)."""
+    def admin(self) -> Any:
         import openstack
 
-        conn = openstack.connect(auth_url=f"http://127.0.0.1:{p['keystone']}/v3", username="admin",
-                                 password=PASSWORD, project_name="admin", user_domain_name="Default",
-                                 project_domain_name="Default", region_name=REGION)
-        ident = conn.identity
+        return openstack.connect(auth_url=f"http://127.0.0.1:{self.state['ports']['keystone']}/v3",
+                                 username="admin", password=PASSWORD, project_name="admin",
+                                 user_domain_name="Default", project_domain_name="Default", region_name=REGION)
+
+    def register(self, p: dict[str, int]) -> None:
+        """Service users and the catalog, through keystone's API (openstacksdk)."""
+        ident = self.admin().identity
         service_project = ident.create_project(name="service", domain_id="default")
         admin_role = ident.find_role("admin")
         service_role = ident.find_role("service") or ident.create_role(name="service")
@@ -272,6 +279,10 @@ class Plane:
             svc = ident.create_service(name=name, type=kind)
             for interface in ("public", "internal", "admin"):
                 ident.create_endpoint(service_id=svc.id, interface=interface, url=url, region_id=REGION)
+
+    def flavor(self) -> None:
+        """``imageupdate-node``: what the tests' servers use; the ephemeral disk stands for the state partition."""
+        self.admin().compute.create_flavor(name="imageupdate-node", vcpus=1, ram=64, disk=1, ephemeral=1)
 
     def discover_hosts(self) -> None:
         n = str(self.conf / "nova" / "nova.conf")
@@ -298,27 +309,24 @@ class Plane:
 
     def stop(self) -> None:
         groups = dict(self.state.get("groups", {}))
-        if "rabbitmq" in groups:  # its wrapper drops to the rabbitmq user in a session of its own: ask it to stop
-            subprocess.run(["rabbitmqctl", "-n", "rabbit@localhost", "stop"], capture_output=True, check=False,
-                           timeout=60, env={**os.environ, **self.state.get("rabbit_env", {})})
-        for name, pgid in reversed(list(groups.items())):
-            try:
+        if "rabbitmq" in groups:  # a clean stop flushes its state; the group kill below is the backstop
+            rabbit_env = self.state.get("rabbit_env", {})
+            subprocess.run(["/usr/lib/rabbitmq/bin/rabbitmqctl", "-n",
+                            rabbit_env.get("RABBITMQ_NODENAME", "rabbit@localhost"), "stop"],
+                           capture_output=True, check=False,
+                           timeout=60, env={**os.environ, **rabbit_env})
+        for _name, pgid in reversed(list(groups.items())):
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and any(_group_alive(g) for g in groups.values()):
             time.sleep(0.2)
         for pgid in groups.values():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         for pid in self.stragglers():  # anything else that carries this plane's directory
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         subprocess.run(["epmd", "-kill"], capture_output=True, check=False)
         time.sleep(0.5)
         left = [n for n, g in groups.items() if _group_alive(g)] + [f"pid {p}" for p in self.stragglers()]
@@ -366,7 +374,13 @@ def main() -> None:
         raise SystemExit("usage: controlplane.py start DIR SITE STORE | stop DIR | status DIR")
     plane = Plane(Path(sys.argv[2]), *sys.argv[3:5])
     if sys.argv[1] == "start":
-        plane.start()
+        if plane.state.get("groups"):
+            raise SystemExit(f"controlplane: {plane.root} already runs; stop it first")
+        try:
+            plane.start()
+        except BaseException:
+            plane.stop()  # a plane that did not come up leaves nothing running
+            raise
     elif sys.argv[1] == "stop":
         plane.stop()
     else:

@@ -33,6 +33,9 @@ class Server(BaseApplication):  # type: ignore[misc]
         self.cfg.set("worker_class", "gthread")
         self.cfg.set("threads", 4)
         self.cfg.set("timeout", 300)
+        # no keep-alive: a client reusing a pooled connection just as gunicorn closes it (2 s idle by default)
+        # gets "connection reset"; keystoneauth does not retry that
+        self.cfg.set("keepalive", 0)
         self.cfg.set("accesslog", os.path.join(self.conf_dir, "..", "..", "logs", f"{self.service}-access.log"))
 
     def load(self) -> Any:
