@@ -1,0 +1,59 @@
+"""The cloud path's own logic, and the errors openstacksdk gives before any cloud answers (real openstacksdk,
+a clouds.yaml in a temporary directory, loopback only). Against a real cloud: tests/functional/test_cloud.py."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from imageupdate.cloud import connect as cloud_connect
+from imageupdate.cloud.fleet import CloudConfig, CloudFleet, CloudNotSetUp
+from imageupdate.cloud.images import image_name
+from imageupdate.images.store import ImageStore
+
+CLOUDS = """clouds:
+  refused:
+    auth:
+      auth_url: http://127.0.0.1:1/v3
+      username: a
+      password: b
+      project_name: c
+      user_domain_name: Default
+      project_domain_name: Default
+"""
+
+
+def test_server_options_carry_only_what_was_given() -> None:
+    cfg = CloudConfig("c", "s", "m1.node", "/k")
+    assert cfg.server_options() == {"flavor": "m1.node"}
+    cfg = CloudConfig("c", "s", "m1.node", "/k", networks=[{"allocate_network": "none"}], key_name="fleet")
+    assert cfg.server_options() == {"flavor": "m1.node", "networks": [{"allocate_network": "none"}],
+                                    "key_name": "fleet"}
+    assert image_name("R2") == "imageupdate-R2"
+
+
+def test_a_directory_without_a_fleet_says_how_to_make_one(tmp_path: Path) -> None:
+    fleet = CloudFleet(tmp_path, ImageStore(tmp_path / "store"), "c")
+    with pytest.raises(CloudNotSetUp, match="imageupdate cloud up --cloud NAME"):
+        fleet.node_names()
+    fleet.save_config(CloudConfig("c", "imageupdate-c", "f", "/k", nodes=["node0", "node1"]))
+    assert fleet.node_names() == ["node0", "node1"] and fleet.stack_name == "imageupdate-c"
+
+
+def test_a_server_is_reached_at_its_access_address_else_its_first_ipv4() -> None:
+    both = SimpleNamespace(access_ipv4="192.0.2.7", addresses={"net": [{"version": 4, "addr": "10.0.0.5"}]})
+    only = SimpleNamespace(access_ipv4="", addresses={"net": [{"version": 6, "addr": "fd00::5"},
+                                                              {"version": 4, "addr": "10.0.0.5"}]})
+    none = SimpleNamespace(access_ipv4=None, addresses={})
+    assert [CloudFleet._address(s) for s in (both, only, none, None)] == ["192.0.2.7", "10.0.0.5", "", ""]
+
+
+def test_an_unknown_cloud_and_an_unreachable_one_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "clouds.yaml").write_text(CLOUDS)
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(tmp_path / "clouds.yaml"))
+    with pytest.raises(cloud_connect.UnknownCloud, match="no cloud named 'nope' in clouds.yaml") as exc:
+        cloud_connect.connect("nope")
+    assert exc.value.exit_code == 2
+    with pytest.raises(cloud_connect.CloudUnreachable, match="cloud 'refused' does not answer at its auth_url"):
+        cloud_connect.connect("refused")
