@@ -6,7 +6,8 @@ Both drive the same 3 local-site nodes' worth of work: on the cloud path each no
 swaps a local-site node, so the node-side work (stop, migrate, start, checks) is the same and the difference is
 the orchestration: Keystone-authenticated Heat, Nova's rebuild through conductor and compute, Glance.
 Overhead per node = rollout wall time minus the time nodes spent in their rebuild (from the rebuild step's phases:
-begun to ready) and in their gate's checks, divided by the nodes.
+begun to ready) and in their gate's checks, divided by the nodes; measured on a second R1 -> R2 after a warm-up
+round and a rollback (Heat running, stack made, R2 unpacked or already in Glance).
 
 Run as root from the checkout after ``bash tools/openstack/install.sh``:
 ``.venv/bin/python bench/bench_cloud.py [--nodes 3]``. R1 and R2 must be in the store. Figures are printed, never
@@ -61,8 +62,12 @@ def node_time(history: Path, rid: int) -> float:
 
 
 def measure(args: list[str], history: Path, env: dict[str, str] | None, nodes: int) -> tuple[float, float]:
+    """R1 -> R2 once to warm up (Heat started and the stack made on the local site, R2 unpacked or uploaded to
+    Glance), back to R1, then R1 -> R2 measured: the steady state an operator sees."""
+    cli("rollout", "R2", "--no-probe", "--no-rehearse", *args, env=env)
+    cli("rollback", "--to", "R1", *args, env=env)
     t0 = time.monotonic()
-    out = cli("rollout", "R2", "--no-probe", *args, env=env)
+    out = cli("rollout", "R2", "--no-probe", "--no-rehearse", *args, env=env)
     wall = time.monotonic() - t0
     if out["status"] != "succeeded":
         raise SystemExit(f"rollout ended {out['status']}: {out['reason']}")
@@ -102,7 +107,7 @@ def main() -> None:
         finally:
             subprocess.run([*ctl, "stop", str(plane)], check=False, capture_output=True)
             cli("site", "destroy", "--site", str(cloud_site), *store)
-    print(f"\nR1 -> R2 on {a.nodes} nodes, batch 1, no probe (seconds)\n")
+    print(f"\nR1 -> R2 on {a.nodes} nodes, batch 1, no probe, no rehearsal, after a warm-up round (seconds)\n")
     print(f"{'':28}" + "".join(f"{k:>14}" for k in results))
     print(f"{'rollout wall time':28}" + "".join(f"{w:>14.1f}" for w, _ in results.values()))
     print(f"{'orchestration per node':28}" + "".join(f"{o:>14.2f}" for _, o in results.values()))
