@@ -54,9 +54,12 @@ def path(state_dir: Path) -> Path:
 
 def read(state_dir: Path) -> StateRecord:
     p = path(state_dir)
-    if not p.is_file():
-        return StateRecord()
-    data = json.loads(p.read_text())
+    return loads(p.read_text()) if p.is_file() else StateRecord()
+
+
+def loads(text: str) -> StateRecord:
+    """A state record from its JSON (as read on the host, over SSH, or in a node's facts)."""
+    data = json.loads(text)
     return StateRecord(data.get("version"), [StepRecord(**s) for s in data.get("steps", [])],
                        list(data.get("events", [])))
 

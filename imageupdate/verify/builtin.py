@@ -211,8 +211,7 @@ def check_state_version(facts: dict[str, Any], want: Expectation) -> Finding:
     if not raw:
         return False, f"no {state.STATE_FILE} on /mnt/state: the state's version is unknown"
     try:
-        data = json.loads(raw)
-        record = state.StateRecord(data.get("version"), [state.StepRecord(**x) for x in data.get("steps", [])])
+        record = state.loads(raw)
     except (ValueError, TypeError, AttributeError):
         return False, f"{state.STATE_FILE} on /mnt/state is not a valid state record"
     why = state.incompatible(record, want.release, meta)
