@@ -10,8 +10,6 @@ networks, SSH key and user) so later commands need only ``--cloud NAME``.
 from __future__ import annotations
 
 import json
-import shlex
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +29,7 @@ from imageupdate.upgrade import state
 from imageupdate.upgrade.plan import UpgradePlan
 from imageupdate.upgrade.rehearse import Rehearsal
 from imageupdate.verify.builtin import Expectation
-from imageupdate.verify.checks import NodeTarget
+from imageupdate.verify.checks import NodeTarget, ssh
 
 DEFAULT_ROOT = Path("/var/lib/imageupdate/clouds")
 STACK_TAG = "imageupdate chain"  # every chain template's description starts with it
@@ -131,35 +129,30 @@ class CloudFleet:
     def server_options(self) -> dict[str, Any]:
         return self.config().server_options()
 
-    def _servers(self) -> dict[str, Any]:
-        client, _ = self.connect()
+    def _stack_id(self, client: HeatClient) -> str | None:
         stack = client.stack(self.stack_name)
         if stack is None:
-            return {}
+            return None
         if not stack.description.startswith(STACK_TAG):
             raise StackNotOurs(f"stack {self.stack_name} on {self.config().cloud} was not made by imageupdate "
                                f"(its description is {stack.description[:60]!r}); name another fleet")
-        resources = client.resources(stack.id)
+        return stack.id
+
+    def _servers(self, nodes: list[str] | None = None) -> dict[str, Any]:
+        """The Nova server of each node (None where there is none). server_NODE is a nested stack
+        (heat_templates/openstack/server.yaml); its output server_id is the Nova server."""
+        client, _ = self.connect()
+        stack_id = self._stack_id(client)
+        if stack_id is None:
+            return {}
+        resources = client.resources(stack_id)
         out = {}
-        for node in self.node_names():
-            res = resources.get(chain.server_name(node))
-            server_id = self._nova_id(client, stack.id, node) if res is not None else None
+        for node in nodes if nodes is not None else self.node_names():
+            server_id = None
+            if chain.server_name(node) in resources:
+                server_id = client.attributes(stack_id, chain.server_name(node)).get("server_id") or None
             out[node] = self.conn.compute.find_server(server_id, ignore_missing=True) if server_id else None
         return out
-
-    @staticmethod
-    def _nova_id(client: HeatClient, stack_id: str, node: str) -> str | None:
-        """server_NODE is a nested stack (heat_templates/openstack/server.yaml); its output server_id is the
-        Nova server."""
-        attrs = client.attributes(stack_id, chain.server_name(node))
-        return attrs.get("server_id") or None
-
-    def releases(self) -> dict[str, str]:
-        client, _ = self.connect()
-        stack = client.stack(self.stack_name)
-        if stack is None:
-            return {}
-        return dict((stack.outputs or {}).get("releases") or {})
 
     def states(self) -> dict[str, NodeState]:
         """What each server runs, as Nova says: the release of the Glance image it was (re)built from. (Not
@@ -201,8 +194,8 @@ class CloudFleet:
         return ""
 
     def target(self, node: str) -> NodeTarget:
-        server = self._servers().get(node)
-        return NodeTarget(node, self._address(server), Path(self.config().ssh_key))
+        cfg = self.config()
+        return NodeTarget(node, self._address(self._servers([node]).get(node)), Path(cfg.ssh_key), cfg.ssh_user)
 
     def expectation(self, release: str) -> Expectation:
         """What a node on ``release`` must look like; the artifact is the one its Glance image was uploaded from."""
@@ -251,24 +244,16 @@ class CloudFleet:
 
     # the state partition, over SSH -------------------------------------------------------------------------
 
-    def _ssh(self, node: str, command: str) -> str | None:
-        t = self.target(node)
-        proc = subprocess.run(["ssh", "-i", str(t.key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
-                               "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
-                               f"{self.config().ssh_user}@{t.address}", command],
-                              capture_output=True, text=True, timeout=60, check=False)
+    def _cat(self, node: str, path: str) -> str | None:
+        proc = ssh(self.target(node), ["cat", path], timeout=60)
         return proc.stdout if proc.returncode == 0 else None
 
     def state_record(self, node: str) -> state.StateRecord:
-        text = self._ssh(node, f"cat /mnt/state/{state.STATE_FILE}")
-        if not text:
-            return state.StateRecord()
-        data = json.loads(text)
-        return state.StateRecord(data.get("version"), [state.StepRecord(**s) for s in data.get("steps", [])],
-                                 list(data.get("events", [])))
+        text = self._cat(node, f"/mnt/state/{state.STATE_FILE}")
+        return state.loads(text) if text else state.StateRecord()
 
     def state_file(self, node: str, path: str) -> str | None:
-        return self._ssh(node, f"cat {shlex.quote(path)}")
+        return self._cat(node, path)
 
     def rehearse(self, node: str, upgrade: UpgradePlan) -> Rehearsal:
         raise OperationError("a rehearsal copies a node's state locally: on the cloud path run it on a local site "

@@ -40,6 +40,7 @@ class NodeTarget:
     name: str
     address: str
     key: Path
+    user: str = "root"
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def _ssh_base(target: NodeTarget) -> list[str]:
 
 def ssh(target: NodeTarget, command: list[str], timeout: float,
         input: str | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = [*_ssh_base(target), f"root@{target.address}", "--", *command]
+    cmd = [*_ssh_base(target), f"{target.user}@{target.address}", "--", *command]
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
                               input=input if input is not None else "")
@@ -120,7 +121,7 @@ def ssh(target: NodeTarget, command: list[str], timeout: float,
 def close_ssh(target: NodeTarget) -> None:
     """End the node's shared connection now rather than after ControlPersist."""
     with contextlib.suppress(subprocess.TimeoutExpired):
-        subprocess.run([*_ssh_base(target), "-O", "exit", f"root@{target.address}"], capture_output=True,
+        subprocess.run([*_ssh_base(target), "-O", "exit", f"{target.user}@{target.address}"], capture_output=True,
                        timeout=5, check=False)
 
 
