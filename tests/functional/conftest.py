@@ -53,23 +53,22 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("store")
 
 
+def build_all(store_dir: Path, *pairs: tuple[str, str]) -> dict[str, dict]:  # type: ignore[type-arg]
+    """Build each (release, element) with the real disk-image-create; each build's JSON result by release."""
+    return {release: json.loads(imageupdate("build", release, "-e", element, "--store", str(store_dir), "--json",
+                                            check=True).stdout)
+            for release, element in pairs}
+
+
 @pytest.fixture(scope="session")
 def releases(store_dir: Path) -> Iterator[dict[str, dict]]:  # type: ignore[type-arg]
     """R1, R2 and the broken release, built once with the real disk-image-create."""
-    built: dict[str, dict] = {}  # type: ignore[type-arg]
-    for release, element in (("R1", "sample-workload-v1"), ("R2", "sample-workload-v2"),
-                             ("R-broken", "sample-workload-broken")):
-        proc = imageupdate("build", release, "-e", element, "--store", str(store_dir), "--json", check=True)
-        built[release] = json.loads(proc.stdout)
-    yield built
+    yield build_all(store_dir, ("R1", "sample-workload-v1"), ("R2", "sample-workload-v2"),
+                    ("R-broken", "sample-workload-broken"))
 
 
 @pytest.fixture(scope="session")
 def upgrade_releases(releases: dict, store_dir: Path) -> dict[str, dict]:  # type: ignore[type-arg]
     """R3, R4 and R4-badmig (R4 with a contract migration that fails half way) on top of R1 and R2."""
-    built: dict[str, dict] = {}  # type: ignore[type-arg]
-    for release, element in (("R3", "sample-workload-v3"), ("R4", "sample-workload-v4"),
-                             ("R4-badmig", "sample-workload-broken-migration")):
-        proc = imageupdate("build", release, "-e", element, "--store", str(store_dir), "--json", check=True)
-        built[release] = json.loads(proc.stdout)
-    return built
+    return build_all(store_dir, ("R3", "sample-workload-v3"), ("R4", "sample-workload-v4"),
+                     ("R4-badmig", "sample-workload-broken-migration"))
