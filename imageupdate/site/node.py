@@ -37,9 +37,11 @@ from imageupdate.site.rootfs import BOOT
 from imageupdate.upgrade import state as state_version
 from imageupdate.upgrade.meta import from_tree
 
-STOP_GRACE = 10.0  # the node's init gives its services 5 s, then SIGKILLs them
-
-
+STOP_GRACE = 10.0  # the node's init gives its services their stop_timeout (default 5 s), then SIGKILLs them
+STOP_MARGIN = 5.0  # on top of the largest stop_timeout a release declares
+READY_TIMEOUT = 60.0  # a first boot may run initdb and generate keys before a service listens
+SERVICES_DIR = "usr/share/imageupdate/services"
+MAX_STOP_TIMEOUT = 60.0
 
 @dataclass
 class NodeRecord:
@@ -65,6 +67,51 @@ class NodeStatus:
     pid: int | None
     phases: dict[str, float] | None = None  # after a rebuild: when it stopped, switched, started, answered
     state: dict[str, Any] | None = None  # after a rebuild: what was done to the state (migrations, restore)
+
+
+def declared_services(tree: Path) -> list[dict[str, Any]]:
+    """The service declarations of an unpacked release (validated at build; read defensively here)."""
+    found: list[dict[str, Any]] = []
+    try:
+        files = sorted((tree / SERVICES_DIR).glob("*.json"))
+    except OSError:
+        return found
+    for f in files:
+        try:
+            decl = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(decl, dict):
+            found.append(decl)
+    return found
+
+
+def declared_ports(services: list[dict[str, Any]]) -> list[int]:
+    ports = {p for s in services for p in (s.get("ports") or []) if isinstance(p, int) and 0 < p < 65536}
+    return sorted(ports)
+
+
+def stop_grace(services: list[dict[str, Any]]) -> float:
+    """How long the host waits for a node's init to stop its services before it SIGKILLs the node."""
+    longest = max((float(t) for s in services if isinstance(t := s.get("stop_timeout"), int | float)
+                   and not isinstance(t, bool)), default=0.0)
+    return max(STOP_GRACE, min(longest, MAX_STOP_TIMEOUT) + STOP_MARGIN)
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports in LISTEN inside the network namespace of ``pid``, on any address (loopback included):
+    ``/proc/PID/net`` is the table of that process's namespace, read from the host without entering it."""
+    ports: set[int] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) > 3 and parts[3] == "0A":
+                ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def tcp_open(address: str, port: int, timeout: float = 0.3) -> bool:
@@ -161,12 +208,33 @@ class Node:
         rec.pid, rec.wanted = kids[0], "running"
         self._save(rec, f"started on {rec.current}")
 
-    def wait_ready(self, ports: list[int], timeout: float = 30.0) -> bool:
-        """True once every port answers on the node's address."""
-        return procs.wait_until(lambda: all(tcp_open(self.address, p) for p in ports), timeout)
+    def services(self) -> list[dict[str, Any]]:
+        """What the node's current release declares."""
+        return declared_services(self.releases_dir / self.record().current)
 
-    def stop(self, grace: float = STOP_GRACE, wanted: str = "stopped") -> str:
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> str | None:
+        """Wait until SSH answers on the node's address and every declared port listens inside the node
+        (on any address: a service behind a proxy binds loopback); None when ready, else what is missing."""
+        ports = declared_ports(self.services())
+        missing: list[str] = []
+
+        def ready() -> bool:
+            pid = self.record().pid
+            if not procs.alive(pid):
+                missing[:] = ["the node is not running"]
+                return False
+            listening = listening_ports(pid)  # type: ignore[arg-type]
+            missing[:] = [f"port {p}" for p in ports if p not in listening]
+            if not tcp_open(self.address, 22):
+                missing.insert(0, f"SSH on {self.address}:22")
+            return not missing
+
+        return None if procs.wait_until(ready, timeout, interval=0.1) else ", ".join(missing)
+
+    def stop(self, grace: float | None = None, wanted: str = "stopped") -> str:
         rec = self.record()
+        if grace is None:
+            grace = stop_grace(declared_services(self.releases_dir / rec.current))
         wrapper = procs.parent(rec.pid) if rec.pid and procs.alive(rec.pid) else None
         how = procs.stop(rec.pid, grace) if rec.pid else "not running"
         if wrapper is not None and "unshare" in procs.cmdline(wrapper):

@@ -35,7 +35,7 @@ from imageupdate.hostdeps import require, require_root
 from imageupdate.images.store import ImageStore
 from imageupdate.site import procs
 from imageupdate.site.network import MAX_NODES, SiteNet, pick_subnet
-from imageupdate.site.node import Node, NodeStatus
+from imageupdate.site.node import READY_TIMEOUT, Node, NodeStatus
 from imageupdate.site.unpack import ensure_release
 from imageupdate.upgrade.migrate import Migrator, StateChange
 
@@ -189,21 +189,20 @@ class LocalSite:
             raise InputError("a new site needs --nodes N and --release R")
         if not 1 <= nodes <= MAX_NODES:
             raise InputError(f"--nodes must be between 1 and {MAX_NODES}, not {nodes}")
-        manifest = self.store.manifest(release)  # ReleaseNotFound before anything is made
+        self.store.manifest(release)  # ReleaseNotFound before anything is made
         self._require_bootable(release)
         need, free = nodes * NODE_MEMORY_MB, _available_memory_mb()
         if need > free // 2:
             raise InputError(f"{nodes} nodes need about {need} MiB and only {free} MiB are available; "
                              "ask for fewer nodes")
-        return self._create(nodes, release, [p for s in manifest.services for p in s.get("ports", [])])
+        return self._create(nodes, release)
 
-    def _create(self, count: int, release: str, ports: list[int]) -> SiteStatus:
+    def _create(self, count: int, release: str) -> SiteStatus:
         cfg: dict[str, object] = {
             "id": secrets.token_hex(3),
             "subnet": pick_subnet(),
             "store": str(self.store.root),
             "nodes": [{"name": f"node{i}", "index": i} for i in range(count)],
-            "ports": ports,
         }
         (self.path / "releases").mkdir(parents=True, exist_ok=True)
         try:
@@ -214,8 +213,20 @@ class LocalSite:
             for node in self.nodes():
                 node.create(release, key)
             self._wait_ready()
+        except InputError:
+            self._teardown(remove=True)  # refused before any node ran: nothing half-created stays behind
+            raise
+        except OperationError as e:
+            # a node that did not boot: its console and service logs are what the operator needs, so the
+            # nodes and network go down but the directory stays, and the error says where to look
+            self._teardown(remove=False)
+            raise OperationError(f"{e.message}; the site is down and kept for inspection (console logs in "
+                                 f"{self.path}/nodes/NODE/console.log, service logs in "
+                                 f"{self.path}/nodes/NODE/state/var/log/); remove it with "
+                                 f"'imageupdate site destroy --site {self.path}'",
+                                 node=e.node, release=e.release, step=e.step) from e
         except BaseException:
-            self._teardown(remove=True)  # nothing half-created stays behind
+            self._teardown(remove=True)  # interrupted: nothing half-created stays behind
             raise
         return self._status()
 
@@ -247,16 +258,16 @@ class LocalSite:
                              f"shipped one?); rebuild it with 'imageupdate build {release} --force ...'",
                              release=release)
 
-    def _ready_ports(self) -> list[int]:
-        """SSH and the declared services' ports, recorded in site.json at creation."""
-        return [22, *(int(p) for p in self.config().get("ports", []))]  # type: ignore[attr-defined]
-
     def _wait_ready(self, skip: set[str] | None = None) -> None:
-        ports = self._ready_ports()
         for node in self.nodes():
-            if node.name not in (skip or set()) and not node.wait_ready(ports):
-                raise OperationError(f"node {node.name} did not answer on ports {ports} within 30 s "
-                                     f"(console: {node.dir / 'console.log'})", node=node.name, step="boot")
+            if node.name in (skip or set()):
+                continue
+            missing = node.wait_ready()
+            if missing is not None:
+                raise OperationError(f"node {node.name} is not ready after {READY_TIMEOUT:.0f} s: no {missing} "
+                                     f"(console: {node.dir / 'console.log'}; service logs: "
+                                     f"{node.state_dir / 'var/log/imageupdate'})", node=node.name,
+                                     release=node.record().current, step="boot")
 
     def _ensure_key(self) -> str:
         key = self.path / "key"
@@ -314,8 +325,11 @@ class LocalSite:
                 change = migrator.prepare(current, target)
 
             phases = node.rebuild(release, prepare)
-            if not node.wait_ready(self._ready_ports()):
-                raise OperationError(f"node {node_name} did not answer after the rebuild to {release}",
+            missing = node.wait_ready()
+            if missing is not None:
+                raise OperationError(f"node {node_name} is not ready after the rebuild to {release}: no {missing} "
+                                     f"within {READY_TIMEOUT:.0f} s (service logs: "
+                                     f"{node.state_dir / 'var/log/imageupdate'})",
                                      node=node_name, release=release, step="boot")
             phases["ready"] = time.time()
             status = node.status()

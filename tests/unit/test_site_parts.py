@@ -142,3 +142,76 @@ def test_a_site_remembers_its_store(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert LocalSite.open(site_dir).store.root == tmp_path / "env"
     monkeypatch.delenv("IMAGEUPDATE_STORE")
     assert LocalSite.open(tmp_path / "no-site").store.root == ImageStore().root
+
+
+def test_listening_ports_sees_loopback_listeners_of_a_process_namespace() -> None:
+    import os
+    import socket
+
+    from imageupdate.site.node import listening_ports
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert port in listening_ports(os.getpid())
+    assert port not in listening_ports(os.getpid())
+    assert listening_ports(2 ** 22 + 12345) == set()  # no such process: nothing listens
+
+
+def test_declared_services_ports_and_stop_grace(tmp_path: Path) -> None:
+    from imageupdate.site.node import STOP_GRACE, declared_ports, declared_services, stop_grace
+    d = tmp_path / "usr/share/imageupdate/services"
+    d.mkdir(parents=True)
+    (d / "db.json").write_text(json.dumps({"name": "db", "ports": [5432], "stop_timeout": 30}))
+    (d / "web.json").write_text(json.dumps({"name": "web", "ports": [80, 5432, "x", 70000]}))
+    (d / "bad.json").write_text("{not json")
+    (d / "list.json").write_text("[1, 2]")
+    services = declared_services(tmp_path)
+    assert [s["name"] for s in services] == ["db", "web"]
+    assert declared_ports(services) == [80, 5432]
+    assert stop_grace(services) == 35.0
+    assert stop_grace([{"stop_timeout": 10 ** 9}]) == 65.0  # bounded
+    assert stop_grace([{"stop_timeout": True}, {}]) == STOP_GRACE
+    assert declared_services(tmp_path / "missing") == []
+
+
+def test_a_site_whose_node_does_not_boot_is_kept_with_its_logs(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed ``site up`` takes the nodes and network down but keeps what explains it, and says where."""
+    from imageupdate.errors import OperationError
+    from imageupdate.heat.service import HeatService
+    from imageupdate.site import site as site_mod
+
+    def no_boot(node: Node, release: str, key: str) -> None:
+        node.dir.mkdir(parents=True)
+        (node.dir / "console.log").write_text("init: cannot start web\n")
+        raise OperationError(f"node {node.name} exited at boot", node=node.name, release=release, step="start")
+
+    monkeypatch.setattr(site_mod, "ensure_release", lambda *a: None)
+    for name in ("create_bridge", "delete_bridge", "delete_node"):
+        monkeypatch.setattr(SiteNet, name, lambda *a: None)
+    monkeypatch.setattr(Node, "create", no_boot)
+    monkeypatch.setattr(HeatService, "stop", lambda self: "not running")
+    site = LocalSite(tmp_path / "site", ImageStore(tmp_path / "store"))
+    with pytest.raises(OperationError) as e:
+        site._create(2, "R1")
+    assert (tmp_path / "site/site.json").is_file()
+    assert (tmp_path / "site/nodes/node0/console.log").read_text() == "init: cannot start web\n"
+    assert "kept for inspection" in e.value.message and f"site destroy --site {tmp_path / 'site'}" in e.value.message
+    assert e.value.node == "node0" and e.value.step == "start"
+
+
+def test_a_site_interrupted_while_created_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imageupdate.heat.service import HeatService
+    from imageupdate.site import site as site_mod
+
+    def interrupted(*a: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(site_mod, "ensure_release", interrupted)
+    for name in ("create_bridge", "delete_bridge", "delete_node"):
+        monkeypatch.setattr(SiteNet, name, lambda *a: None)
+    monkeypatch.setattr(HeatService, "stop", lambda self: "not running")
+    with pytest.raises(KeyboardInterrupt):
+        LocalSite(tmp_path / "site", ImageStore(tmp_path / "store"))._create(1, "R1")
+    assert not (tmp_path / "site").exists()
