@@ -251,10 +251,10 @@ def fleet_plan(fp: FleetPlan, findings: list[Finding]) -> Group:
 
 
 def rehearsal(r: Rehearsal, path: object) -> Group:
-    t = table("RELEASE", "MIGRATION", "KIND", "STATE", "RESULT", "SECONDS", "RERUN+COMPARE")
+    t = table("RELEASE", "MIGRATION", "KIND", "STATE", "RESULT", "JUDGED BY", "SECONDS", "RERUN+COMPARE")
     for s in r.steps:
         result = "failed" if not s.ok else ("NOT idempotent" if s.idempotent is False else "ok, idempotent")
-        t.add_row(s.release, s.migration, s.kind, str(s.state_version), result, f"{s.seconds:.2f}",
+        t.add_row(s.release, s.migration, s.kind, str(s.state_version), result, s.digest, f"{s.seconds:.2f}",
                   "-" if s.rerun_seconds is None else f"{s.rerun_seconds:.2f}")
     head = (f"rehearsal of {r.target} on a copy of {r.node}'s state ({r.state_bytes / 1e6:.1f} MB, copied in "
             f"{r.copy_seconds:.2f} s; images unpacked in {r.prepare_seconds:.2f} s): state version {r.from_state} "

@@ -6,6 +6,7 @@ the same shape (nodes from the stack, Heat through Keystone).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,9 +22,9 @@ from imageupdate.site import procs
 from imageupdate.site.site import LocalSite
 from imageupdate.site.unpack import ensure_release, unpacked_from
 from imageupdate.upgrade import sandbox, state
-from imageupdate.upgrade.meta import Migration
+from imageupdate.upgrade.meta import STATE_DIGEST, Migration, from_manifest
 from imageupdate.upgrade.plan import UpgradePlan
-from imageupdate.upgrade.rehearse import Rehearsal, copy_state, rehearse
+from imageupdate.upgrade.rehearse import STATE_DIGEST_TIMEOUT, Rehearsal, copy_state, rehearse
 from imageupdate.verify.builtin import Expectation
 from imageupdate.verify.checks import NodeTarget
 
@@ -142,7 +143,18 @@ class LocalFleet:
             for release in upgrade.releases:
                 ensure_release(self.store, release, self.path / "releases")
 
-        return rehearse(node, upgrade, copy, work, run_step, prepare)
+        def digest_step(release: str, state_dir: Path) -> sandbox.RunResult | None:
+            """The release's state digest, if its tree ships one (lexists: it may be a symlink into the tree)."""
+            tree = ensure_release(self.store, release, self.path / "releases")
+            if not os.path.lexists(tree / STATE_DIGEST.lstrip("/")):
+                return None
+            return sandbox.run(tree, state_dir, [STATE_DIGEST], work / "sandbox", STATE_DIGEST_TIMEOUT, split=True)
+
+        volatile: dict[str, tuple[str, ...]] = {}
+        for release in upgrade.releases:
+            meta = from_manifest(self.store.manifest(release).upgrade)
+            volatile[release] = meta.volatile if meta is not None else ()
+        return rehearse(node, upgrade, copy, work, run_step, prepare, digest_step, volatile)
 
 
 class HeatHandle(Protocol):

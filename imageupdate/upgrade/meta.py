@@ -16,23 +16,40 @@
           "deprecated": {"storage.fsync": {"since": "2", "replacement": "storage.sync"}},
           "removed": {}
         }
-      }
+      },
+      "volatile": [                   # optional: node paths the rehearsal's file digest leaves out
+        "/var/lib/sample-workload/cache"
+      ]
     }
 
 A migration named N is the executable ``/usr/share/imageupdate/migrations/N``; ``expand`` means the previous
 release's code still works on the state after it, ``contract`` that it no longer does. Steps produce
 consecutive state versions ending at the release's ``state_version``.
+
+The rehearsal runs each step twice and compares the state after each run. By default it compares every
+file of the state (``imageupdate.upgrade.rehearse.digest``); ``volatile`` names what a service rewrites
+whenever it runs (a database's control file, WAL, statistics), left out of that comparison with
+everything beneath it. Each is an absolute, normalised node path under one of the release's state paths
+(checked at build, where the packer knows them), at most ``MAX_VOLATILE`` of them, each at most
+``MAX_PATH`` characters: a list, not patterns, so what the comparison skips is visible in the metadata.
+A release that understands its state better ships ``STATE_DIGEST`` instead (schema and row checksums,
+say): an executable run in the release's sandbox like a migration, whose stdout the rehearsal compares.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 UPGRADE_FILE = "usr/share/imageupdate/upgrade.json"
+STATE_DIGEST = "/usr/share/imageupdate/state-digest"
+MAX_VOLATILE = 64
+MAX_PATH = 1024
 KINDS = ("expand", "contract")
 _VERSION = re.compile(r"^\d+(\.\d+)*$")
 
@@ -75,6 +92,7 @@ class ReleaseMeta:
     min_from: str | None = None
     migrations: tuple[Migration, ...] = ()
     config: dict[str, ConfigSchema] = field(default_factory=dict)
+    volatile: tuple[str, ...] = ()  # node paths the rehearsal's file digest leaves out
 
     @property
     def key(self) -> tuple[int, ...]:
@@ -100,8 +118,33 @@ def _changes(raw: Any, where: str, problems: list[str]) -> dict[str, OptionChang
     return out
 
 
-def parse(data: Any, shipped: set[str] | None = None) -> tuple[ReleaseMeta | None, list[str]]:
-    """Validate ``upgrade.json``; ``shipped`` = migration file names the image has (checked when given)."""
+def under(path: str, roots: Sequence[str]) -> bool:
+    """``path`` is one of ``roots`` or beneath one (node paths, absolute)."""
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def _volatile(raw: Any, state_paths: list[str] | None, problems: list[str]) -> tuple[str, ...]:
+    if not isinstance(raw, list) or len(raw) > MAX_VOLATILE:
+        problems.append(f"'volatile' must be a list of at most {MAX_VOLATILE} absolute paths")
+        return ()
+    out: list[str] = []
+    for p in raw:
+        if (not isinstance(p, str) or not p.startswith("/") or p.startswith("//") or p == "/"
+                or len(p) > MAX_PATH or posixpath.normpath(p) != p):
+            problems.append(f"volatile {p!r}: an absolute path of at most {MAX_PATH} characters, normalised "
+                            "(no '..', '.', '//' or trailing '/'), not / itself")
+        elif state_paths is not None and not under(p, state_paths):
+            problems.append(f"volatile {p} is not under a state path of this release "
+                            f"({', '.join(state_paths) or 'it registers none'})")
+        else:
+            out.append(p)
+    return tuple(out)
+
+
+def parse(data: Any, shipped: set[str] | None = None,
+          state_paths: list[str] | None = None) -> tuple[ReleaseMeta | None, list[str]]:
+    """Validate ``upgrade.json``; ``shipped`` = migration file names the image has, ``state_paths`` = the
+    image's registered state paths (each checked when given)."""
     problems: list[str] = []
     if not isinstance(data, dict):
         return None, ["upgrade.json must be a JSON object"]
@@ -164,10 +207,11 @@ def parse(data: Any, shipped: set[str] | None = None) -> tuple[ReleaseMeta | Non
         config[path] = ConfigSchema(path, "ini", frozenset(options),
                                     _changes(spec.get("deprecated", {}), f"config {path} deprecated", problems),
                                     _changes(spec.get("removed", {}), f"config {path} removed", problems))
+    volatile = _volatile(data.get("volatile", []), state_paths, problems)
     if problems:
         return None, problems
     assert isinstance(version, str) and isinstance(state_version, int)
-    return ReleaseMeta(version, state_version, min_from, tuple(migrations), config), []
+    return ReleaseMeta(version, state_version, min_from, tuple(migrations), config, volatile), []
 
 
 def from_manifest(upgrade: dict[str, Any] | None) -> ReleaseMeta | None:

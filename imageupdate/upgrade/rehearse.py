@@ -4,26 +4,51 @@ The copy is taken with the node's processes frozen (SIGSTOP), so it is crash-con
 recovers a copy taken mid-transaction from its journal, as after a power cut) and the node only pauses
 for the copy. Every step runs from its release's image (``sandbox``) on the copy, then runs again: a step
 that changes the state a second time is not idempotent, and a resumed migration would corrupt data.
+
+What "changes the state" means is the step's release's to say, because only it knows its state::
+
+    run step -> digest A -> run step again -> digest B -> A == B ?
+
+* The release ships ``/usr/share/imageupdate/state-digest`` (``meta.STATE_DIGEST``): it runs in the
+  release's sandbox on the copy, bounded (``STATE_DIGEST_TIMEOUT``), and its stdout is the digest (say,
+  a database's schema and row checksums); the first differing lines are what changed. A digest that
+  fails, times out or prints nothing fails the rehearsal naming it: a check that cannot be taken is not
+  a pass. Whether a release ships one is read from its unpacked tree (the rehearsal unpacks every
+  release of the path anyway, and what is looked at is what runs), so the manifest needs no new field
+  and releases built before it are judged as they always were.
+* Otherwise every file of the copy (``digest``: type, mode, owner, content), without the release's
+  ``volatile`` paths and what is beneath them. A database rewrites its control file, WAL and statistics
+  whenever it starts, so a database's migration needs a state digest; a migration that adds a row on
+  every run is caught either way (by the rows, or by the bytes).
+
+The seams (``RunStep``, ``DigestStep``) keep this module free of root and namespaces: unit tests pass
+plain functions, ``LocalFleet.rehearse`` passes ``sandbox.run`` on the unpacked release.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from imageupdate.errors import OperationError
 from imageupdate.upgrade import sandbox
-from imageupdate.upgrade.meta import Migration
+from imageupdate.upgrade.meta import STATE_DIGEST, Migration, under
 from imageupdate.upgrade.plan import UpgradePlan
 
 RunStep = Callable[[Migration, Path], sandbox.RunResult]
+# (release, state_dir) -> the release's state digest run on state_dir (stdout apart), or None: it ships none
+DigestStep = Callable[[str, Path], "sandbox.RunResult | None"]
+STATE_DIGEST_TIMEOUT = 120.0
+MAX_CHANGED = 10  # differing lines of a state digest kept in a report
+MAX_LINE = 200
 
 
 class RehearsalFailed(OperationError):
@@ -36,12 +61,14 @@ class StepRehearsal:
     migration: str
     kind: str
     state_version: int
-    ok: bool
+    ok: bool  # it ran, and the state's digest could be taken after it
     seconds: float
-    rerun_seconds: float | None = None  # the second run and the two comparisons of the state
+    rerun_seconds: float | None = None  # the second run and the two digests of the state
     idempotent: bool | None = None
-    changed: list[str] = field(default_factory=list)  # what the second run changed
+    changed: list[str] = field(default_factory=list)  # what the second run changed: paths, or digest lines
     output: str = ""
+    digest: str = "files"  # what was compared: "files" (the file digest) or "state-digest" (the release's)
+    digest_error: str | None = None  # why the release's state digest could not be taken
 
 
 @dataclass
@@ -60,9 +87,16 @@ class Rehearsal:
     def problems(self) -> list[str]:
         out = []
         for s in self.steps:
-            if not s.ok:
+            if s.digest_error is not None:
+                out.append(f"state digest {STATE_DIGEST} of {s.release} failed on the copy of {self.node}'s "
+                           f"state: {s.digest_error}")
+            elif not s.ok:
                 out.append(f"migration {s.migration} of {s.release} failed on the copy of {self.node}'s state: "
                            f"{_last(s.output)}")
+            elif s.idempotent is False and s.digest == "state-digest" and s.changed[:1] != [_SECOND_FAILED]:
+                out.append(f"migration {s.migration} of {s.release} is not idempotent: running it twice on the "
+                           f"copy of {self.node}'s state changed its state digest ({STATE_DIGEST}): "
+                           f"{'; '.join(s.changed[:4])}")
             elif s.idempotent is False:
                 out.append(f"migration {s.migration} of {s.release} is not idempotent: running it twice on the "
                            f"copy of {self.node}'s state changed {', '.join(s.changed[:3])} again")
@@ -81,15 +115,24 @@ def _last(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def digest(root: Path) -> dict[str, str]:
-    """Every path under ``root`` with its type, mode, owner and content hash."""
+_SECOND_FAILED = "(the second run failed)"
+
+
+def digest(root: Path, leave_out: Sequence[str] = ()) -> dict[str, str]:
+    """Every path under ``root`` with its type, mode, owner and content hash; ``leave_out`` are node paths
+    (``/var/lib/x``, i.e. ``root/var/lib/x``) left out with everything beneath them."""
     out: dict[str, str] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
+        if leave_out:
+            dirnames[:] = [d for d in dirnames
+                           if not under("/" + str((Path(dirpath) / d).relative_to(root)), leave_out)]
         for name in [*dirnames, *sorted(filenames)]:
             p = Path(dirpath) / name
-            st = p.lstat()
             rel = str(p.relative_to(root))
+            if leave_out and under("/" + rel, leave_out):
+                continue
+            st = p.lstat()
             what = f"{st.st_mode:o} {st.st_uid}:{st.st_gid}"
             if p.is_symlink():
                 what += " -> " + os.readlink(p)
@@ -107,6 +150,40 @@ def changed(before: dict[str, str], after: dict[str, str]) -> list[str]:
     return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
+def changed_lines(before: str, after: str) -> list[str]:
+    """The first lines that differ between two state digests, ``-`` before and ``+`` after (bounded)."""
+    diff = [line for line in difflib.unified_diff(before.splitlines(), after.splitlines(), n=0, lineterm="")
+            if not line.startswith(("---", "+++", "@@"))]
+    out = [line if len(line) <= MAX_LINE else line[:MAX_LINE] + "..." for line in diff[:MAX_CHANGED]]
+    if len(diff) > MAX_CHANGED:
+        out.append(f"(and {len(diff) - MAX_CHANGED} more lines)")
+    return out
+
+
+@dataclass
+class _Taken:
+    """One digest of the state: the release's (its stdout) or the files', or why it could not be taken."""
+
+    kind: str
+    text: str = ""
+    files: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _take(release: str, state_dir: Path, digest_step: DigestStep | None, leave_out: Sequence[str]) -> _Taken:
+    result = digest_step(release, state_dir) if digest_step is not None else None
+    if result is None:
+        return _Taken("files", files=digest(state_dir, leave_out))
+    if result.returncode == -9:  # killed at its bound: "killed after 120 s" is the last line
+        return _Taken("state-digest", error=_last(f"{result.output}\n{result.errors}"))
+    if not result.ok:
+        return _Taken("state-digest", error=f"exit {result.returncode}: {_last(result.errors or result.output)}")
+    if not result.output.strip():
+        return _Taken("state-digest", error="it printed nothing on stdout"
+                      + (f" ({_last(result.errors)})" if result.errors.strip() else ""))
+    return _Taken("state-digest", text=result.output)
+
+
 def copy_state(src: Path, dst: Path) -> None:
     proc = subprocess.run(["cp", "-a", "--reflink=auto", f"{src}/.", str(dst)], capture_output=True, text=True,
                           check=False)
@@ -115,9 +192,12 @@ def copy_state(src: Path, dst: Path) -> None:
 
 
 def rehearse(node: str, upgrade: UpgradePlan, copy: Callable[[Path], None], workdir: Path,
-             run_step: RunStep, prepare: Callable[[], object] | None = None) -> Rehearsal:
+             run_step: RunStep, prepare: Callable[[], object] | None = None,
+             digest_step: DigestStep | None = None, volatile: Mapping[str, Sequence[str]] | None = None) -> Rehearsal:
     """``copy(dst)`` fills ``dst`` with the node's state; ``run_step(step, state_dir)`` runs one step;
-    ``prepare()`` makes the releases' images ready (unpacks them), timed apart."""
+    ``prepare()`` makes the releases' images ready (unpacks them), timed apart; ``digest_step(release,
+    state_dir)`` runs the release's state digest (None: it ships none, or no digest_step: the file digest,
+    without ``volatile[release]``)."""
     shutil.rmtree(workdir, ignore_errors=True)
     state_dir = workdir / "state"
     state_dir.mkdir(parents=True)
@@ -139,15 +219,25 @@ def rehearse(node: str, upgrade: UpgradePlan, copy: Callable[[Path], None], work
             if not first.ok:
                 break
             t1 = time.monotonic()
-            before = digest(state_dir)
-            again = run_step(step, state_dir)
-            result.changed = changed(before, digest(state_dir))
+            leave_out = (volatile or {}).get(step.release, ())
+            before = _take(step.release, state_dir, digest_step, leave_out)
+            result.digest, error = before.kind, before.error
+            if error is None:
+                again = run_step(step, state_dir)
+                if again.ok:
+                    after = _take(step.release, state_dir, digest_step, leave_out)
+                    error = after.error
+                    result.changed = (changed(before.files, after.files) if before.kind == "files"
+                                      else changed_lines(before.text, after.text))
+                else:
+                    result.output += f"\n(second run failed: {_last(again.output)})"
+                    result.changed = [_SECOND_FAILED]
+                result.idempotent = not result.changed
             result.rerun_seconds = round(time.monotonic() - t1, 3)
-            result.idempotent = again.ok and not result.changed
-            if not again.ok:
-                result.output += f"\n(second run failed: {_last(again.output)})"
-                result.changed = result.changed or ["(the second run failed)"]
-            if not result.idempotent:
+            if error is not None:
+                result.ok, result.digest_error, result.idempotent, result.changed = False, error, None, []
+                result.output += f"\n(state digest {STATE_DIGEST} failed: {error})"
+            if not result.ok or not result.idempotent:
                 break
         report.seconds = round(time.monotonic() - t0, 3)
         return report
