@@ -34,7 +34,7 @@ from imageupdate.rollout.lock import RolloutLock
 from imageupdate.rollout.path import FleetPlan, check_config, plan_fleet
 from imageupdate.upgrade import config
 from imageupdate.upgrade.plan import UpgradePlan
-from imageupdate.verify.checks import CheckResult, Verdict, last_line, verify_node
+from imageupdate.verify.checks import CheckResult, Verdict, last_line, probe_check, verify_node
 from imageupdate.verify.probe import DEFAULT_INTERVAL, Prober, endpoints_for
 from imageupdate.verify.resources import DEFAULT_TIMEOUT as HOOK_TIMEOUT
 from imageupdate.verify.resources import HookRun, ResourceHooks
@@ -135,6 +135,7 @@ class _Watch:
     failure: str | None = None
     # servers that had failed in an earlier operation: their FAILED is stale until Heat works on them again
     failed_before: set[str] = field(default_factory=set)
+    prober: Prober | None = None  # the downtime probe: what it saw of a node during its gate is gate evidence
 
 
 class Orchestrator:
@@ -408,7 +409,7 @@ class Orchestrator:
 
     def _finish(self, client: HeatClient, heat: HeatHandle, stack_id: str, row: RolloutRow,
                 opts: RolloutOptions, watch: _Watch) -> Outcome:
-        prober = self._start_probe(row, opts)
+        prober = watch.prober = self._start_probe(row, opts)
         try:
             result = self._watch(client, stack_id, row, opts, watch)
         finally:
@@ -702,10 +703,16 @@ class Orchestrator:
                           f"state version {x.state_version if x.ok else record.version}")
 
     def _check_node(self, row: RolloutRow, node: str, release: str, watch: _Watch) -> Verdict:
-        """The gate's checks: built-ins and shipped tests, then the resource hooks (verify_noapi, run while
-        the node was rebuilt, and verify)."""
+        """The gate's checks: built-ins and shipped tests, what the downtime probe saw of the node while they
+        ran (a service down from the gate's start to its end fails it), then the resource hooks (verify_noapi,
+        run while the node was rebuilt, and verify)."""
+        prober = watch.prober
+        since = prober.clock() if prober is not None else 0.0
+
         def hooks() -> list[CheckResult]:
             results: list[CheckResult] = []
+            if prober is not None and (seen := probe_check(prober.probes.get(node), since, prober.clock())):
+                results.append(seen)
             noapi = watch.noapi.get(node)
             if noapi is not None:
                 results += [r.as_check() for r in noapi.result()]

@@ -1,14 +1,21 @@
 """The built-in checks: a node's facts (``node_facts.py``) held against what its release should be.
 
-Pure functions of data, so each can be shown to fail in a unit test:
+Pure functions of data, so each can be shown to fail in a unit test. They describe real software, not
+one sample (DESIGN.md decision 9): daemons rename themselves, map shared memory and bind loopback.
 
 - ``release``: the stamp names the release, and the tree the node runs was unpacked from the artifact
   whose sha256 the store's manifest records (a release rebuilt under the same id is caught);
-- ``services``: each service the release declares has a live process running its command as its user,
-  and every port it declares is listening;
-- ``stale-code``: no process runs an executable or maps a file that is not this release's (deleted,
-  outside the read-only root, unknown to the file index, or with other content), the way needrestart
-  finds them from ``/proc/*/exe`` and ``/proc/*/maps``;
+- ``services``: each service the release declares is the live process the node's init started for it
+  (its pid in the init's status file, a child of the init, not a zombie, started when the init says;
+  whatever title it gives itself), and every port it declares is listening inside the node, on any
+  address, loopback included;
+- ``health``: each declared health endpoint, asked from inside the node on the service's first port,
+  answered 2xx within the facts' bound;
+- ``stale-code``: no process runs code that is not this release's file (deleted, outside the read-only
+  root wherever it lives, unknown to the file index, or with other content). Code is what a process
+  executes: its executable, its executable file mappings, the script its interpreter runs, the way
+  needrestart finds them from ``/proc/*/exe`` and ``/proc/*/maps``. Data mappings (SysV shared memory,
+  memfd, files mapped without execute permission) are not code;
 - ``config``: every file under ``/etc`` is the image's, except below the release's declared state paths
   (its overlays onto the state partition);
 - ``filesystems``: the root is mounted read-only and refuses a write; ``/mnt/state`` is mounted and takes one;
@@ -19,6 +26,7 @@ Pure functions of data, so each can be shown to fail in a unit test:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,9 +36,12 @@ from imageupdate.images.manifest import ROOT_IMAGE, Manifest
 from imageupdate.upgrade import meta as upgrade_meta
 from imageupdate.upgrade import state
 
-# Mapped paths that are not code: shared memory, the node's own devices.
-NOT_CODE = ("/dev/", "/run/", "/proc/", "/sys/")
 MAX_LISTED = 5
+INIT_PID = 1  # the node's init, in the node's PID namespace
+# Names the kernel gives memory that is no file anyone can open: SysV shared memory, memfd, shared
+# anonymous and huge-page mappings. Executable, they are a JIT's pages (.NET and Java map their code
+# twice through a memfd), like anonymous memory; an executable (exe) there is still flagged.
+ANONYMOUS_MEMORY = re.compile(r"/(SYSV[0-9a-fA-F]{8}|memfd:.*|dev/zero|anon_hugepage|\[aio\])")
 
 
 @dataclass(frozen=True)
@@ -70,33 +81,106 @@ def check_release(facts: dict[str, Any], want: Expectation) -> Finding:
     return True, f"runs {want.release} (artifact {want.artifact[:12]})"
 
 
+def _tree(pid: int, processes: list[dict[str, Any]]) -> set[int]:
+    """``pid`` and its descendants."""
+    children: dict[int, list[int]] = {}
+    for proc in processes:
+        children.setdefault(proc.get("ppid", 0), []).append(proc["pid"])
+    tree: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        if p not in tree:
+            tree.add(p)
+            todo += children.get(p, [])
+    return tree
+
+
+def _sockets(port: int, facts: dict[str, Any]) -> list[dict[str, Any]]:
+    return [s for s in facts.get("listening") or [] if isinstance(s, dict) and s.get("port") == port]
+
+
 def check_services(facts: dict[str, Any], want: Expectation) -> Finding:
     declared = [s for s in want.manifest.services if not s.get("invalid")]
     if not declared:
         return True, "the release declares no services"
     status = facts.get("service_status") or {}
-    by_pid = {p["pid"]: p for p in facts.get("processes", [])}
-    listening = set(facts.get("listening", []))
+    processes = facts.get("processes") or []
+    by_pid = {p["pid"]: p for p in processes}
     problems, fine = [], []
     for svc in declared:
         name = svc["name"]
-        pid = (status.get(name) or {}).get("pid")
-        proc = by_pid.get(pid) if pid else None
-        if proc is None:
+        started = status.get(name) or {}
+        pid = started.get("pid")
+        proc = by_pid.get(pid) if isinstance(pid, int) else None
+        if not isinstance(pid, int):
             problems.append(f"{name} is not running")
             continue
-        if svc.get("command") and proc["cmdline"] != svc["command"]:
-            problems.append(f"{name} (pid {pid}) runs {' '.join(proc['cmdline'])!r}, declared "
-                            f"{' '.join(svc['command'])!r}")
+        if proc is None:
+            problems.append(f"{name} is not running (its pid {pid} is gone)")
             continue
-        closed = [p for p in svc.get("ports", []) if p not in listening]
+        if proc.get("state") == "Z":
+            problems.append(f"{name} (pid {pid}) has exited: it is a zombie")
+            continue
+        if proc.get("ppid") != INIT_PID:
+            problems.append(f"{name} (pid {pid}) is not the init's child (its parent is pid {proc.get('ppid')}): "
+                            "not the process the init started")
+            continue
+        if started.get("start_time") is not None and proc.get("start_time") != started["start_time"]:
+            problems.append(f"{name}: pid {pid} started at tick {proc.get('start_time')}, the init's process at "
+                            f"tick {started['start_time']}: not the process the init started")
+            continue
+        tree = _tree(pid, processes)
+        closed = [p for p in svc.get("ports", []) if not _sockets(p, facts)]
         if closed:
             problems.append(f"{name} does not listen on port {', '.join(map(str, closed))}")
             continue
-        fine.append(f"{name} (pid {pid})")
+        ports = []
+        for port in svc.get("ports", []):
+            sockets = _sockets(port, facts)
+            where = f"{port} on {', '.join(sorted({s.get('address', '?') for s in sockets}))}"
+            holders = {holder for s in sockets for holder in s.get("pids") or []}
+            if holders and not holders & tree:
+                where += f" (held by pid {', '.join(map(str, sorted(holders)))}, outside {name}'s processes)"
+            ports.append(where)
+        fine.append(f"{name} (pid {pid}, {len(tree)} process{'es' if len(tree) > 1 else ''}"
+                    + (f"; port {'; '.join(ports)}" if ports else "") + ")")
     if problems:
         return False, "; ".join(problems)
     return True, "running: " + ", ".join(fine)
+
+
+def _answer(h: dict[str, Any]) -> str:
+    """What a health endpoint answered, with the figures."""
+    if h.get("status") is not None:
+        said = f"answered {h['status']} {h.get('reason') or ''}".rstrip()
+    else:
+        said = f"did not answer ({h.get('error') or 'no answer'})"
+    attempts = h.get("attempts", 0)
+    return f"{h.get('url')} {said} ({attempts} attempt{'' if attempts == 1 else 's'} over " \
+           f"{float(h.get('seconds') or 0):.1f} s)"
+
+
+def check_health(facts: dict[str, Any], want: Expectation) -> Finding:
+    declared = [s for s in want.manifest.services
+                if not s.get("invalid") and isinstance(s.get("health"), str) and s.get("ports")]
+    if not declared:
+        return True, "no service declares a health endpoint"
+    answers = {h.get("service"): h for h in facts.get("health") or [] if isinstance(h, dict)}
+    problems, fine = [], []
+    for svc in declared:
+        name = svc["name"]
+        h = answers.get(name)
+        if h is None:
+            problems.append(f"{name}: {svc['health']} on port {svc['ports'][0]} was not asked (the node's "
+                            "declaration differs from the release's?)")
+        elif isinstance(h.get("status"), int) and 200 <= h["status"] < 300:
+            fine.append(f"{name}: {_answer(h)}")
+        else:
+            problems.append(f"{name}: {_answer(h)}")
+    if problems:
+        return False, "; ".join(problems)
+    return True, "; ".join(fine)
 
 
 def _is_release_file(path: str, info: dict[str, Any] | None, want: Expectation) -> str | None:
@@ -115,29 +199,40 @@ def _is_release_file(path: str, info: dict[str, Any] | None, want: Expectation) 
     return None
 
 
+VERBS = {"exe": "runs", "map": "maps", "script": "runs script"}
+
+
+def _stale(f: dict[str, Any], code: dict[str, Any], want: Expectation) -> str | None:
+    """Why a file a process executes is not this release's code, or None if it is (or is no code)."""
+    kind, path = f.get("kind", "map"), f["path"]
+    verb = VERBS.get(kind, "maps")
+    if kind == "map" and ("x" not in f.get("perms", "x") or ANONYMOUS_MEMORY.fullmatch(path)):
+        return None
+    if kind == "script" and f.get("target"):
+        return f"runs script {path}, which is {f['target']}, not a file"
+    if f.get("deleted"):
+        return f"runs script {path}, which no longer exists" if kind == "script" else f"{verb} deleted {path}"
+    if not f.get("on_root"):
+        return f"{verb} {path}, which is not on the release's root"
+    if f.get("directory"):
+        return None  # python runs a directory's __main__.py: on the root, the index vouches for the tree
+    reason = _is_release_file(path, code.get(path), want)
+    return f"{verb} {reason}" if reason else None
+
+
 def check_stale_code(facts: dict[str, Any], want: Expectation) -> Finding:
     code = facts.get("code", {})
     stale: list[str] = []
     for proc in facts.get("processes", []):
         why: list[str] = []
-        if proc.get("exe_deleted"):
-            why.append(f"runs deleted {proc['exe']}")
-        else:
-            reason = _is_release_file(proc["exe"], code.get(proc["exe"]), want)
+        if proc.get("error"):
+            why.append(f"cannot be inspected ({proc['error']})")
+        for f in proc.get("executes", []):
+            reason = _stale(f, code, want)
             if reason:
-                why.append("runs " + reason)
-        for m in proc.get("maps", []):
-            path = m["path"]
-            if path.startswith(NOT_CODE):
-                continue
-            if m.get("deleted"):
-                why.append(f"maps deleted {path}")
-            elif not m.get("on_root"):
-                why.append(f"maps {path}, which is not on the release's root")
-            elif (reason := _is_release_file(path, code.get(path), want)) is not None:
-                why.append("maps " + reason)
+                why.append(reason)
         if why:
-            cmd = " ".join(proc.get("cmdline") or [proc["exe"]])[:80]
+            cmd = " ".join(proc.get("cmdline") or [proc.get("exe") or "?"])[:80]
             stale.append(f"pid {proc['pid']} ({cmd}): {why[0]}" + (f" (+{len(why) - 1} more)" if len(why) > 1 else ""))
     if stale:
         more = f"; and {len(stale) - MAX_LISTED} more" if len(stale) > MAX_LISTED else ""
@@ -223,6 +318,7 @@ def check_state_version(facts: dict[str, Any], want: Expectation) -> Finding:
 BUILTIN: list[tuple[str, Callable[[dict[str, Any], Expectation], Finding]]] = [
     ("release", check_release),
     ("services", check_services),
+    ("health", check_health),
     ("stale-code", check_stale_code),
     ("config", check_config),
     ("filesystems", check_filesystems),

@@ -1,14 +1,17 @@
 """The checks a gate runs on a node after its rebuild, from the orchestrator's side, over SSH.
 
 1. ``facts``: one SSH call runs ``node_facts.py`` on the node's own python3 and brings back what the
-   built-in checks need (the node must answer);
-2. the built-in checks (``builtin.py``): ``release``, ``services``, ``stale-code``, ``config``,
-   ``filesystems``;
+   built-in checks need (the node must answer). The declared health endpoints are asked there too, so
+   the call's bound is the health bound plus 30 s;
+2. the built-in checks (``builtin.py``): ``release``, ``services``, ``health``, ``stale-code``,
+   ``config``, ``filesystems``, ``state-version``;
 3. ``test:NAME``: each post-deploy test the release ships in ``/usr/share/imageupdate/tests/``: an
-   executable file (a ``#!`` script or an ELF binary), run on the node as root from ``/`` with a bound;
-   exit status 0 passes, anything else fails, its output is the evidence. A file that is not executable
-   or not runnable fails without running. Skipped when the node runs the wrong release;
-4. whatever the caller adds (the operator's resource ``verify`` hooks).
+   executable file (a ``#!`` script or an ELF binary), run on the node as root from ``/`` (``env -C /``:
+   an SSH session starts in root's home) with a bound; exit status 0 passes, anything else fails, its
+   output is the evidence. A file that is not executable or not runnable fails without running.
+   Skipped when the node runs the wrong release;
+4. whatever the caller adds (the operator's resource ``verify`` hooks, and ``probe_check``: what the
+   rollout's downtime probe saw of the node during its gate).
 
 Every check yields a ``CheckResult``; the ``Verdict`` sums them up for the gate's reason and data.
 """
@@ -26,13 +29,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from imageupdate.verify import node_facts
 from imageupdate.verify.builtin import BUILTIN, Expectation
+from imageupdate.verify.probe import NodeProbe
 
 TESTS_DIR = "/usr/share/imageupdate/tests"
 FACTS_COMMAND = ["python3", "-"]
 TEST_TIMEOUT = 120.0
 FACTS_SCRIPT = (Path(__file__).with_name("node_facts.py")).read_text()
-SSH_TIMEOUT = 30.0
+SSH_TIMEOUT = node_facts.HEALTH_TIMEOUT + 30.0  # the facts wait for the health endpoints, at most this long
+PROBE_MIN_DOWN = 3  # fewer failed requests than this prove nothing about a whole gate
 
 
 @dataclass(frozen=True)
@@ -191,8 +197,29 @@ def _verify(target: NodeTarget, want: Expectation, run: Runner) -> Verdict:
             continue
 
         def shipped(name: str = name) -> tuple[bool, str]:
-            p = run(target, [f"{TESTS_DIR}/{name}"], TEST_TIMEOUT)
+            p = run(target, ["env", "-C", "/", f"{TESTS_DIR}/{name}"], TEST_TIMEOUT)
             said = (p.stdout + p.stderr).strip()
             return p.returncode == 0, said or f"exit status {p.returncode}"
         verdict.results.append(_timed(f"test:{name}", shipped))
     return verdict
+
+
+def probe_check(probe: NodeProbe | None, since: float, until: float) -> CheckResult | None:
+    """What the rollout's downtime probe saw of a node during its gate [since, until] (the probe's clock):
+    fails when the service was down for the whole gate (at least ``PROBE_MIN_DOWN`` requests, none
+    answered); None when the node was not probed."""
+    if probe is None:
+        return None
+    w = probe.window(since, until)
+    target = probe.endpoint.describe()
+    if w.requests >= PROBE_MIN_DOWN and not w.any_ok:
+        return CheckResult("probe", False, 0.0, f"probe: {target} was down for the whole gate ({w.failures} of "
+                                                f"{w.requests} requests failed over {w.seconds:.1f} s)")
+    if not w.requests:
+        said = f"was not asked during the gate ({w.seconds:.1f} s)"
+    elif not w.any_ok:
+        said = f"failed {w.failures} of {w.requests} requests over {w.seconds:.1f} s: too few to judge"
+    else:
+        said = (f"answered {w.requests - w.failures} of {w.requests} requests over {w.seconds:.1f} s"
+                + (f" ({w.failures} failed)" if w.failures else ""))
+    return CheckResult("probe", True, 0.0, f"probe: {target} {said}")

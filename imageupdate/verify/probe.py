@@ -6,6 +6,15 @@ health path. A request that fails (refused, reset, timed out, not 2xx) opens an 
 closes it. A node's downtime is the sum of its outages, each from the start of its first failed request
 to the start of the first successful one after it (exact to one interval). Outages still open when the
 probe stops are closed at that moment.
+
+The gate asks a probe about its own window (``NodeProbe.window``): how many requests were made and
+failed between two instants and whether any succeeded. A probe keeps runs, not requests: consecutive
+requests with the same outcome are one run (first and last instant, count), so memory grows with the
+number of outages, not with the rollout's length; requests inside a run are counted as evenly spaced,
+exact to one interval at the window's edges.
+
+Only services whose declaration leaves ``probe`` true are asked from outside: one bound to loopback
+(an app behind nginx) cannot answer there, and the gate checks it from inside the node instead.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from math import ceil, floor
 from typing import Any
 
 DEFAULT_INTERVAL = 0.05
@@ -38,10 +48,11 @@ class Endpoint:
 
 
 def endpoints_for(services: list[dict[str, Any]], node: str, address: str) -> Endpoint | None:
-    """The endpoint to probe from a release's declared services (the first with ports)."""
+    """The endpoint to probe from a release's declared services: the first with ports that does not say
+    ``"probe": false``."""
     for svc in services:
         ports = tuple(int(p) for p in svc.get("ports", []))
-        if ports and not svc.get("invalid"):
+        if ports and not svc.get("invalid") and svc.get("probe", True) is not False:
             health = svc.get("health")
             return Endpoint(node, address, ports, health if isinstance(health, str) and health.startswith("/")
                             else None)
@@ -65,6 +76,24 @@ def ask(ep: Endpoint, timeout: float = REQUEST_TIMEOUT) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class ProbeWindow:
+    """What a probe saw between ``since`` and ``until``."""
+
+    since: float
+    until: float
+    requests: int
+    failures: int
+
+    @property
+    def any_ok(self) -> bool:
+        return self.requests > self.failures
+
+    @property
+    def seconds(self) -> float:
+        return round(self.until - self.since, 3)
+
+
 @dataclass
 class NodeProbe:
     endpoint: Endpoint
@@ -72,22 +101,51 @@ class NodeProbe:
     failures: int = 0
     outages: list[list[float]] = field(default_factory=list)  # [start, end]; end None while open
     _open: float | None = None
+    # [first, last, ok, count]: consecutive requests with one outcome (for windows: see the module doc)
+    runs: list[list[Any]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record(self, at: float, ok: bool) -> None:
-        self.requests += 1
-        if ok:
+        with self._lock:
+            self.requests += 1
+            if self.runs and self.runs[-1][2] == ok:
+                self.runs[-1][1] = at
+                self.runs[-1][3] += 1
+            else:
+                self.runs.append([at, at, ok, 1])
+            if ok:
+                if self._open is not None:
+                    self.outages.append([self._open, at])
+                    self._open = None
+            else:
+                self.failures += 1
+                if self._open is None:
+                    self._open = at
+
+    def close(self, at: float) -> None:
+        with self._lock:
             if self._open is not None:
                 self.outages.append([self._open, at])
                 self._open = None
-        else:
-            self.failures += 1
-            if self._open is None:
-                self._open = at
 
-    def close(self, at: float) -> None:
-        if self._open is not None:
-            self.outages.append([self._open, at])
-            self._open = None
+    def window(self, since: float, until: float) -> ProbeWindow:
+        """How many requests started in [since, until], and how many of them failed."""
+        requests = failures = 0
+        with self._lock:
+            runs = [list(r) for r in self.runs]
+        for first, last, ok, count in runs:
+            if last < since or first > until:
+                continue
+            if count == 1 or (first >= since and last <= until):
+                n = count
+            else:  # evenly spaced: the k-th request of the run started at first + k * step
+                step = (last - first) / (count - 1)
+                lo = max(0, ceil((since - first) / step - 1e-9)) if step else 0
+                hi = min(count - 1, floor((until - first) / step + 1e-9)) if step else count - 1
+                n = max(0, hi - lo + 1)
+            requests += n
+            failures += 0 if ok else n
+        return ProbeWindow(since, until, requests, failures)
 
     @property
     def downtime(self) -> float:

@@ -142,7 +142,7 @@ def test_a_process_left_on_the_old_release_is_flagged_as_stale(site: Path, store
         assert verdicts["node0"]["ok"] and verdicts["node2"]["ok"]
         stale = {c["name"]: c for c in verdicts["node1"]["checks"]}["stale-code"]
         assert not stale["ok"]
-        assert "runs /mnt/state/old-release/usr/bin/python3.11 is not a file of R2" in stale["output"]
+        assert "runs /mnt/state/old-release/usr/bin/python3.11, which is not on the release's root" in stale["output"]
         assert "check stale-code failed" in verdicts["node1"]["reason"]
         assert "nodes failed their checks" in proc.stderr
     finally:

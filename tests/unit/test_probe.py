@@ -1,4 +1,5 @@
-"""The downtime probe: outage arithmetic, the background loop, and real requests on loopback."""
+"""The downtime probe: outage arithmetic, windows and the gate's probe check, the background loop, and real
+requests on loopback."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from imageupdate.verify.probe import Endpoint, NodeProbe, Prober, ask, endpoints_for
+from imageupdate.verify.checks import CheckResult, probe_check
+from imageupdate.verify.probe import Endpoint, NodeProbe, Prober, ProbeWindow, ask, endpoints_for
 
 EP = Endpoint("node0", "127.0.0.1", (8080,), "/health")
 
@@ -54,6 +56,51 @@ def test_endpoints_come_from_the_first_service_with_ports() -> None:
     assert endpoints_for([{"name": "db", "ports": [5432]}], "n", "h") == Endpoint("n", "h", (5432,), None)
     assert endpoints_for([{"name": "x", "ports": [1], "health": "health"}], "n", "h") == Endpoint("n", "h", (1,))
     assert endpoints_for([{"name": "agent"}], "n", "h") is None
+
+
+def test_services_that_say_probe_false_are_not_probed_from_outside() -> None:
+    services = [{"name": "app", "ports": [8000], "health": "/health", "probe": False},
+                {"name": "nginx", "ports": [80, 443], "health": "/"}, {"name": "db", "ports": [5432]}]
+    assert endpoints_for(services, "n", "10.0.0.1") == Endpoint("n", "10.0.0.1", (80, 443), "/")
+    assert endpoints_for([services[0], {"name": "db", "ports": [5432], "probe": False}], "n", "h") is None
+
+
+def probed(*answers: tuple[float, bool]) -> NodeProbe:
+    p = NodeProbe(EP)
+    for at, ok in answers:
+        p.record(at, ok)
+    return p
+
+
+def test_a_window_counts_the_requests_made_in_it_and_those_that_failed() -> None:
+    # up every 0.1 s from 0 to 1, down from 1.1 to 3, up again from 3.1 to 4
+    p = probed(*[(i / 10, not 11 <= i <= 30) for i in range(41)])
+    assert p.window(0.0, 4.0) == ProbeWindow(0.0, 4.0, 41, 20)
+    assert p.window(1.1, 3.0) == ProbeWindow(1.1, 3.0, 20, 20) and not p.window(1.1, 3.0).any_ok
+    assert p.window(1.5, 2.5) == ProbeWindow(1.5, 2.5, 11, 11)
+    w = p.window(0.95, 1.35)  # the end of a run of successes, the start of the outage
+    assert (w.requests, w.failures, w.any_ok) == (4, 3, True)
+    assert p.window(5.0, 6.0) == ProbeWindow(5.0, 6.0, 0, 0) and len(p.runs) == 3
+
+
+def test_the_gate_fails_when_the_probe_saw_the_service_down_for_all_of_it() -> None:
+    p = probed(*[(10 + i * 0.3, False) for i in range(42)])
+    assert probe_check(p, 10.0, 22.3) == CheckResult(
+        "probe", False, 0.0, "probe: http://127.0.0.1:8080/health was down for the whole gate (42 of 42 requests "
+                             "failed over 12.3 s)")
+
+
+def test_the_gate_passes_with_the_figures_otherwise() -> None:
+    p = probed((10.0, False), (10.5, False), (11.0, True), (11.5, True))
+    assert probe_check(p, 10.0, 12.0) == CheckResult(
+        "probe", True, 0.0, "probe: http://127.0.0.1:8080/health answered 2 of 4 requests over 2.0 s (2 failed)")
+    assert probe_check(p, 11.0, 12.0) == CheckResult(
+        "probe", True, 0.0, "probe: http://127.0.0.1:8080/health answered 2 of 2 requests over 1.0 s")
+    assert probe_check(p, 10.0, 10.6) == CheckResult(
+        "probe", True, 0.0, "probe: http://127.0.0.1:8080/health failed 2 of 2 requests over 0.6 s: too few to judge")
+    assert probe_check(p, 20.0, 21.0) == CheckResult(
+        "probe", True, 0.0, "probe: http://127.0.0.1:8080/health was not asked during the gate (1.0 s)")
+    assert probe_check(None, 10.0, 12.0) is None
 
 
 @pytest.fixture

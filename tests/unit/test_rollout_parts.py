@@ -204,3 +204,40 @@ def test_bad_options_are_bad_input(opts: RolloutOptions, flag: str) -> None:
         opts.validate()
     assert str(exc.value) == flag
     assert exc.value.exit_code == 2
+
+
+def test_a_service_the_probe_saw_down_for_the_whole_gate_fails_it(tmp_path: Path) -> None:
+    """The gate's evidence includes the downtime probe: down from the gate's start to its end fails it."""
+    from types import SimpleNamespace
+    from typing import Any
+
+    from imageupdate.rollout.engine import Orchestrator, _Watch
+    from imageupdate.verify.checks import CheckResult, Verdict
+    from imageupdate.verify.probe import Endpoint, Prober
+
+    now = [1000.0]
+    answers: dict[str, bool] = {"node0": False, "node1": True}
+    prober = Prober([Endpoint("node0", "10.0.0.1", (8080,), "/health"), Endpoint("node1", "10.0.0.2", (8080,))],
+                     clock=lambda: now[0])
+
+    def verify(target: Any, want: Any, extra: Any = None) -> Verdict:
+        for _ in range(10):  # the probe asks while the checks run
+            now[0] += 0.5
+            for name, probe in prober.probes.items():
+                probe.record(now[0], answers[name])
+        verdict = Verdict(target.name, want, [CheckResult("release", True, 0.1, "ok")])
+        verdict.results.extend(extra())
+        return verdict
+
+    fleet = SimpleNamespace(path=tmp_path, history=None, target=lambda n: SimpleNamespace(name=n),
+                            expectation=lambda r: r)
+    orch = Orchestrator(fleet, verify=verify)  # type: ignore[arg-type]
+    watch = _Watch(prober=prober)
+    row = SimpleNamespace(id=1)
+    down = orch._check_node(row, "node0", "R2", watch)  # type: ignore[arg-type]
+    assert not down.ok
+    assert "check probe failed: probe: http://10.0.0.1:8080/health was down for the whole gate (10 of 10 " \
+           "requests failed over 5.0 s)" in down.reason
+    up = orch._check_node(row, "node1", "R2", watch)  # type: ignore[arg-type]
+    assert up.ok and [r.name for r in up.results] == ["release", "probe"]
+    assert orch._check_node(row, "node2", "R2", watch).ok  # type: ignore[arg-type]  # not probed: no evidence

@@ -26,19 +26,22 @@ def sha(text: str) -> str:
 
 
 ART = "a" * 64
-SERVICE = {"name": "web", "command": ["/usr/bin/python3", "-m", "web"], "user": "web", "ports": [8080]}
+SERVICE = {"name": "web", "command": ["/usr/bin/python3", "-m", "web"], "user": "web", "ports": [8080],
+           "health": "/health"}
 
 
-def expectation(artifact: str | None = ART) -> Expectation:
+def expectation(artifact: str | None = ART, services: list[dict[str, Any]] | None = None) -> Expectation:
     m = Manifest(release="R2", built_at="", build_seconds=0, elements=[], expanded_elements=[], dib_version="",
                  imageupdate_version="", source_date_epoch=0, environment={}, packages={}, kernel=None,
-                 services=[SERVICE], tests=[], migrations=[], state_paths=["/etc/ssh/keys", "/var/log"], files={},
+                 services=[SERVICE] if services is None else services, tests=[], migrations=[],
+                 state_paths=["/etc/ssh/keys", "/var/log"], files={},
                  artifacts={ROOT_IMAGE: Artifact(ART, 1, "tar+zstd")})
     index = {e.path: e for e in [
         FileEntry("usr/bin/python3.11", "file", 0o755, 0, 0, 10, sha("python")),
         FileEntry("usr/bin/python3", "symlink", 0o777, 0, 0, link="python3.11"),
         FileEntry("usr/lib/libc.so.6", "file", 0o755, 0, 0, 10, sha("libc")),
         FileEntry("usr/lib/libc-hard.so", "hardlink", 0o755, 0, 0, link="usr/lib/libc.so.6"),
+        FileEntry("usr/lib/app/main.py", "file", 0o644, 0, 0, 4, sha("main")),
         FileEntry("usr/sbin/sshd", "file", 0o755, 0, 0, 10, sha("sshd")),
         FileEntry("etc/hosts", "file", 0o644, 0, 0, 5, sha("hosts")),
         FileEntry("etc/alternatives/x", "symlink", 0o777, 0, 0, link="/usr/bin/x"),
@@ -47,9 +50,28 @@ def expectation(artifact: str | None = ART) -> Expectation:
     return Expectation("R2", m, index, artifact)
 
 
-def proc(pid: int, exe: str, *maps: str, cmdline: list[str] | None = None) -> dict[str, Any]:
-    return {"pid": pid, "uid": 0, "cmdline": cmdline or [exe], "exe": exe, "exe_deleted": False,
-            "maps": [{"path": m, "deleted": False, "same_inode": True, "on_root": True} for m in maps]}
+def code(kind: str, path: str, **kw: Any) -> dict[str, Any]:
+    """One entry of a process's ``executes``, as node_facts reports it."""
+    entry: dict[str, Any] = {"kind": kind, "path": path, "deleted": False, "same_inode": True, "on_root": True,
+                             "mount": "/"}
+    if kind == "map":
+        entry["perms"] = "r-xp"
+    if kind == "script":
+        entry |= {"same_inode": None, "arg": path, "directory": False, "target": None}
+    return entry | kw
+
+
+def proc(pid: int, exe: str, *maps: str | dict[str, Any], cmdline: list[str] | None = None, ppid: int = 1,
+         script: str | dict[str, Any] | None = None) -> dict[str, Any]:
+    executes = [code("exe", exe)] + [code("map", m) if isinstance(m, str) else m for m in maps]
+    if script is not None:
+        executes.append(code("script", script) if isinstance(script, str) else script)
+    return {"pid": pid, "ppid": ppid, "state": "S", "start_time": 1000 + pid, "uid": 0,
+            "cmdline": cmdline or [exe], "exe": exe, "exe_deleted": False, "executes": executes}
+
+
+def sock(port: int, address: str = "0.0.0.0", *pids: int, proto: str = "tcp") -> dict[str, Any]:
+    return {"proto": proto, "address": address, "port": port, "inode": 100 + port, "pids": list(pids)}
 
 
 def healthy() -> dict[str, Any]:
@@ -58,16 +80,20 @@ def healthy() -> dict[str, Any]:
         "mounts": {"/": {"options": ["ro", "relatime"]}, "/mnt/state": {"options": ["rw"]}},
         "root_write": {"ok": False, "error": "OSError: Read-only file system"},
         "state_write": {"ok": True, "error": None},
-        "service_status": {"sshd": {"pid": 7}, "web": {"pid": 9}},
-        "listening": [22, 8080],
-        "processes": [proc(1, "/usr/bin/python3.11", "/usr/lib/libc.so.6"),
-                      proc(7, "/usr/sbin/sshd", "/usr/lib/libc.so.6", "/dev/shm/x"),
+        "service_status": {"sshd": {"pid": 7, "starts": 1}, "web": {"pid": 9, "starts": 1, "start_time": 1009}},
+        "listening": [sock(22, "0.0.0.0", 7), sock(22, "::", 7, proto="tcp6"), sock(8080, "127.0.0.1", 9)],
+        "processes": [proc(1, "/usr/bin/python3.11", "/usr/lib/libc.so.6", ppid=0),
+                      proc(7, "/usr/sbin/sshd", "/usr/lib/libc.so.6",
+                           code("map", "/SYSV0000abcd", perms="rw-s", deleted=True, on_root=False)),
                       proc(9, "/usr/bin/python3.11", "/usr/lib/libc-hard.so",
                            cmdline=["/usr/bin/python3", "-m", "web"])],
         "code": {"/usr/bin/python3.11": {"size": 10, "sha256": sha("python")},
                  "/usr/lib/libc.so.6": {"size": 10, "sha256": sha("libc")},
                  "/usr/lib/libc-hard.so": {"size": 10, "sha256": sha("libc")},
+                 "/usr/lib/app/main.py": {"size": 4, "sha256": sha("main")},
                  "/usr/sbin/sshd": {"size": 10, "sha256": sha("sshd")}},
+        "health": [{"service": "web", "url": "http://127.0.0.1:8080/health", "status": 200, "reason": "OK",
+                    "error": None, "attempts": 1, "seconds": 0.01}],
         "etc": {"/etc/hosts": {"type": "file", "sha256": sha("hosts")},
                 "/etc/alternatives/x": {"type": "symlink", "link": "/usr/bin/x"},
                 "/etc/ssh/keys": {"type": "symlink", "link": "/mnt/state/identity"}},
@@ -117,6 +143,12 @@ def test_an_unknown_artifact_fails() -> None:
 
 # services -----------------------------------------------------------------------------------------
 
+def test_a_running_service_is_named_with_its_tree_and_where_it_listens() -> None:
+    facts = healthy()
+    facts["processes"].append(proc(12, "/usr/bin/python3.11", ppid=9))
+    assert run("services", facts) == (True, "running: web (pid 9, 2 processes; port 8080 on 127.0.0.1)")
+
+
 def test_a_service_that_is_not_running_fails() -> None:
     facts = healthy()
     facts["service_status"]["web"]["pid"] = None
@@ -128,46 +160,154 @@ def test_a_service_that_is_not_running_fails() -> None:
 def test_a_dead_pid_fails() -> None:
     facts = healthy()
     facts["processes"] = facts["processes"][:2]
-    assert run("services", facts) == (False, "web is not running")
+    assert run("services", facts) == (False, "web is not running (its pid 9 is gone)")
 
 
-def test_a_service_running_something_else_fails() -> None:
+def test_a_zombie_service_fails() -> None:
     facts = healthy()
-    facts["processes"][2]["cmdline"] = ["/usr/bin/python3", "-m", "other"]
-    ok, said = run("services", facts)
-    assert not ok and "runs '/usr/bin/python3 -m other', declared '/usr/bin/python3 -m web'" in said
+    facts["processes"][2] |= {"state": "Z", "exe": None, "cmdline": [], "executes": []}
+    assert run("services", facts) == (False, "web (pid 9) has exited: it is a zombie")
+    assert run("stale-code", facts)[0]  # a zombie runs nothing
+
+
+@pytest.mark.parametrize("exe, title, port, address", [
+    ("/usr/sbin/nginx", ["nginx: master process /usr/sbin/nginx -g daemon off;"], 80, "0.0.0.0"),
+    ("/usr/lib/postgresql/15/bin/postgres", ["postgres: 15/main: checkpointer"], 5432, "127.0.0.1"),
+    ("/usr/lib/postgresql/15/bin/postgres", ["/usr/lib/postgresql/15/bin/postgres", "-D", "/var/lib/x"], 5432, "::1"),
+])
+def test_a_daemon_that_renames_itself_is_still_its_service(exe: str, title: list[str], port: int,
+                                                            address: str) -> None:
+    svc = {"name": "daemon", "command": [exe, "-c", "config_file=/etc/x.conf"], "ports": [port]}
+    facts = healthy()
+    facts["service_status"] = {"daemon": {"pid": 30, "starts": 1, "start_time": 1030}}
+    facts["processes"] += [proc(30, exe, cmdline=title), proc(31, exe, ppid=30, cmdline=[title[0] + " worker"])]
+    facts["listening"].append(sock(port, address, 30, 31, proto="tcp6" if ":" in address else "tcp"))
+    ok, said = run("services", facts, expectation(services=[svc]))
+    assert ok and said == f"running: daemon (pid 30, 2 processes; port {port} on {address})"
+
+
+def test_a_service_whose_parent_is_not_the_init_fails() -> None:
+    facts = healthy()
+    facts["processes"][2]["ppid"] = 7
+    assert run("services", facts) == (False, "web (pid 9) is not the init's child (its parent is pid 7): not the "
+                                             "process the init started")
+
+
+def test_a_recycled_pid_fails_but_an_old_init_without_start_times_is_accepted() -> None:
+    facts = healthy()
+    facts["service_status"]["web"]["start_time"] = 555
+    assert run("services", facts) == (False, "web: pid 9 started at tick 1009, the init's process at tick 555: not "
+                                             "the process the init started")
+    del facts["service_status"]["web"]["start_time"]
+    assert run("services", facts)[0]
 
 
 def test_a_declared_port_not_listening_fails() -> None:
-    facts = healthy() | {"listening": [22]}
+    facts = healthy() | {"listening": [sock(22, "0.0.0.0", 7)]}
     assert run("services", facts) == (False, "web does not listen on port 8080")
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "0.0.0.0", "::", "::1", "10.0.0.10"])
+def test_a_port_listening_on_any_address_counts_loopback_included(address: str) -> None:
+    facts = healthy() | {"listening": [sock(8080, address, 9, proto="tcp6" if ":" in address else "tcp")]}
+    assert run("services", facts) == (True, f"running: web (pid 9, 1 process; port 8080 on {address})")
+
+
+def test_a_port_held_outside_the_service_is_said() -> None:
+    facts = healthy() | {"listening": [sock(8080, "0.0.0.0", 44)]}
+    ok, said = run("services", facts)
+    assert ok and said.endswith("port 8080 on 0.0.0.0 (held by pid 44, outside web's processes))")
+
+
+# health -------------------------------------------------------------------------------------------
+
+def test_a_healthy_endpoint_passes_with_its_answer() -> None:
+    assert run("health", healthy()) == (True, "web: http://127.0.0.1:8080/health answered 200 OK (1 attempt over "
+                                              "0.0 s)")
+
+
+def test_a_health_endpoint_answering_500_fails_naming_the_url() -> None:
+    facts = healthy()
+    facts["health"][0] |= {"status": 500, "reason": "Internal Server Error", "attempts": 30, "seconds": 15.02}
+    assert run("health", facts) == (False, "web: http://127.0.0.1:8080/health answered 500 Internal Server Error "
+                                           "(30 attempts over 15.0 s)")
+
+
+def test_a_health_endpoint_that_does_not_answer_fails() -> None:
+    facts = healthy()
+    facts["health"][0] |= {"status": None, "reason": None, "url": "http://[::1]:8080/health",
+                           "error": "ConnectionRefusedError: [Errno 111] Connection refused", "attempts": 29,
+                           "seconds": 14.8}
+    assert run("health", facts) == (False, "web: http://[::1]:8080/health did not answer (ConnectionRefusedError: "
+                                           "[Errno 111] Connection refused) (29 attempts over 14.8 s)")
+
+
+def test_a_health_endpoint_not_asked_fails_and_none_declared_passes() -> None:
+    facts = healthy() | {"health": []}
+    assert run("health", facts) == (False, "web: /health on port 8080 was not asked (the node's declaration "
+                                           "differs from the release's?)")
+    no_health = [{k: v for k, v in SERVICE.items() if k != "health"}]
+    assert run("health", facts, expectation(services=no_health)) == (True, "no service declares a health endpoint")
 
 
 # stale code ---------------------------------------------------------------------------------------
 
-def test_a_deleted_executable_is_stale() -> None:
+def stale(*procs: dict[str, Any], **hashes: dict[str, Any]) -> tuple[bool, str]:
     facts = healthy()
-    facts["processes"].append(proc(40, "/tmp/old") | {"exe_deleted": True})
-    ok, said = run("stale-code", facts)
-    assert not ok and said == "1 process(es) run code that is not R2's: pid 40 (/tmp/old): runs deleted /tmp/old"
+    facts["processes"] += procs
+    facts["code"] |= hashes
+    return run("stale-code", facts)
+
+
+def test_a_deleted_executable_is_stale() -> None:
+    p = proc(40, "/tmp/old") | {"exe_deleted": True}
+    p["executes"][0] |= {"deleted": True, "on_root": False, "mount": None}
+    assert stale(p) == (False, "1 process(es) run code that is not R2's: pid 40 (/tmp/old): runs deleted /tmp/old")
+
+
+def test_an_executable_on_the_state_partition_is_stale() -> None:
+    p = proc(41, "/mnt/state/bin/tool")
+    p["executes"][0] |= {"on_root": False, "mount": "/mnt/state"}
+    assert stale(p) == (False, "1 process(es) run code that is not R2's: pid 41 (/mnt/state/bin/tool): runs "
+                               "/mnt/state/bin/tool, which is not on the release's root")
 
 
 def test_a_library_mapped_from_the_state_partition_is_stale() -> None:
-    facts = healthy()
-    p = proc(41, "/usr/sbin/sshd", "/mnt/state/old/libcurl.so.4")
-    p["maps"][0]["on_root"] = False
-    facts["processes"].append(p)
-    facts["code"]["/mnt/state/old/libcurl.so.4"] = {"size": 3, "sha256": sha("curl")}
-    ok, said = run("stale-code", facts)
+    p = proc(41, "/usr/sbin/sshd", code("map", "/mnt/state/old/libcurl.so.4", on_root=False, mount="/mnt/state"))
+    ok, said = stale(p)
     assert not ok and "pid 41 (/usr/sbin/sshd): maps /mnt/state/old/libcurl.so.4, which is not on the release's " \
                       "root" in said
 
 
 def test_a_deleted_mapping_is_stale() -> None:
     facts = healthy()
-    facts["processes"][1]["maps"][0]["deleted"] = True
+    facts["processes"][1]["executes"][1]["deleted"] = True
     ok, said = run("stale-code", facts)
     assert not ok and "pid 7 (/usr/sbin/sshd): maps deleted /usr/lib/libc.so.6" in said
+
+
+def test_an_executable_mapping_of_a_deleted_library_in_dev_shm_is_stale() -> None:
+    lib = code("map", "/dev/shm/libhook.so", deleted=True, on_root=False, mount=None, same_inode=None)
+    ok, said = stale(proc(43, "/usr/sbin/sshd", "/usr/lib/libc.so.6", lib))
+    assert not ok and said.endswith("pid 43 (/usr/sbin/sshd): maps deleted /dev/shm/libhook.so")
+    lib |= {"deleted": False, "mount": "/dev/shm"}
+    ok, said = stale(proc(43, "/usr/sbin/sshd", lib))
+    assert not ok and said.endswith("maps /dev/shm/libhook.so, which is not on the release's root")
+
+
+@pytest.mark.parametrize("path, perms, deleted", [
+    ("/SYSV0000abcd", "rw-s", True),  # PostgreSQL's SysV shared memory
+    ("/dev/shm/PostgreSQL.1234", "rw-s", False),  # its POSIX shared memory
+    ("/memfd:pulseaudio", "rw-s", True),
+    ("/memfd:doublemapper", "r-xp", True),  # a JIT's code, mapped twice through a memfd
+    ("/usr/lib/locale/locale-archive", "r--p", False),
+    ("/var/lib/postgresql/15/main/base/1/1259", "rw-s", False),
+    ("/dev/zero", "rw-s", True),
+    ("/run/nginx/cache.bin", "r--s", False),
+])
+def test_data_mappings_are_not_code(path: str, perms: str, deleted: bool) -> None:
+    data = code("map", path, perms=perms, deleted=deleted, on_root=path.startswith("/usr"))
+    assert stale(proc(60, "/usr/sbin/sshd", "/usr/lib/libc.so.6", data))[0]
 
 
 def test_code_with_other_content_or_unknown_to_the_release_is_stale() -> None:
@@ -175,27 +315,54 @@ def test_code_with_other_content_or_unknown_to_the_release_is_stale() -> None:
     facts["code"]["/usr/sbin/sshd"]["sha256"] = sha("patched")
     ok, said = run("stale-code", facts)
     assert not ok and "runs /usr/sbin/sshd differs from R2's" in said
-    facts = healthy()
-    facts["processes"].append(proc(50, "/usr/local/bin/agent"))
-    facts["code"]["/usr/local/bin/agent"] = {"size": 1, "sha256": sha("agent")}
-    ok, said = run("stale-code", facts)
+    ok, said = stale(proc(50, "/usr/local/bin/agent"), **{"/usr/local/bin/agent": {"size": 1, "sha256": sha("a")}})
     assert not ok and "runs /usr/local/bin/agent is not a file of R2" in said
 
 
+def test_a_script_run_by_an_interpreter_from_tmp_is_stale() -> None:
+    p = proc(42, "/usr/bin/python3.11", "/usr/lib/libc.so.6", cmdline=["python3", "/tmp/old.py"],
+             script=code("script", "/tmp/old.py", on_root=False, mount="/tmp"))
+    assert stale(p) == (False, "1 process(es) run code that is not R2's: pid 42 (python3 /tmp/old.py): runs script "
+                               "/tmp/old.py, which is not on the release's root")
+
+
+def test_a_script_that_is_gone_changed_or_unknown_is_stale() -> None:
+    gone = code("script", "/usr/lib/app/old.py", deleted=True, on_root=False, mount=None)
+    ok, said = stale(proc(42, "/usr/bin/python3.11", cmdline=["python3", "old.py"], script=gone))
+    assert not ok and said.endswith("runs script /usr/lib/app/old.py, which no longer exists")
+    ok, said = stale(proc(42, "/usr/bin/python3.11", cmdline=["python3", "/usr/lib/app/main.py"],
+                          script="/usr/lib/app/main.py"), **{"/usr/lib/app/main.py": {"size": 4, "sha256": sha("x")}})
+    assert not ok and said.endswith("runs script /usr/lib/app/main.py differs from R2's")
+    ok, said = stale(proc(42, "/usr/bin/perl", cmdline=["perl", "/usr/local/x.pl"], script="/usr/local/x.pl"),
+                     **{"/usr/local/x.pl": {"size": 1, "sha256": sha("x")}})
+    assert not ok and "runs /usr/bin/perl is not a file of R2 (+1 more)" in said
+    piped = code("script", "/dev/fd/63", deleted=True, on_root=False, target="pipe:[4242]")
+    ok, said = stale(proc(42, "/usr/bin/python3.11", cmdline=["python3", "/dev/fd/63"], script=piped))
+    assert not ok and said.endswith("runs script /dev/fd/63, which is pipe:[4242], not a file")
+
+
+def test_the_releases_own_script_run_by_python_passes() -> None:
+    ok, said = stale(proc(42, "/usr/bin/python3.11", "/usr/lib/libc.so.6",
+                          cmdline=["/usr/bin/python3", "-u", "/usr/lib/app/main.py"], script="/usr/lib/app/main.py"),
+                     proc(43, "/usr/bin/python3.11", cmdline=["python3", "/usr/lib/app"],
+                          script=code("script", "/usr/lib/app", directory=True)))
+    assert ok and said == "5 processes, all on R2's code"
+
+
+def test_a_process_that_cannot_be_inspected_is_stale() -> None:
+    p = proc(70, "/usr/sbin/sshd") | {"exe": None, "executes": [], "error": "PermissionError: Permission denied"}
+    assert stale(p) == (False, "1 process(es) run code that is not R2's: pid 70 (/usr/sbin/sshd): cannot be "
+                               "inspected (PermissionError: Permission denied)")
+
+
 def test_many_stale_processes_are_counted_not_all_listed() -> None:
-    facts = healthy()
-    facts["processes"] += [proc(100 + i, f"/tmp/x{i}") | {"exe_deleted": True} for i in range(8)]
-    ok, said = run("stale-code", facts)
+    procs = []
+    for i in range(8):
+        p = proc(100 + i, f"/tmp/x{i}")
+        p["executes"][0]["deleted"] = True
+        procs.append(p)
+    ok, said = stale(*procs)
     assert not ok and said.startswith("8 process(es)") and said.endswith("; and 3 more")
-
-
-def test_shared_memory_and_devices_are_not_code() -> None:
-    facts = healthy()
-    p = proc(60, "/usr/sbin/sshd", "/dev/shm/ring", "/run/x.mmap")
-    for m in p["maps"]:
-        m["on_root"] = False
-    facts["processes"].append(p)
-    assert run("stale-code", facts)[0]
 
 
 # config -------------------------------------------------------------------------------------------
@@ -264,7 +431,8 @@ class FakeNode:
         if command == FACTS_COMMAND:
             assert input is not None and "def main()" in input  # the facts script travels on stdin
             return subprocess.CompletedProcess(command, self.facts_rc, json.dumps(self.facts), self.facts_err)
-        rc, out = self.tests[command[0].removeprefix(TESTS_DIR + "/")]
+        assert command[:3] == ["env", "-C", "/"]  # shipped tests run from / (as documented)
+        rc, out = self.tests[command[-1].removeprefix(TESTS_DIR + "/")]
         return subprocess.CompletedProcess(command, rc, out, "")
 
 
@@ -278,12 +446,11 @@ def test_a_healthy_node_passes_builtins_then_tests_in_order() -> None:
     node = FakeNode(with_tests("10-a", "20-b"), tests={"10-a": (0, "fine\n"), "20-b": (0, "")})
     v = verify_node(TARGET, expectation(), run=node)
     assert v.ok, v.reason
-    assert [r.name for r in v.results] == ["facts", "release", "services", "stale-code", "config", "filesystems",
-                                           "state-version",
-                                           "test:10-a", "test:20-b"]
+    assert [r.name for r in v.results] == ["facts", "release", "services", "health", "stale-code", "config",
+                                           "filesystems", "state-version", "test:10-a", "test:20-b"]
     assert v.results[-1].output == "exit status 0"
-    assert node.calls[1:] == [[f"{TESTS_DIR}/10-a"], [f"{TESTS_DIR}/20-b"]]
-    assert v.reason == "node0 on R2: 9 checks passed" and v.finished is not None and v.finished >= v.started
+    assert node.calls[1:] == [["env", "-C", "/", f"{TESTS_DIR}/10-a"], ["env", "-C", "/", f"{TESTS_DIR}/20-b"]]
+    assert v.reason == "node0 on R2: 10 checks passed" and v.finished is not None and v.finished >= v.started
 
 
 def test_a_failing_shipped_test_is_named_in_the_reason() -> None:
