@@ -26,6 +26,16 @@ from imageupdate.hostdeps import search_path
 _RUN_PARTS = re.compile(r"dib-run-parts Running \S*/([a-z0-9-]+\.d)/([^/\s]+)\s*$")
 _EXPANDED = re.compile(r"Expanded element dependencies to: (.*)$")
 _TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+ \| ")
+_COMPLETED = re.compile(r"^dib-run-parts \S+ completed\s*$")
+# DIB's own words once a script failed: its xtrace (DIB_DEBUG_TRACE), its
+# unmounts, its Python block-device logging, its cleanup errors.
+_DIB_OWN = re.compile(
+    r"^(\++ \S*diskimage_builder/"
+    r"|Unmount /"
+    r"|(DEBUG|INFO|WARNING|ERROR|CRITICAL) diskimage_builder[.\s]"
+    r"|ERROR: (unable to cleanly remove|failed to umount)"
+    r"|dib-run-parts )"
+)
 
 
 @dataclass
@@ -84,6 +94,61 @@ def _apt_entries(text: str, deb822: bool) -> list[tuple[str, list[str]]]:
                 if len(args) >= 2:
                     entries.append((args[0], [args[1]]))
     return entries
+
+
+class FailureWitness:
+    """Follows DIB's output to say, when the build fails, what the failing script itself said.
+
+    DIB prints ``dib-run-parts Running .../PHASE.d/SCRIPT``, then the script's
+    output; when the script exits non-zero DIB's trap runs its cleanup, whose
+    chatter ("Unmount ...", "INFO diskimage_builder.block_device... State
+    already cleaned - no way to do anything here", its own ``+``/``++`` trace)
+    ends the log. The witness keeps the last lines the running script printed
+    before DIB's own words began, skipping the script's ``+`` trace lines but
+    remembering the last traced command (``set -x`` with DIB_DEBUG_TRACE) for a
+    script that failed without a word. Bounded memory: a few dozen lines.
+    """
+
+    KEEP = 50
+
+    def __init__(self) -> None:
+        self.in_script = False
+        self.ended = False  # DIB's own output began after the script's
+        self.said: list[str] = []  # the running script's own output lines
+        self.last_command = ""  # the running script's last traced command
+        self.outside: list[str] = []  # meaningful lines outside any script (start-up, DIB itself)
+
+    def feed(self, text: str) -> None:
+        """One line of DIB's output, timestamp already stripped."""
+        line = text.strip()
+        if _RUN_PARTS.search(text):
+            self.in_script, self.ended, self.said, self.last_command = True, False, [], ""
+            return
+        if _COMPLETED.match(line):
+            self.in_script = False
+            return
+        if not line:
+            return
+        if self.in_script and not self.ended:
+            if _DIB_OWN.match(line):
+                self.ended = True
+            elif line.startswith("+"):
+                self.last_command = line
+            else:
+                self.said = (self.said + [line])[-self.KEEP :]
+            return
+        if not line.startswith("+") and not _DIB_OWN.match(line):
+            self.outside = (self.outside + [line])[-self.KEEP :]
+
+    def hint(self) -> str:
+        """The failing script's last line of output; else its last command; else DIB's last word."""
+        if self.in_script:
+            if self.said:
+                return self.said[-1]
+            if self.last_command:
+                return f"(no message; last command: {self.last_command.lstrip('+ ')})"
+            return "(the script printed nothing)"
+        return self.outside[-1] if self.outside else ""
 
 
 class DibBuild:
@@ -150,7 +215,7 @@ class DibBuild:
         env = self.environment()
         expanded: list[str] = []
         last_script = ("", "")
-        tail: list[str] = []
+        witness = FailureWitness()
         start = time.monotonic()
         with open(self.log_path, "a", encoding="utf-8", errors="replace") as log:
             log.write(f"# imageupdate: {' '.join(self.command())}\n")
@@ -170,7 +235,7 @@ class DibBuild:
                     line = raw.decode("utf-8", "replace").rstrip("\n")
                     log.write(line + "\n")
                     text = _TIMESTAMP.sub("", line)
-                    tail = (tail + [text])[-20:]
+                    witness.feed(text)
                     if m := _EXPANDED.search(text):
                         expanded = m.group(1).split()
                     elif m := _RUN_PARTS.search(text):
@@ -188,9 +253,8 @@ class DibBuild:
         seconds = time.monotonic() - start
         if rc != 0:
             where = "/".join(p for p in last_script if p) or "start-up"
-            hint = next((t for t in reversed(tail) if t.strip() and not t.startswith("+")), "")
             raise BuildFailed(
-                f"disk-image-create failed in {where} (exit {rc}): {hint.strip()[:200]}; "
+                f"disk-image-create failed in {where} (exit {rc}): {witness.hint()[:200]}; "
                 f"full log: {self.log_path}",
                 release=self.release,
                 step=f"dib:{where}",

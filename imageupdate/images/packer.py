@@ -10,6 +10,11 @@ in sorted order, and the directories a root needs but DIB leaves out
 hashes every file and reads what the manifest needs from the tree itself:
 the dpkg database, file ownership, the release stamp, declared services,
 shipped tests and migrations, the state path registry and the kernel.
+
+Declared services are checked here (:mod:`imageupdate.images.services`,
+users and groups against the image's own ``/etc/passwd`` and ``/etc/group``):
+a release with a bad declaration is refused before anything reaches the
+store, the way the builder refuses bad upgrade metadata.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from imageupdate.images import services as service_decl
 from imageupdate.images.fileindex import FileEntry, write_index
 from imageupdate.upgrade import meta as upgrade_meta
 
@@ -35,6 +41,8 @@ SERVICES_DIR = "usr/share/imageupdate/services/"
 TESTS_DIR = "usr/share/imageupdate/tests/"
 MIGRATIONS_DIR = "usr/share/imageupdate/migrations/"
 UPGRADE_FILE = upgrade_meta.UPGRADE_FILE
+PASSWD = "etc/passwd"
+GROUP = "etc/group"
 
 # Directories a root filesystem needs that DIB's tar output does not carry.
 ROOT_DIRS = {"proc": 0o555, "sys": 0o555, "dev": 0o755, "run": 0o755, "tmp": 0o1777}
@@ -46,7 +54,8 @@ class TreeFacts:
 
     packages: dict[str, dict[str, str]] = field(default_factory=dict)
     release_stamp: dict[str, object] | None = None
-    services: list[dict[str, object]] = field(default_factory=list)
+    services: list[dict[str, object]] = field(default_factory=list)  # normalised declarations
+    service_problems: list[str] = field(default_factory=list)
     tests: list[dict[str, object]] = field(default_factory=list)
     migrations: list[dict[str, object]] = field(default_factory=list)
     state_paths: list[str] = field(default_factory=list)
@@ -69,7 +78,7 @@ def _norm(name: str) -> str:
 
 def _wanted_content(path: str) -> bool:
     return (
-        path in (DPKG_STATUS, RELEASE_STAMP, STATE_PATHS, UPGRADE_FILE)
+        path in (DPKG_STATUS, RELEASE_STAMP, STATE_PATHS, UPGRADE_FILE, PASSWD, GROUP)
         or (path.startswith(DPKG_INFO) and path.endswith(".list"))
         or (path.startswith(SERVICES_DIR) and path.endswith(".json"))
         or (path.startswith(TESTS_DIR) and "/" not in path[len(TESTS_DIR):])  # to see each test can run
@@ -155,8 +164,9 @@ def _root_dir_entries(present: set[str], epoch: int) -> Iterator[tarfile.TarInfo
 def pack(raw_tar: Path, out_dir: Path, epoch: int, zstd_level: int = 3) -> TreeFacts:
     """Write ``root.tar.zst`` and ``files.jsonl`` into ``out_dir``.
 
-    Raises ``OSError`` (disk full, ...) or ``subprocess.CalledProcessError``;
-    the caller owns ``out_dir`` and removes it on failure.
+    Raises ``OSError`` (disk full, ...), ``subprocess.CalledProcessError``, or
+    :class:`~imageupdate.images.services.InvalidServiceDeclaration` (exit 2) when a declared
+    service has problems; the caller owns ``out_dir`` and removes it on failure.
     """
     facts = TreeFacts()
     out_path = out_dir / "root.tar.zst"
@@ -191,6 +201,9 @@ def pack(raw_tar: Path, out_dir: Path, epoch: int, zstd_level: int = 3) -> TreeF
     for e in entries:
         e.package = owners.get(e.path)
     _collect_facts(facts, entries, contents)
+    if facts.service_problems:
+        stamped = (facts.release_stamp or {}).get("release")
+        raise service_decl.refusal(stamped if isinstance(stamped, str) else None, facts.service_problems)
     write_index(out_dir / "files.jsonl", entries)
     return facts
 
@@ -266,14 +279,7 @@ def _collect_facts(facts: TreeFacts, entries: list[FileEntry], contents: dict[st
         facts.state_paths = [
             line.strip() for line in contents[STATE_PATHS].decode().splitlines() if line.strip()
         ]
-    for path, data in sorted(contents.items()):
-        if path.startswith(SERVICES_DIR):
-            try:
-                decl = json.loads(data)
-            except ValueError:
-                decl = {"name": Path(path).stem, "invalid": True}
-            decl.setdefault("name", Path(path).stem)
-            facts.services.append(decl)
+    _read_services(facts, contents)
     kernels: set[str] = set()
     for e in entries:
         if e.type == "file":
@@ -303,6 +309,27 @@ def _collect_facts(facts: TreeFacts, entries: list[FileEntry], contents: dict[st
         _read_upgrade(facts, contents[UPGRADE_FILE])
 
 
+def _read_services(facts: TreeFacts, contents: dict[str, bytes]) -> None:
+    accounts = None
+    if PASSWD in contents and GROUP in contents:
+        accounts = (contents[PASSWD].decode("utf-8", "replace"), contents[GROUP].decode("utf-8", "replace"))
+    for path, data in sorted(contents.items()):
+        if not path.startswith(SERVICES_DIR):
+            continue
+        shown = "/" + path
+        try:
+            raw = json.loads(data)
+        except ValueError as e:
+            facts.service_problems.append(f"{shown}: not valid JSON: {e}")
+            facts.services.append({"name": Path(path).stem, "invalid": True})
+            continue
+        decl, problems = service_decl.parse_service(shown, raw)
+        if decl is not None and accounts is not None:
+            problems += service_decl.account_problems(shown, decl, *accounts)
+        facts.service_problems += problems
+        facts.services.append(decl if decl is not None else {"name": Path(path).stem, "invalid": True})
+
+
 def _read_upgrade(facts: TreeFacts, raw: bytes) -> None:
     try:
         data = json.loads(raw)
@@ -310,7 +337,7 @@ def _read_upgrade(facts: TreeFacts, raw: bytes) -> None:
         facts.upgrade_problems = [f"/{UPGRADE_FILE} is not valid JSON: {e}"]
         return
     shipped = {str(m["name"]) for m in facts.migrations}
-    _, facts.upgrade_problems = upgrade_meta.parse(data, shipped)
+    _, facts.upgrade_problems = upgrade_meta.parse(data, shipped, facts.state_paths)
     for m in facts.migrations:
         if not m["executable"]:
             facts.upgrade_problems.append(f"{m['path']} is not executable (give it mode 0755 in its element)")

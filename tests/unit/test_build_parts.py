@@ -8,9 +8,9 @@ import pytest
 
 from imageupdate.build import cache
 from imageupdate.build.builder import source_date_epoch
-from imageupdate.build.dib import _EXPANDED, _RUN_PARTS, DibBuild, host_mirrors
+from imageupdate.build.dib import _EXPANDED, _RUN_PARTS, DibBuild, FailureWitness, host_mirrors
 from imageupdate.build.elements import NODE_ELEMENT, select
-from imageupdate.errors import ElementsPathMissing, MissingHostDependency, UnknownElement
+from imageupdate.errors import BuildFailed, ElementsPathMissing, MissingHostDependency, UnknownElement
 from imageupdate.hostdeps import require
 from imageupdate.resources import elements_dir
 
@@ -60,6 +60,83 @@ def test_dib_log_parsing() -> None:
     assert m and m.group(1).split() == ["sysprep", "install-bin", "imageupdate-node", "dpkg"]
     steps = [m.groups() for line in lines if (m := _RUN_PARTS.search(line))]
     assert steps == [("root.d", "08-debootstrap"), ("install.d", "50-imageupdate-node")]
+
+
+# Captured from real failing builds (disk-image-create 3.x; timestamps stripped as run() does, paths
+# shortened): an element whose install.d script says why and exits 1, and one run with DIB_DEBUG_TRACE=1
+# where a command fails.
+FAILED_QUIET = """\
+dib-run-parts Running /tmp/in_target.d/install.d/50-imageupdate-node
+dib-run-parts 50-imageupdate-node completed
+dib-run-parts Running /tmp/in_target.d/install.d/60-failing-el
+preparing failing-el
+need FOO
+Unmount /tmp/store/.staging/RTEST.5856/dib/tmp/dib_build.EK2wVXao/mnt/var/cache/apt/archives
+Unmount /tmp/store/.staging/RTEST.5856/dib/tmp/dib_build.EK2wVXao/mnt/dev
+INFO diskimage_builder.block_device.blockdevice [-] State already cleaned - no way to do anything here
+"""
+FAILED_TRACED = """\
+dib-run-parts 50-imageupdate-node completed
+dib-run-parts Running /tmp/in_target.d/install.d/60-failing-cmd
++ set -eu
++ echo 'installing config'
+installing config
++ install -m 0644 /nonexistent/foo.conf /etc/foo.conf
+install: cannot stat '/nonexistent/foo.conf': No such file or directory
+++ diskimage_builder/lib/img-functions:run_in_target:58     :   check_break after-error run_in_target bash
++ diskimage_builder/lib/img-functions:run_in_target:1      :   trap_cleanup
++ diskimage_builder/lib/common-functions:unmount_dir:457     :   echo 'Unmount /tmp/b/mnt/sys'
+Unmount /tmp/b/mnt/sys
+DEBUG diskimage_builder.block_device.blockdevice [-] Creating BlockDevice object __init__
+INFO diskimage_builder.block_device.blockdevice [-] State already cleaned - no way to do anything here
++ diskimage_builder/lib/img-functions:cleanup:43          :   cleanup_build_dir
++ diskimage_builder/lib/common-functions:cleanup_build_dir:220   :   sudo rm -rf /tmp/b/mnt
+"""
+
+
+def _witness(log: str) -> FailureWitness:
+    w = FailureWitness()
+    for line in log.splitlines():
+        w.feed(line)
+    return w
+
+
+@pytest.mark.parametrize("log, said", [
+    (FAILED_QUIET, "need FOO"),
+    (FAILED_TRACED, "install: cannot stat '/nonexistent/foo.conf': No such file or directory"),
+])
+def test_failure_quotes_the_script_not_dib_cleanup(log: str, said: str) -> None:
+    assert _witness(log).hint() == said
+
+
+def test_silent_failure_names_the_last_traced_command() -> None:
+    log = "\n".join(line for line in FAILED_TRACED.splitlines()
+                    if "cannot stat" not in line and line != "installing config")
+    assert _witness(log).hint() == "(no message; last command: install -m 0644 /nonexistent/foo.conf /etc/foo.conf)"
+
+
+def test_failure_outside_a_script_quotes_dib_not_its_cleanup() -> None:
+    log = (FAILED_QUIET.splitlines()[1] + "\n"  # the last script completed
+           "ERROR: element-info failed to expand elements.\n"
+           + "\n".join(FAILED_QUIET.splitlines()[-3:]))
+    assert _witness(log).hint() == "ERROR: element-info failed to expand elements."
+
+
+def test_build_failed_message_quotes_the_element(tmp_path: Path) -> None:
+    captured = tmp_path / "dib-output"
+    captured.write_text(FAILED_QUIET)
+
+    class FailingDib(DibBuild):
+        def command(self) -> list[str]:
+            return ["sh", "-c", f"cat {captured}; exit 1"]
+
+    dib = FailingDib(select([], []), "R1", tmp_path / "w", tmp_path / "cache", tmp_path / "log",
+                     base_env={"PATH": "/usr/bin:/bin", "DIB_DISTRIBUTION_MIRROR": "x",
+                               "DIB_DEBIAN_SECURITY_MIRROR": "y"})
+    with pytest.raises(BuildFailed) as exc:
+        dib.run()
+    assert "failed in install.d/60-failing-el (exit 1): need FOO; full log:" in str(exc.value)
+    assert exc.value.step == "dib:install.d/60-failing-el"
 
 
 def test_host_mirrors_deb822_and_one_line(tmp_path: Path) -> None:

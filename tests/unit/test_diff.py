@@ -67,7 +67,7 @@ def test_removed_package_and_kernel_change_mean_reboot(store: ImageStore, publis
 
 def test_service_added_and_removed(store: ImageStore, publish) -> None:  # type: ignore[no-untyped-def]
     publish("R1")
-    publish("R2", extra={"./usr/share/imageupdate/services/web.json": b'{"name": "web"}'})
+    publish("R2", extra={"./usr/share/imageupdate/services/web.json": b'{"name": "web", "command": ["/usr/bin/web"]}'})
     statuses = {s.name: s.status for s in store.diff("R1", "R2").services}
     assert statuses == {"app": "unchanged", "web": "added"}
     statuses = {s.name: s.status for s in store.diff("R2", "R1").services}

@@ -10,6 +10,7 @@ import pytest
 
 from imageupdate.images import packer
 from imageupdate.images.fileindex import read_index
+from imageupdate.images.services import InvalidServiceDeclaration
 from tests.fakeroot_tar import make_root_tar
 
 EPOCH = 1_700_000_000
@@ -133,3 +134,38 @@ def test_invalid_upgrade_metadata_is_a_problem_not_a_manifest(tmp_path: Path, ex
                                                               problem: str) -> None:
     facts = _pack_with(tmp_path, extra)
     assert facts.upgrade is None and any(problem in p for p in facts.upgrade_problems), facts.upgrade_problems
+
+
+def test_services_are_kept_normalised(tmp_path: Path) -> None:
+    facts = _pack_with(tmp_path, {})
+    assert facts.services[0]["stop_signal"] == "SIGTERM" and facts.services[0]["probe"] is True
+    assert facts.service_problems == []
+
+
+@pytest.mark.parametrize("decl, problem", [
+    (b'{"name": "app", "command": ["/usr/bin/app"], "stop_sigal": "SIGINT"}',
+     "/usr/share/imageupdate/services/app.json: unknown key 'stop_sigal'"),
+    (b'{"name": "app", "command": ["/usr/bin/app"], "ports": [0]}',
+     "/usr/share/imageupdate/services/app.json: 'ports' must be a list of integers 1..65535"),
+    (b'{"name": "app", ', "/usr/share/imageupdate/services/app.json: not valid JSON"),
+    (b'{"name": "app", "command": ["/usr/bin/app"], "user": "postgres", "supplementary_groups": ["ssl-cert"]}',
+     "'supplementary_groups' names group 'ssl-cert', which the image's /etc/group does not define"),
+])
+def test_bad_service_declarations_refuse_the_build(tmp_path: Path, decl: bytes, problem: str) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    extra = {"./usr/share/imageupdate/services/app.json": decl,
+             "./etc/passwd": b"root:x:0:0:root:/root:/bin/bash\npostgres:x:104:110::/var/lib/postgresql:/bin/sh\n",
+             "./etc/group": b"root:x:0:\npostgres:x:110:\n"}
+    with pytest.raises(InvalidServiceDeclaration) as exc:
+        packer.pack(make_root_tar(tmp_path / "dib.tar", extra=extra), out, EPOCH)
+    assert exc.value.exit_code == 2 and exc.value.release == "R1"
+    assert str(exc.value).startswith("release R1 ships an invalid service declaration: ")
+    assert problem in str(exc.value)
+    assert not (out / "files.jsonl").exists()
+
+
+def test_accounts_are_not_checked_without_the_image_files(tmp_path: Path) -> None:
+    decl = b'{"name": "app", "command": ["/usr/bin/app"], "user": "postgres"}'
+    facts = _pack_with(tmp_path, {"./usr/share/imageupdate/services/app.json": decl})
+    assert facts.service_problems == [] and facts.services[0]["user"] == "postgres"
