@@ -72,3 +72,18 @@ def upgrade_releases(releases: dict, store_dir: Path) -> dict[str, dict]:  # typ
     """R3, R4 and R4-badmig (R4 with a contract migration that fails half way) on top of R1 and R2."""
     return build_all(store_dir, ("R3", "sample-workload-v3"), ("R4", "sample-workload-v4"),
                      ("R4-badmig", "sample-workload-broken-migration"))
+
+
+@pytest.fixture(scope="session")
+def gate_releases(releases: dict, store_dir: Path) -> dict[str, dict]:  # type: ignore[type-arg]
+    """Releases the built-in checks alone must stop (both at R2's state version): R-500 answers HTTP 500
+    to everything and ships no tests; R-stale runs code from /tmp, /mnt/state and a deleted /dev/shm library."""
+    return build_all(store_dir, ("R-500", "sample-workload-http500"), ("R-stale", "sample-workload-stale"))
+
+
+@pytest.fixture(scope="session")
+def pg_releases(store_dir: Path) -> dict[str, dict]:  # type: ignore[type-arg]
+    """The database workload (PostgreSQL 15 from Debian, an app behind nginx): PG1, PG2 (expand migration),
+    PG3 (contract migration) and PG2-rerun (PG2 whose migration inserts a row on every run)."""
+    return build_all(store_dir, ("PG1", "pgweb-v1"), ("PG2", "pgweb-v2"), ("PG3", "pgweb-v3"),
+                     ("PG2-rerun", "pgweb-rerun-insert"))

@@ -24,9 +24,9 @@ from tests.functional.test_site import http, leftovers
 pytestmark = pytest.mark.functional
 
 
-def three_node_site(path: Path, store_dir: Path) -> Iterator[Path]:
-    """A 3-node site on R1 at ``path``; destroyed afterwards, and nothing of it (its Heat included) left."""
-    imageupdate("site", "up", "--nodes", "3", "--release", "R1", "--site", str(path), "--store", str(store_dir),
+def three_node_site(path: Path, store_dir: Path, release: str = "R1") -> Iterator[Path]:
+    """A 3-node site on ``release`` at ``path``; destroyed afterwards, and nothing of it (its Heat included) left."""
+    imageupdate("site", "up", "--nodes", "3", "--release", release, "--site", str(path), "--store", str(store_dir),
                 check=True)
     site_id = json.loads((path / "site.json").read_text())["id"]
     try:

@@ -123,6 +123,47 @@ def test_the_broken_release_fails_its_gate_naming_the_check_and_the_report_shows
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
 
 
+def gate_evidence(site: Path, rollout: int, node: str) -> dict[str, dict]:  # type: ignore[type-arg]
+    rows = query(site, "SELECT * FROM checks WHERE rollout = ? AND node = ?", rollout, node)
+    return {r["name"]: dict(r) for r in rows}
+
+
+def test_a_service_answering_500_fails_its_gate_on_the_builtin_checks_alone(site: Path, store_dir: Path,
+                                                                           gate_releases: dict) -> None:  # type: ignore[type-arg]
+    proc = cli(site, store_dir, "rollout", "R-500")
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["status"] == "rolled-back", out
+    assert "node0 on R-500: check health failed: sample-workload: http://127.0.0.1:8080/health answered 500" \
+        in out["reason"], out["reason"]
+    assert releases_of(site, store_dir) == {"node0": "R2", "node1": "R2", "node2": "R2"}
+    evidence = gate_evidence(site, out["rollout"]["id"], "node0")
+    assert not any(name.startswith("test:") for name in evidence)  # R-500 ships no tests: built-ins alone
+    assert evidence["services"]["ok"] and not evidence["health"]["ok"]
+    assert not evidence["probe"]["ok"] and "was down for the whole gate" in evidence["probe"]["output"]
+    assert "node1" not in {r["node"] for r in query(site, "SELECT node FROM checks WHERE rollout = ?",
+                                                    out["rollout"]["id"])}
+
+
+def test_code_run_from_tmp_the_state_partition_and_dev_shm_fails_stale_code(site: Path, store_dir: Path,
+                                                                            gate_releases: dict) -> None:  # type: ignore[type-arg]
+    proc = cli(site, store_dir, "rollout", "R-stale")
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["status"] == "rolled-back" and "check stale-code failed" in out["reason"], out
+    assert releases_of(site, store_dir) == {"node0": "R2", "node1": "R2", "node2": "R2"}
+    evidence = gate_evidence(site, out["rollout"]["id"], "node0")
+    stale = evidence["stale-code"]["output"]
+    assert not evidence["stale-code"]["ok"] and stale.startswith("3 process(es) run code that is not R-stale's"), \
+        stale
+    assert "(/usr/bin/python3 /tmp/old.py): runs script /tmp/old.py, which is not on the release's root" in stale
+    assert "(/mnt/state/stale-code/sleep infinity): runs /mnt/state/stale-code/sleep, which is not on the " \
+           "release's root" in stale
+    assert "(/usr/bin/python3 /usr/lib/sample-workload-stale/shm_lib.py): maps deleted /dev/shm/libstale-" in stale
+    # the same rule passes the sample service and every other check
+    assert all(evidence[n]["ok"] for n in ("services", "health", "config", "test:20-data-roundtrip")), evidence
+
+
 def test_a_process_left_on_the_old_release_is_flagged_as_stale(site: Path, store_dir: Path) -> None:
     node = json.loads((site / "nodes/node1/node.json").read_text())
     addr = {n["name"]: n["address"] for n in json.loads(cli(site, store_dir, "status").stdout)["nodes"]}["node1"]
