@@ -3,6 +3,7 @@
 ::
 
     {
+      "product": "sample-workload",   # optional: the product line; a path never mixes two
       "version": "3",                 # sortable: dot-separated integers
       "state_version": 3,             # the state version this release's code runs on
       "min_from": "2",                # optional: the oldest version this release upgrades from directly
@@ -52,6 +53,7 @@ MAX_VOLATILE = 64
 MAX_PATH = 1024
 KINDS = ("expand", "contract")
 _VERSION = re.compile(r"^\d+(\.\d+)*$")
+_PRODUCT = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 def version_key(version: str) -> tuple[int, ...]:
@@ -93,6 +95,7 @@ class ReleaseMeta:
     migrations: tuple[Migration, ...] = ()
     config: dict[str, ConfigSchema] = field(default_factory=dict)
     volatile: tuple[str, ...] = ()  # node paths the rehearsal's file digest leaves out
+    product: str | None = None  # the product line: versions and state versions mean something only within one
 
     @property
     def key(self) -> tuple[int, ...]:
@@ -208,10 +211,13 @@ def parse(data: Any, shipped: set[str] | None = None,
                                     _changes(spec.get("deprecated", {}), f"config {path} deprecated", problems),
                                     _changes(spec.get("removed", {}), f"config {path} removed", problems))
     volatile = _volatile(data.get("volatile", []), state_paths, problems)
+    product = data.get("product")
+    if product is not None and (not isinstance(product, str) or not _PRODUCT.match(product)):
+        problems.append("'product' must be a name of lower-case letters, digits, '.', '_' and '-' (at most 64)")
     if problems:
         return None, problems
     assert isinstance(version, str) and isinstance(state_version, int)
-    return ReleaseMeta(version, state_version, min_from, tuple(migrations), config, volatile), []
+    return ReleaseMeta(version, state_version, min_from, tuple(migrations), config, volatile, product), []
 
 
 def from_manifest(upgrade: dict[str, Any] | None) -> ReleaseMeta | None:

@@ -70,6 +70,10 @@ class UpgradePlan:
                 "steps": [asdict(m) for m in self.steps], "contract": self.has_contract}
 
 
+def _product(name: str | None) -> str:
+    return f"product {name!r}" if name else "a release that names no product"
+
+
 def pick(candidates: list[ReleaseInfo], preferred: set[str]) -> ReleaseInfo:
     return sorted(candidates, key=lambda r: (r.release not in preferred, r.built_at, r.release))[0]
 
@@ -86,6 +90,10 @@ def plan(releases: dict[str, ReleaseInfo], current: str, state_version: int | No
         raise PathBlocked(f"{current} has no upgrade metadata, so the state version of its nodes is unknown: "
                           f"roll {target} out from a release built with upgrade.json", release=current,
                           step="plan")
+    if cur.meta.product != tgt.meta.product:
+        raise PathBlocked(f"{current} is {_product(cur.meta.product)} and {target} is {_product(tgt.meta.product)}: "
+                          "versions and state versions mean something only within one product; roll out a "
+                          f"release of {_product(cur.meta.product)}", release=target, step="plan")
     have = state_version if state_version is not None else cur.meta.state_version
     if tgt.meta.key < cur.meta.key or tgt.meta.state_version < have:
         raise DowngradeRefused(
@@ -94,8 +102,9 @@ def plan(releases: dict[str, ReleaseInfo], current: str, state_version: int | No
             f"'imageupdate rollback' (it restores the state snapshot taken before a contract migration)",
             release=target, step="plan")
     result = UpgradePlan(target, current, have, tgt.meta.state_version)
+    # intermediate releases of the same product only: another product's "version 2" migrates other data
     versioned = [r for r in releases.values() if r.meta is not None and r.release != target
-                 and cur.meta.key < r.meta.key <= tgt.meta.key]
+                 and r.meta.product == tgt.meta.product and cur.meta.key < r.meta.key <= tgt.meta.key]
     hops: dict[str, Hop] = {}
     for sv in range(have + 1, tgt.meta.state_version + 1):
         own = [m for m in tgt.meta.migrations if m.state_version == sv]

@@ -313,3 +313,36 @@ def test_the_rehearsal_reports_a_failing_step(tmp_path: Path) -> None:
     report = rehearse("node0", one_step_plan("boom"), lambda dst: None, tmp_path / "work",
                       local_runner({"boom": "import sys; sys.exit('cannot convert')"}))
     assert not report.ok and "failed on the copy of node0's state: cannot convert" in report.problems[0]
+
+
+def test_a_path_never_takes_a_migration_from_another_product() -> None:
+    """A store holding two products: another product's "version 2" must not migrate this one's state."""
+    import dataclasses
+
+    def product(info: ReleaseInfo, name: str) -> ReleaseInfo:
+        assert info.meta is not None
+        return dataclasses.replace(info, meta=dataclasses.replace(info.meta, product=name))
+
+    releases = {k: product(v, "sample") for k, v in sample().items()}
+    releases["PG1"] = product(ReleaseInfo("PG1", meta("1", 1), "2025-01-01"), "pgweb")
+    # built first and preferred: it would have been picked for state version 2 before
+    releases["PG2"] = product(ReleaseInfo("PG2", meta("2", 2, [("0002-add-note", 2, "expand")]), "2025-01-02"),
+                              "pgweb")
+    releases["PG3"] = product(ReleaseInfo("PG3", meta("3", 3, [("0003-name-to-title", 3, "contract")]),
+                                          "2025-01-03"), "pgweb")
+    up = plan(releases, "R1", 1, "R3", preferred={"PG2"})
+    assert [(m.release, m.name) for m in up.steps] == [("R2", "0002-json-to-sqlite"), ("R3", "0003-add-created")]
+    up = plan(releases, "PG1", 1, "PG3", preferred={"R2"})
+    assert [(m.release, m.name) for m in up.steps] == [("PG2", "0002-add-note"), ("PG3", "0003-name-to-title")]
+    with pytest.raises(PathBlocked, match="R1 is product 'sample' and PG3 is product 'pgweb'"):
+        plan(releases, "R1", 1, "PG3")
+    del releases["PG2"]
+    with pytest.raises(PathBlocked, match="no release in the store migrates the state from version 1 to 2"):
+        plan(releases, "PG1", 1, "PG3")
+
+
+def test_a_product_name_is_checked() -> None:
+    assert parse({"version": "1", "state_version": 1, "product": "pgweb"})[0].product == "pgweb"  # type: ignore[union-attr]
+    for bad in ("", "Pg Web", "../x", 7, "x" * 65):
+        meta_, problems = parse({"version": "1", "state_version": 1, "product": bad})
+        assert meta_ is None and "'product' must be" in problems[0]
