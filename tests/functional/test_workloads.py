@@ -7,6 +7,7 @@ The tests share one 3-node site on PG1 and run in file order.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import urllib.request
@@ -62,11 +63,12 @@ def test_the_database_workload_comes_up_with_per_node_identity_and_passes_every_
     assert len(set(keys.values())) == 3, keys
     tree_key = site / "releases/PG1" / SNAKEOIL.lstrip("/")
     assert tree_key.is_symlink() and str(tree_key.readlink()).startswith("/mnt/state/")
-    mode = ssh(site, addrs["node0"], "stat", "-L", "-c", "'%a %U %G'", SNAKEOIL).stdout.split()
+    mode = ssh(site, addrs["node0"], shlex.join(["stat", "-L", "-c", "%a %U %G", SNAKEOIL])).stdout.split()
     assert mode == ["640", "root", "ssl-cert"], mode
     # each node its own cluster: its own system identifier
-    ids = {ssh(site, a, "runuser", "-u", "postgres", "--", "psql", "-h", "/run/postgresql", "-Atc",
-               "SELECT system_identifier FROM pg_control_system()").stdout.strip() for a in addrs.values()}
+    query_id = shlex.join(["runuser", "-u", "postgres", "--", "psql", "-h", "/run/postgresql", "-Atc",
+                           "SELECT system_identifier FROM pg_control_system()"])  # ssh hands one line to a shell
+    ids = {ssh(site, a, query_id).stdout.strip() for a in addrs.values()}
     assert len(ids) == 3 and "" not in ids, ids
 
 
