@@ -39,6 +39,7 @@ DEFAULT_STOP_TIMEOUT = 5
 MIN_STOP_TIMEOUT, MAX_STOP_TIMEOUT = 1, 60
 DEFAULT_MODE = "0755"
 RUNTIME_ROOT = "/run"
+RESERVED_NAMES = ("sshd",)  # the init starts sshd itself, under that name in its status file
 RESERVED_RUNTIME = ("/run/imageupdate",)  # the init's own status lives there
 
 # Names the shadow utilities accept (useradd's default NAME_REGEX, widened to
@@ -67,7 +68,7 @@ class _Checker:
         if not isinstance(value, str) or not value or "\0" in value:
             self.bad(key, f"must be a non-empty string (got {_type_name(value)})")
             return None
-        if account and not _ACCOUNT.match(value):
+        if account and not _ACCOUNT.fullmatch(value):
             self.bad(key, f"must be a user or group name (got {value!r})")
             return None
         return value
@@ -83,7 +84,7 @@ class _Checker:
         if not isinstance(value, list) or not all(isinstance(v, str) and v and "\0" not in v for v in value):
             self.bad(key, "must be a list of non-empty strings")
             return []
-        if account and not all(_ACCOUNT.match(v) for v in value):
+        if account and not all(_ACCOUNT.fullmatch(v) for v in value):
             self.bad(key, f"must be a list of group names (got {value!r})")
             return []
         if absolute and not all(v.startswith("/") for v in value):
@@ -108,7 +109,7 @@ def _environment(c: _Checker, value: object) -> dict[str, str]:
         return {}
     env: dict[str, str] = {}
     for name, text in value.items():
-        if not _ENV_NAME.match(name):
+        if not _ENV_NAME.fullmatch(name):
             c.bad("environment", f"has an invalid variable name {name!r}")
         elif not isinstance(text, str) or "\0" in text:
             c.bad("environment", f"value of {name!r} must be a string (got {_type_name(text)})")
@@ -118,7 +119,7 @@ def _environment(c: _Checker, value: object) -> dict[str, str]:
 
 
 def _mode(c: _Checker, key: str, value: object) -> str:
-    if not isinstance(value, str) or not _MODE.match(value):
+    if not isinstance(value, str) or not _MODE.fullmatch(value):
         c.bad(key, f'must be an octal string such as "0755" or "2775" (got {value!r})')
         return DEFAULT_MODE
     return value.rjust(4, "0")
@@ -208,6 +209,8 @@ def parse_service(path: str, data: object) -> tuple[dict[str, Any] | None, list[
     name = c.string("name", data["name"]) if "name" in data else None
     if name is not None and name != stem:
         c.bad("name", f"must equal the file's name {stem!r} (got {name!r})")
+    if (name or stem) in RESERVED_NAMES:
+        c.bad("name", f"{name or stem!r} is the node's own (its init runs it); name the service otherwise")
     command = _command(c, data["command"]) if "command" in data else []
     user = c.string("user", data["user"], account=True) if "user" in data else "root"
     group = None
@@ -229,7 +232,7 @@ def parse_service(path: str, data: object) -> tuple[dict[str, Any] | None, list[
     health = None
     if data.get("health") is not None:
         health = data["health"]
-        if not isinstance(health, str) or not _HEALTH.match(health):
+        if not isinstance(health, str) or not _HEALTH.fullmatch(health):
             c.bad("health", f'must be an HTTP path starting with "/", without spaces (got {health!r})')
             health = None
         elif not ports:

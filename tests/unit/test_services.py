@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -173,7 +174,12 @@ def init() -> ModuleType:
     spec = importlib.util.spec_from_loader(loader.name, loader)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
+    # no __pycache__ beside it: static/ is copied into every image, and a build must not depend on a test run
+    dont_write, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = dont_write
     return module
 
 
@@ -235,3 +241,17 @@ def test_init_makes_runtime_dirs_and_refuses_symlinks(init: ModuleType, tmp_path
     (run / "evil").symlink_to(tmp_path)
     with pytest.raises(OSError, match="/run/evil exists and is not a directory"):
         init.make_runtime_dir("/run/evil/x", os.getuid(), os.getgid(), 0o755, root=str(tmp_path))
+
+
+def test_sshd_is_the_nodes_own_name() -> None:
+    parsed, problems = parse_service("usr/share/imageupdate/services/sshd.json",
+                                     {"name": "sshd", "command": ["/usr/sbin/sshd", "-D"]})
+    assert "'sshd' is the node's own" in problems[0], (parsed, problems)
+
+
+def test_a_trailing_newline_is_no_valid_mode_health_or_account() -> None:
+    for key, value in (("health", "/h\n"), ("user", "web\n"), ("environment", {"A\n": "x"})):
+        data = {"name": "web", "command": ["/usr/bin/web"], "ports": [80], key: value}
+        assert parse_service("web.json", data)[1], key
+    data = {"name": "web", "command": ["/usr/bin/web"], "runtime_directories": [{"path": "/run/web", "mode": "0755\n"}]}
+    assert parse_service("web.json", data)[1]
