@@ -104,13 +104,15 @@ def check_services(facts: dict[str, Any], want: Expectation) -> Finding:
     declared = [s for s in want.manifest.services if not s.get("invalid")]
     if not declared:
         return True, "the release declares no services"
-    status = facts.get("service_status") or {}
+    status = facts.get("service_status")
+    status = status if isinstance(status, dict) else {}
     processes = facts.get("processes") or []
     by_pid = {p["pid"]: p for p in processes}
     problems, fine = [], []
     for svc in declared:
         name = svc["name"]
-        started = status.get(name) or {}
+        started = status.get(name)
+        started = started if isinstance(started, dict) else {}
         pid = started.get("pid")
         proc = by_pid.get(pid) if isinstance(pid, int) else None
         if not isinstance(pid, int):

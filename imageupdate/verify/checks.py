@@ -132,8 +132,13 @@ def close_ssh(target: NodeTarget) -> None:
 
 
 def _timed(name: str, fn: Callable[[], tuple[bool, str]]) -> CheckResult:
+    """Run one check; one that raises (facts a hostile node shaped oddly) fails alone, naming why, and the
+    other checks still give their evidence."""
     t0 = time.monotonic()
-    ok, output = fn()
+    try:
+        ok, output = fn()
+    except Exception as e:  # noqa: BLE001 - fail closed, per check
+        ok, output = False, f"the node's facts could not be judged: {e.__class__.__name__}: {e}"[:400]
     return CheckResult(name, ok, round(time.monotonic() - t0, 3), output)
 
 

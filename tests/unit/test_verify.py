@@ -9,6 +9,7 @@ import hashlib
 import json
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -554,3 +555,18 @@ def test_the_state_version_must_be_one_the_release_runs_on() -> None:
     assert run("state-version", facts, versioned())[1].startswith("no imageupdate/state.json on /mnt/state")
     facts["state_version"] = "{]"
     assert not run("state-version", facts, versioned())[0]
+
+
+def test_a_check_that_cannot_read_odd_facts_fails_alone() -> None:
+    """A node's root may rewrite the init's status file: odd facts fail one check, the others still report."""
+    from imageupdate.verify.builtin import check_services
+    from imageupdate.verify.checks import _timed
+
+    assert _timed("x", lambda: (True, "fine")).ok
+    broken = _timed("stale-code", lambda: {}["pid"])  # type: ignore[index]
+    assert not broken.ok and broken.output == "the node's facts could not be judged: KeyError: 'pid'"
+    manifest = SimpleNamespace(services=[{"name": "web", "ports": [80]}])
+    want = SimpleNamespace(manifest=manifest)
+    for status in (["web"], {"web": 7}, "x"):
+        ok, said = check_services({"service_status": status, "processes": []}, want)  # type: ignore[arg-type]
+        assert not ok and said == "web is not running"
