@@ -90,7 +90,7 @@ def plan(releases: dict[str, ReleaseInfo], current: str, state_version: int | No
         raise PathBlocked(f"{current} has no upgrade metadata, so the state version of its nodes is unknown: "
                           f"roll {target} out from a release built with upgrade.json", release=current,
                           step="plan")
-    if cur.meta.product != tgt.meta.product:
+    if cur.meta.product and tgt.meta.product and cur.meta.product != tgt.meta.product:
         raise PathBlocked(f"{current} is {_product(cur.meta.product)} and {target} is {_product(tgt.meta.product)}: "
                           "versions and state versions mean something only within one product; roll out a "
                           f"release of {_product(cur.meta.product)}", release=target, step="plan")
@@ -102,9 +102,11 @@ def plan(releases: dict[str, ReleaseInfo], current: str, state_version: int | No
             f"'imageupdate rollback' (it restores the state snapshot taken before a contract migration)",
             release=target, step="plan")
     result = UpgradePlan(target, current, have, tgt.meta.state_version)
-    # intermediate releases of the same product only: another product's "version 2" migrates other data
+    # intermediate releases of the same product only: another product's "version 2" migrates other data. A
+    # release that names none is of the product of the path's ends (a fleet built before its product had a name)
+    products = {tgt.meta.product, cur.meta.product}
     versioned = [r for r in releases.values() if r.meta is not None and r.release != target
-                 and r.meta.product == tgt.meta.product and cur.meta.key < r.meta.key <= tgt.meta.key]
+                 and r.meta.product in products and cur.meta.key < r.meta.key <= tgt.meta.key]
     hops: dict[str, Hop] = {}
     for sv in range(have + 1, tgt.meta.state_version + 1):
         own = [m for m in tgt.meta.migrations if m.state_version == sv]

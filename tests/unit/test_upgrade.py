@@ -339,6 +339,13 @@ def test_a_path_never_takes_a_migration_from_another_product() -> None:
     del releases["PG2"]
     with pytest.raises(PathBlocked, match="no release in the store migrates the state from version 1 to 2"):
         plan(releases, "PG1", 1, "PG3")
+    # a fleet built before its product had a name: its unnamed releases belong to the path, others' do not
+    unnamed = {k: v for k, v in sample().items() if k in ("R1", "R2")}
+    releases.update({"old-R1": unnamed["R1"], "old-R2": unnamed["R2"]})
+    up = plan(releases, "old-R1", 1, "R3")
+    assert [(m.release, m.name) for m in up.steps] == [("R2", "0002-json-to-sqlite"), ("R3", "0003-add-created")]
+    with pytest.raises(PathBlocked, match="from version 1 to 2"):
+        plan({k: v for k, v in releases.items() if k not in ("R2", "old-R2")}, "old-R1", 1, "PG3")
 
 
 def test_a_product_name_is_checked() -> None:
