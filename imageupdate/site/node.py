@@ -221,15 +221,16 @@ class Node:
         def ready() -> bool:
             pid = self.record().pid
             if not procs.alive(pid):
-                missing[:] = ["the node is not running"]
-                return False
+                missing[:] = ["running node (it exited)"]
+                return True  # nothing to wait for
             listening = listening_ports(pid)  # type: ignore[arg-type]
             missing[:] = [f"port {p}" for p in ports if p not in listening]
             if not tcp_open(self.address, 22):
                 missing.insert(0, f"SSH on {self.address}:22")
             return not missing
 
-        return None if procs.wait_until(ready, timeout, interval=0.1) else ", ".join(missing)
+        procs.wait_until(ready, timeout, interval=0.1)
+        return ", ".join(missing) or None
 
     def stop(self, grace: float | None = None, wanted: str = "stopped") -> str:
         rec = self.record()
