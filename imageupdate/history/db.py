@@ -13,7 +13,22 @@ Tables:
   each snapshot taken and each snapshot restored;
 - ``log``: the operation's timeline in words.
 
+Values of the status columns (the comments in the v1 SQL below are kept as shipped and are not complete):
+``rollouts.status`` is running | paused | succeeded | failed | rolled-back | cancelled; ``steps.status`` is
+pending | running | succeeded | failed | timed-out | cancelled. ``rollouts.stage`` (schema version 2) is what
+an open operation is doing now (planned, rehearsing, creating-resources, sending, watching, rolling-back,
+ended; NULL for rows older than the column), and ``rollouts.options_version`` the format of its ``options``.
+
 Each write is its own short transaction (WAL, busy timeout), so a crash loses nothing already said.
+
+Schema version: ``PRAGMA user_version`` is the number of ``MIGRATIONS`` applied (``VERSION``, now 2). A
+``History`` brings its file up to date on first use, each migration in its own ``BEGIN IMMEDIATE``
+transaction together with its version bump (so two processes opening an old file at once apply each step
+once). Version 1 is the schema as first shipped, with ``CREATE TABLE IF NOT EXISTS``: files from before
+versioning have ``user_version`` 0 and those tables already, and the step is a no-op there. To change the
+schema, append a migration (SQL statements) to ``MIGRATIONS``; never edit one that has shipped, since files
+in the field already ran it. A file newer than this code raises ``HistoryTooNew``; a file that is not a
+SQLite database raises ``HistoryUnreadable``.
 """
 
 from __future__ import annotations
@@ -27,6 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imageupdate.errors import InputError
+
+# Version 1, the tables as first shipped. Keep this text byte-for-byte: it is the v1 migration.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -126,7 +144,24 @@ CREATE TABLE IF NOT EXISTS log (
 );
 """
 
+MIGRATIONS: tuple[str, ...] = (
+    SCHEMA,  # 1: the tables as first shipped (files from before versioning already have them)
+    """
+ALTER TABLE rollouts ADD COLUMN stage TEXT;
+ALTER TABLE rollouts ADD COLUMN options_version INTEGER NOT NULL DEFAULT 1;
+""",  # 2: what an open operation is doing now, and the format of its options
+)
+VERSION = len(MIGRATIONS)
+
 ACTIVE = ("running", "paused")
+
+
+class HistoryTooNew(InputError):
+    """A history file written by a newer imageupdate, with a schema this one does not know."""
+
+
+class HistoryUnreadable(InputError):
+    """A history file that is not a SQLite database."""
 
 
 @dataclass
@@ -145,6 +180,8 @@ class RolloutRow:
     heat: str | None
     cancel_requested: float | None
     sent: float | None = None
+    stage: str | None = None
+    options_version: int = 1
 
     @property
     def tag(self) -> str:
@@ -180,15 +217,18 @@ class StepRow:
 class History:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._current = False  # the file's schema is VERSION (checked or migrated by this instance)
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA busy_timeout = 30000")
-            conn.executescript(SCHEMA)
+            with self._readable():
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA busy_timeout = 30000")
+                if not self._current:
+                    self._migrate(conn)
             conn.row_factory = sqlite3.Row
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -200,15 +240,52 @@ class History:
         finally:
             conn.close()
 
+    @contextmanager
+    def _readable(self) -> Iterator[None]:
+        """Turn SQLite's "not a database" (garbage bytes, a damaged header) into a one-line error."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            if getattr(e, "sqlite_errorcode", None) not in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
+                raise
+            raise HistoryUnreadable(f"history {self.path} is not a readable SQLite database ({e}); "
+                                    "move it aside to start a new history") from e
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Apply the migrations the file lacks, each with its version bump in one transaction."""
+        while (version := self._version(conn)) != VERSION:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = self._version(conn)  # another process may have migrated while we waited
+                if version < VERSION:
+                    for statement in _statements(MIGRATIONS[version]):
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {version + 1}")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        self._current = True
+
+    def _version(self, conn: sqlite3.Connection) -> int:
+        """The file's schema version; HistoryTooNew if it is newer than this code knows."""
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > VERSION:
+            raise HistoryTooNew(f"history {self.path} has schema version {version} but this imageupdate knows "
+                                f"only up to {VERSION}: upgrade imageupdate")
+        return version
+
     # rollouts ------------------------------------------------------------------
 
     def start(self, kind: str, target: str | None, options: dict[str, Any], plan: dict[str, Any],
-              parent: int | None = None, pid: int | None = None, status: str = "running") -> RolloutRow:
+              parent: int | None = None, pid: int | None = None, status: str = "running",
+              options_version: int = 1, stage: str | None = None) -> RolloutRow:
         with self._db() as db:
             cur = db.execute(
-                "INSERT INTO rollouts (kind, target, parent, options, plan, status, started, pid) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (kind, target, parent, json.dumps(options), json.dumps(plan), status, time.time(), pid))
+                "INSERT INTO rollouts (kind, target, parent, options, plan, status, started, pid, stage, "
+                "options_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (kind, target, parent, json.dumps(options), json.dumps(plan), status, time.time(), pid, stage,
+                 options_version))
             rid = int(cur.lastrowid or 0)
         return self.rollout(rid)  # type: ignore[return-value]
 
@@ -242,7 +319,7 @@ class History:
 
     def update(self, rid: int, **fields: Any) -> None:
         allowed = {"status", "reason", "finished", "pid", "heat", "sent", "template", "environment", "plan",
-                   "cancel_requested"}
+                   "cancel_requested", "stage", "options_version"}
         if not set(fields) <= allowed:
             raise ValueError(f"unknown rollout fields {set(fields) - allowed}")
         if not fields:
@@ -361,6 +438,14 @@ class History:
                              (node, before, before)).fetchone()
         return str(row["release"]) if row else None
 
+    def was_good(self, node: str, release: str, before_rollout: int | None = None) -> bool:
+        """Whether ``release`` ever passed a gate on ``node`` (in operations older than ``before_rollout``)."""
+        with self._db() as db:
+            row = db.execute("SELECT 1 FROM releases WHERE node = ? AND release = ? AND good = 1 "
+                             "AND (? IS NULL OR rollout < ?) LIMIT 1",
+                             (node, release, before_rollout, before_rollout)).fetchone()
+        return row is not None
+
     def good_releases(self) -> set[str]:
         """Every release that passed a gate on some node of this site."""
         if not self.path.exists():
@@ -383,4 +468,15 @@ class History:
 def _rollout(r: sqlite3.Row) -> RolloutRow:
     return RolloutRow(r["id"], r["kind"], r["target"], r["parent"], json.loads(r["options"]), json.loads(r["plan"]),
                       r["status"], r["reason"], r["started"], r["finished"], r["pid"], r["heat"],
-                      r["cancel_requested"], r["sent"])
+                      r["cancel_requested"], r["sent"], r["stage"], r["options_version"])
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The SQL statements of ``script``, one by one (``executescript`` would commit the open transaction)."""
+    pending = ""
+    for part in script.split(";"):
+        pending += part + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending
+            pending = ""

@@ -1,19 +1,24 @@
-"""The history database on a temporary SQLite file: rollouts, steps, checks, releases, log."""
+"""The history database on a temporary SQLite file: rollouts, steps, checks, releases, log; its schema version."""
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
+import threading
 import time
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from imageupdate.history.db import History
+from imageupdate.errors import InputError
+from imageupdate.history import db as history_db
+from imageupdate.history.db import VERSION, History, HistoryTooNew, HistoryUnreadable, RolloutRow
 
 OPTIONS = {"batch_size": 2, "canary": True, "limit": None, "gate_timeout": 60}
 PLAN = {"batches": [["node0"], ["node1", "node2"]], "before": {"node0": "R1"}, "after": {"node0": "R2"}}
 NOTHING = {"batches": [], "before": {"node0": "R2"}, "after": {"node0": "R2"}}
+V1_FILE = Path(__file__).parent / "data" / "history-v1.sqlite"  # written before versioning (make_history_v1.py)
 
 
 @pytest.fixture
@@ -39,8 +44,16 @@ def test_start_records_the_operation(h: History) -> None:
     assert row.options == OPTIONS and row.plan == PLAN
     assert t0 <= row.started <= time.time()
     assert (row.finished, row.reason, row.heat, row.sent, row.cancel_requested) == (None, None, None, None, None)
+    assert (row.stage, row.options_version) == (None, 1)
     assert row.tag == "r1"
     assert row.to_dict()["tag"] == "r1" and row.to_dict()["plan"] == PLAN
+    assert (row.to_dict()["stage"], row.to_dict()["options_version"]) == (None, 1)
+
+
+def test_start_records_stage_and_options_version(h: History) -> None:
+    row = h.start("rollout", "R2", OPTIONS, PLAN, options_version=3, stage="planned")
+    assert (row.stage, row.options_version) == ("planned", 3)
+    assert h.rollout(row.id) == row
 
 
 def test_ids_count_up_and_rollouts_lists_newest_first(h: History) -> None:
@@ -70,15 +83,18 @@ def test_the_history_outlives_its_object(h: History) -> None:
 def test_update_changes_only_the_fields_given(h: History) -> None:
     row = h.start("rollout", "R2", OPTIONS, PLAN, pid=11)
     new_plan = {"batches": [["node0"]], "before": {}, "after": {}}
-    h.update(row.id, status="paused", pid=None, heat="123@456.7", sent=1000.5, plan=new_plan, cancel_requested=2000.0)
+    h.update(row.id, status="paused", pid=None, heat="123@456.7", sent=1000.5, plan=new_plan, cancel_requested=2000.0,
+             stage="watching", options_version=2)
     got = h.rollout(row.id)
     assert got is not None
-    assert (got.status, got.pid, got.heat, got.sent, got.cancel_requested) == (
+    assert (got.status, got.pid, got.heat, got.sent, got.cancel_requested, got.stage, got.options_version) == (
         "paused",
         None,
         "123@456.7",
         1000.5,
         2000.0,
+        "watching",
+        2,
     )
     assert got.plan == new_plan
     assert (got.kind, got.target, got.options, got.started) == (row.kind, row.target, row.options, row.started)
@@ -299,3 +315,168 @@ def test_say_and_log(h: History) -> None:
     assert [e["message"] for e in h.log(other)] == ["elsewhere"]
     with closing(sqlite3.connect(h.path)) as db:
         assert db.execute("SELECT message FROM log WHERE rollout IS NULL").fetchall() == [("site-wide",)]
+
+
+# schema version -----------------------------------------------------------------------------------
+
+
+def _user_version(path: Path) -> int:
+    with closing(sqlite3.connect(path)) as db:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _columns(path: Path, table: str) -> list[str]:
+    with closing(sqlite3.connect(path)) as db:
+        return [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
+
+
+def _schema(path: Path) -> dict[str, str]:
+    with closing(sqlite3.connect(path)) as db:
+        return {r[0]: r[1] for r in db.execute("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL")}
+
+
+@pytest.fixture
+def v1(tmp_path: Path) -> Path:
+    """A copy of a history file written by the release before schema versioning."""
+    path = tmp_path / "site" / "history.sqlite"
+    path.parent.mkdir()
+    shutil.copyfile(V1_FILE, path)
+    return path
+
+
+def test_the_v1_fixture_is_what_the_first_migration_creates(v1: Path, tmp_path: Path) -> None:
+    assert _user_version(v1) == 0
+    fresh = tmp_path / "v1-only.sqlite"
+    with closing(sqlite3.connect(fresh)) as db:
+        db.executescript(history_db.MIGRATIONS[0])
+    assert _schema(fresh) == _schema(v1)  # the shipped v1 step was not edited
+
+
+def test_a_pre_versioning_file_is_migrated_and_its_rows_read_back(v1: Path) -> None:
+    h = History(v1)
+    adopt, rollout = h.rollout(1), h.rollout(2)
+    assert rollout == RolloutRow(
+        2, "rollout", "R2", None,
+        {"batch_size": 1, "canary": True, "limit": None, "pause": False, "gate_timeout": 60, "rollback": True},
+        {"batches": [["node0"], ["node1"]], "before": {"node0": "R1", "node1": "R1"},
+         "after": {"node0": "R2", "node1": "R2"}},
+        "failed", "gate of node0 failed", 2000.0, 2100.5, None, "123@456.7", None, 2010.0,
+    )
+    assert (rollout.stage, rollout.options_version) == (None, 1)
+    assert adopt is not None and (adopt.kind, adopt.status, adopt.stage, adopt.options_version) == (
+        "adopt", "succeeded", None, 1)
+    assert [r.id for r in h.rollouts()] == [2, 1]
+    assert h.undoable() == rollout and h.active() is None
+    assert h.sent(2) == ({"resources": {}}, {"environment": {}, "files": {}})
+    assert [(s.step, s.status, s.seconds, s.reason, s.data) for s in h.steps(2)] == [
+        ("rebuild", "succeeded", 40.0, None, None),
+        ("gate", "failed", 50.0, "test:http failed", {"checks": 2}),
+    ]
+    assert [(c["name"], c["ok"], c["output"]) for c in h.checks(2)] == [("test:http", 0, "connection refused")]
+    assert h.last_good("node0") == "R1" and h.good_releases() == {"R1"}
+    assert [(e["node"], e["message"]) for e in h.log(2)] == [("node0", "rebuilt node0 to R2")]
+    assert _user_version(v1) == VERSION == 2
+    assert _columns(v1, "rollouts")[-2:] == ["stage", "options_version"]
+
+
+def test_a_migrated_file_takes_new_writes(v1: Path) -> None:
+    h = History(v1)
+    h.update(2, stage="rolling-back", options_version=2)
+    got = h.rollout(2)
+    assert got is not None and (got.status, got.stage, got.options_version) == ("failed", "rolling-back", 2)
+    new = h.start("rollout", "R3", OPTIONS, PLAN, options_version=2, stage="planned")
+    assert (new.id, new.stage, new.options_version) == (3, "planned", 2)
+    again = History(v1)  # a later process finds it current
+    assert again.rollout(3) == new and _user_version(v1) == VERSION
+
+
+def test_a_fresh_file_gets_the_latest_version(h: History) -> None:
+    assert h.active() is None
+    assert _user_version(h.path) == VERSION
+    assert _columns(h.path, "rollouts")[-2:] == ["stage", "options_version"]
+    assert set(_schema(h.path)) >= {"rollouts", "steps", "checks", "releases", "hooks", "probes", "migrations", "log"}
+
+
+def test_the_schema_is_checked_once_per_instance(h: History, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = History._migrate
+
+    def counting(self: History, conn: sqlite3.Connection) -> None:
+        calls.append(1)
+        real(self, conn)
+
+    monkeypatch.setattr(History, "_migrate", counting)
+    rid = h.start("rollout", "R2", OPTIONS, PLAN).id
+    h.say(rid, "hello")
+    h.update(rid, stage="watching")
+    assert h.rollouts() and len(calls) == 1
+    History(h.path).rollouts()
+    assert len(calls) == 2  # each instance checks once
+
+
+def test_a_failed_migration_leaves_the_file_at_the_version_before(
+    v1: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    History(v1).rollouts()
+    broken = "ALTER TABLE rollouts ADD COLUMN extra TEXT;\nSELECT * FROM no_such_table;\n"
+    monkeypatch.setattr(history_db, "MIGRATIONS", (*history_db.MIGRATIONS, broken))
+    monkeypatch.setattr(history_db, "VERSION", VERSION + 1)
+    with pytest.raises(sqlite3.OperationalError, match="no_such_table"):
+        History(v1).rollouts()
+    assert _user_version(v1) == VERSION
+    assert "extra" not in _columns(v1, "rollouts")  # the step and its bump are one transaction
+
+
+def test_a_file_from_a_newer_imageupdate_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite"
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(HistoryTooNew) as e:
+        History(path).rollouts()
+    message = str(e.value)
+    assert str(path) in message and "99" in message and str(VERSION) in message and "upgrade imageupdate" in message
+    assert "\n" not in message
+    assert isinstance(e.value, InputError) and e.value.exit_code == 2
+    assert _user_version(path) == 99 and _schema(path) == {}  # nothing written
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite"
+    path.write_bytes(b"this is not a SQLite database\x00\xff" * 200)
+    with pytest.raises(HistoryUnreadable) as e:
+        History(path).rollouts()
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    assert isinstance(e.value, InputError) and not isinstance(e.value, sqlite3.Error)
+
+
+def test_two_instances_migrating_an_old_file_at_once_both_succeed(v1: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    count = 4
+    barrier = threading.Barrier(count)
+    seen = threading.local()
+    real = History._version
+
+    def version(self: History, conn: sqlite3.Connection) -> int:
+        got = real(self, conn)
+        if not getattr(seen, "once", False):  # every thread has read the old version before any migrates
+            seen.once = True
+            barrier.wait(timeout=10)
+        return got
+
+    monkeypatch.setattr(History, "_version", version)
+    results: list[list[int]] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append([r.id for r in History(v1).rollouts()])
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == [] and results == [[2, 1]] * count
+    assert _user_version(v1) == VERSION
+    assert _columns(v1, "rollouts").count("stage") == 1
