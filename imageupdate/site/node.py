@@ -67,6 +67,7 @@ class NodeStatus:
     pid: int | None
     phases: dict[str, float] | None = None  # after a rebuild: when it stopped, switched, started, answered
     state: dict[str, Any] | None = None  # after a rebuild: what was done to the state (migrations, restore)
+    paused: bool = False  # running, but its init or a process of its tree is stopped (SIGSTOP: state T)
 
 
 def declared_services(tree: Path) -> list[dict[str, Any]]:
@@ -305,8 +306,11 @@ class Node:
     def status(self) -> NodeStatus:
         rec = self.record()
         running = procs.alive(rec.pid)
+        paused = running and rec.pid is not None and any(procs.stopped(p) for p in procs.tree(rec.pid))
+        # a stopped sshd's port still accepts connections (the kernel queues them): it does not answer
         return NodeStatus(self.name, self.address, rec.current, rec.previous, rec.pending, running,
-                          running and tcp_open(self.address, 22), rec.pid if running else None)
+                          running and not paused and tcp_open(self.address, 22), rec.pid if running else None,
+                          paused=paused)
 
     def destroy(self) -> None:
         if self.exists():

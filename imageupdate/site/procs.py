@@ -5,21 +5,37 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from functools import partial
 from pathlib import Path
 
 from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
+from imageupdate.crashpoints import crashpoint
+from imageupdate.errors import OperationError
+
+FREEZE_BOUND = 300.0  # seconds a frozen tree stays stopped at most, whatever happens to the one that froze it
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (which may hold spaces, parentheses and bytes
+    that are not UTF-8: everything up to the last ')'), or None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = stat.rsplit(b")", 1)[-1].decode("ascii", errors="replace").split()
+    return fields if len(fields) >= 2 else None
+
 
 def state(pid: int) -> str | None:
     """The process state letter, or None if there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]
+    fields = _stat(pid)
+    return fields[0] if fields else None
 
 
 def alive(pid: int | None) -> bool:
@@ -27,12 +43,14 @@ def alive(pid: int | None) -> bool:
     return bool(pid) and state(pid) not in (None, "Z")  # type: ignore[arg-type]
 
 
+def stopped(pid: int) -> bool:
+    """True for a process stopped by a signal (state ``T``: SIGSTOP; not ``t``, a debugger's stop)."""
+    return state(pid) == "T"
+
+
 def parent(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
+    fields = _stat(pid)
+    return int(fields[1]) if fields else None
 
 
 def cmdline(pid: int) -> str:
@@ -103,25 +121,127 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-@contextmanager
-def frozen(pid: int | None) -> Iterator[None]:
-    """Stop ``pid``'s whole process tree (SIGSTOP, which nothing can catch) and continue it afterwards:
-    what it writes to disk is crash-consistent while frozen. Rescans until no new process appears."""
-    stopped: list[int] = []
+def _all_stopped(pids: list[int]) -> bool:
+    return all(state(p) in (None, "T", "t", "Z", "X") for p in pids)
+
+
+class FreezeExpired(OperationError):
+    """The watchdog continued a frozen tree before the block ended (the block outlasted its bound, or the
+    watchdog was killed): what the block read is not crash-consistent."""
+
+
+# The watchdog of ``frozen``: continues every pid it was given (that is still stopped) when its stdin
+# reaches EOF (the one that froze the tree is done, or died: the kernel closes the pipe's end) or its
+# deadline (argv[1] seconds) passes, whichever comes first. It runs with -I -S: no site, no environment.
+_WATCHDOG = r"""
+import os, select, signal, sys, time
+
+class Stop(Exception):
+    pass
+
+def stop(signum, frame):
+    raise Stop()
+
+def stopped(pid):
     try:
-        if pid is not None and alive(pid):
-            while True:
-                new = [p for p in tree(pid) if p not in stopped]
-                if not new:
-                    break
-                for p in new:
-                    try:
-                        os.kill(p, signal.SIGSTOP)
-                        stopped.append(p)
-                    except ProcessLookupError:
-                        pass
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] == b"T"
+    except (OSError, IndexError):
+        return False
+
+deadline = time.monotonic() + float(sys.argv[1])
+pids, buf = [], b""
+
+def take(chunk):
+    global buf
+    *lines, buf = (buf + chunk).split(b"\n")
+    pids.extend(int(x) for x in lines if x.strip().isdigit())
+
+try:
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, stop)
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([0], [], [], left)[0]:
+            break
+        chunk = os.read(0, 65536)
+        if not chunk:
+            break
+        take(chunk)
+except Stop:
+    pass
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(s, signal.SIG_IGN)
+try:
+    os.set_blocking(0, False)
+    while chunk := os.read(0, 65536):
+        take(chunk)
+except OSError:
+    pass
+take(b"\n")
+for pid in pids:
+    if stopped(pid):
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except OSError:
+            pass
+"""
+
+
+def _watchdog(bound: float) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-I", "-S", "-c", _WATCHDOG, repr(float(bound))],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            close_fds=True, start_new_session=True, cwd="/", env={})
+
+
+@contextmanager
+def frozen(pid: int | None, bound: float = FREEZE_BOUND) -> Iterator[None]:
+    """Stop ``pid``'s whole process tree (SIGSTOP, which nothing can catch) and continue it afterwards:
+    what it writes to disk is crash-consistent while frozen. Rescans until no new process appears.
+
+    Whoever dies, the tree is continued: a watchdog process (its own session, started before anything is
+    stopped) is told each pid before it is stopped, and continues those still stopped when we are done or
+    dead (its pipe from us reaches EOF) or after ``bound`` seconds (a hung caller must not freeze a node
+    forever). A block that outlasts ``bound`` raises ``FreezeExpired`` as it ends: the tree ran under it."""
+    if pid is None or not alive(pid):
         yield
+        return
+    watchdog = _watchdog(bound)
+    assert watchdog.stdin is not None
+    pipe = watchdog.stdin
+    t0 = time.monotonic()
+    held: list[int] = []
+    ended = False
+    try:
+        while True:
+            new = [p for p in tree(pid) if p not in held]
+            if not new:
+                break
+            for p in new:
+                pipe.write(f"{p}\n".encode())  # told first: dying between the two leaves nothing stopped
+                pipe.flush()
+                try:
+                    os.kill(p, signal.SIGSTOP)
+                    held.append(p)
+                except ProcessLookupError:
+                    pass
+            # SIGSTOP lands asynchronously (a process running on another CPU, or in a disk wait, runs on a
+            # little): wait, bounded, until each has stopped, so the rescan sees every child it forked
+            wait_until(partial(_all_stopped, new), 2.0, interval=0.002)
+        crashpoint("in-freeze")
+        yield
+        ended = True
     finally:
-        for p in stopped:
+        for p in held:
             with suppress(ProcessLookupError):
                 os.kill(p, signal.SIGCONT)
+        expired = time.monotonic() - t0 >= bound or watchdog.poll() is not None
+        with suppress(OSError):
+            pipe.close()
+        try:
+            watchdog.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            watchdog.kill()
+            watchdog.wait()
+    if ended and expired:
+        raise FreezeExpired(f"process {pid}'s tree was continued by its watchdog before the frozen block ended "
+                            f"(bound {bound:g} s): what the block read is not crash-consistent", step="freeze")

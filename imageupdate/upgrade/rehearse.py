@@ -28,6 +28,7 @@ plain functions, ``LocalFleet.rehearse`` passes ``sandbox.run`` on the unpacked 
 from __future__ import annotations
 
 import difflib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from imageupdate.errors import OperationError
+from imageupdate.site import procs
 from imageupdate.upgrade import sandbox
 from imageupdate.upgrade.meta import STATE_DIGEST, Migration, under
 from imageupdate.upgrade.plan import UpgradePlan
@@ -197,49 +199,105 @@ def rehearse(node: str, upgrade: UpgradePlan, copy: Callable[[Path], None], work
     """``copy(dst)`` fills ``dst`` with the node's state; ``run_step(step, state_dir)`` runs one step;
     ``prepare()`` makes the releases' images ready (unpacks them), timed apart; ``digest_step(release,
     state_dir)`` runs the release's state digest (None: it ships none, or no digest_step: the file digest,
-    without ``volatile[release]``)."""
-    shutil.rmtree(workdir, ignore_errors=True)
-    state_dir = workdir / "state"
-    state_dir.mkdir(parents=True)
-    t0 = time.monotonic()
+    without ``volatile[release]``).
+
+    ``workdir`` (mode 0700: it holds a copy of the node's private state, SSH host keys and all) is removed
+    when the rehearsal ends, pass or fail; nothing in the returned report points into it. A rehearsal that
+    is killed leaves it behind for ``discard_leftovers``. While the rehearsal runs, it holds an flock on
+    ``_lock_path(workdir)``: a second rehearsal in the same place is refused and ``discard_leftovers``
+    leaves a running one alone."""
+    lock = _lock(workdir)
+    if not procs.try_flock(lock, fcntl.LOCK_EX):
+        os.close(lock)
+        raise OperationError(f"a rehearsal on {node} is already running (it holds {_lock_path(workdir)})",
+                             node=node, step="rehearse")
     try:
-        copy(state_dir)
-        size = sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file() and not f.is_symlink())
-        report = Rehearsal(node, upgrade.target, upgrade.from_state, upgrade.to_state, size,
-                           round(time.monotonic() - t0, 3))
-        if prepare is not None:
-            t1 = time.monotonic()
-            prepare()
-            report.prepare_seconds = round(time.monotonic() - t1, 3)
-        for step in upgrade.steps:
-            first = run_step(step, state_dir)
-            result = StepRehearsal(step.release, step.name, step.kind, step.state_version, first.ok,
-                                   round(first.seconds, 3), output=first.output[-4000:])
-            report.steps.append(result)
-            if not first.ok:
-                break
-            t1 = time.monotonic()
-            leave_out = (volatile or {}).get(step.release, ())
-            before = _take(step.release, state_dir, digest_step, leave_out)
-            result.digest, error = before.kind, before.error
-            if error is None:
-                again = run_step(step, state_dir)
-                if again.ok:
-                    after = _take(step.release, state_dir, digest_step, leave_out)
-                    error = after.error
-                    result.changed = (changed(before.files, after.files) if before.kind == "files"
-                                      else changed_lines(before.text, after.text))
-                else:
-                    result.output += f"\n(second run failed: {_last(again.output)})"
-                    result.changed = [_SECOND_FAILED]
-                result.idempotent = not result.changed
-            result.rerun_seconds = round(time.monotonic() - t1, 3)
-            if error is not None:
-                result.ok, result.digest_error, result.idempotent, result.changed = False, error, None, []
-                result.output += f"\n(state digest {STATE_DIGEST} failed: {error})"
-            if not result.ok or not result.idempotent:
-                break
-        report.seconds = round(time.monotonic() - t0, 3)
-        return report
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(mode=0o700)
+        os.chmod(workdir, 0o700)  # whatever the umask
+        return _rehearse(node, upgrade, copy, workdir, run_step, prepare, digest_step, volatile)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        os.close(lock)
+
+
+def _lock_path(workdir: Path) -> Path:
+    return workdir.parent / f".{workdir.name}.lock"
+
+
+def _lock(workdir: Path) -> int:
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(_lock_path(workdir), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def discard_leftovers(root: Path) -> list[str]:
+    """Remove what killed rehearsals left under ``root`` (``SITE/upgrade/rehearsal``: one work directory
+    per node, holding a copy of its state) and return the paths removed. A rehearsal still running (its
+    lock held) is left alone; the lock files stay (empty)."""
+    removed: list[str] = []
+    try:
+        entries = sorted(root.iterdir())
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if entry.name.startswith(".") and entry.name.endswith(".lock"):
+            continue
+        lock = _lock(entry)
+        try:
+            if not procs.try_flock(lock, fcntl.LOCK_EX):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            if not os.path.lexists(entry):
+                removed.append(str(entry))
+        finally:
+            os.close(lock)
+    return removed
+
+
+def _rehearse(node: str, upgrade: UpgradePlan, copy: Callable[[Path], None], workdir: Path,
+              run_step: RunStep, prepare: Callable[[], object] | None,
+              digest_step: DigestStep | None, volatile: Mapping[str, Sequence[str]] | None) -> Rehearsal:
+    state_dir = workdir / "state"
+    state_dir.mkdir()
+    t0 = time.monotonic()
+    copy(state_dir)
+    size = sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file() and not f.is_symlink())
+    report = Rehearsal(node, upgrade.target, upgrade.from_state, upgrade.to_state, size,
+                       round(time.monotonic() - t0, 3))
+    if prepare is not None:
+        t1 = time.monotonic()
+        prepare()
+        report.prepare_seconds = round(time.monotonic() - t1, 3)
+    for step in upgrade.steps:
+        first = run_step(step, state_dir)
+        result = StepRehearsal(step.release, step.name, step.kind, step.state_version, first.ok,
+                               round(first.seconds, 3), output=first.output[-4000:])
+        report.steps.append(result)
+        if not first.ok:
+            break
+        t1 = time.monotonic()
+        leave_out = (volatile or {}).get(step.release, ())
+        before = _take(step.release, state_dir, digest_step, leave_out)
+        result.digest, error = before.kind, before.error
+        if error is None:
+            again = run_step(step, state_dir)
+            if again.ok:
+                after = _take(step.release, state_dir, digest_step, leave_out)
+                error = after.error
+                result.changed = (changed(before.files, after.files) if before.kind == "files"
+                                  else changed_lines(before.text, after.text))
+            else:
+                result.output += f"\n(second run failed: {_last(again.output)})"
+                result.changed = [_SECOND_FAILED]
+            result.idempotent = not result.changed
+        result.rerun_seconds = round(time.monotonic() - t1, 3)
+        if error is not None:
+            result.ok, result.digest_error, result.idempotent, result.changed = False, error, None, []
+            result.output += f"\n(state digest {STATE_DIGEST} failed: {error})"
+        if not result.ok or not result.idempotent:
+            break
+    report.seconds = round(time.monotonic() - t0, 3)
+    return report

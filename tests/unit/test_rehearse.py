@@ -3,7 +3,10 @@ out of the file digest, a release's state digest compared instead (here SQLite s
 database, and plain Python for the sandbox), and a state digest that cannot be taken failing it."""
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +14,11 @@ from typing import Any
 
 import pytest
 
+from imageupdate.errors import OperationError
 from imageupdate.images import packer
 from imageupdate.upgrade.meta import MAX_VOLATILE, Migration, parse
 from imageupdate.upgrade.plan import ReleaseInfo, plan
-from imageupdate.upgrade.rehearse import STATE_DIGEST_TIMEOUT, changed_lines, digest, rehearse
+from imageupdate.upgrade.rehearse import STATE_DIGEST_TIMEOUT, changed_lines, digest, discard_leftovers, rehearse
 from imageupdate.upgrade.sandbox import RunResult
 from tests.fakeroot_tar import make_root_tar
 
@@ -221,3 +225,72 @@ def test_changed_lines_are_bounded() -> None:
     assert len(lines) == 11 and lines[-1] == "(and 50 more lines)" and lines[0] == "-t0 1"
     assert changed_lines("a\n", "a\n") == []
     assert changed_lines("x" * 500, "y")[0] == "-" + "x" * 199 + "..."
+
+
+# The work directory: private while it holds the copy, gone when the rehearsal ends, and what a killed
+# rehearsal left behind discarded.
+
+
+def test_the_work_directory_is_private_and_removed_after_a_pass_or_a_failure(tmp_path: Path) -> None:
+    seen: list[int] = []
+
+    def copy(dst: Path) -> None:
+        seen.append(stat.S_IMODE(dst.parent.stat().st_mode))
+        (dst / "etc/ssh").mkdir(parents=True)
+        (dst / "etc/ssh/ssh_host_ed25519_key").write_text("secret")
+
+    old = os.umask(0o022)
+    try:
+        passed = rehearse("node0", one_step_plan("add-column"), copy, tmp_path / "work", runner(ADD_COLUMN),
+                          volatile={"B": ["/var/lib/app/stats"]})
+        failed = rehearse("node0", one_step_plan("broken"), copy, tmp_path / "work", runner("raise SystemExit(3)"))
+    finally:
+        os.umask(old)
+    assert passed.ok and not failed.ok and seen == [0o700, 0o700]
+    assert not (tmp_path / "work").exists()
+
+
+def test_the_work_directory_is_removed_when_the_copy_fails(tmp_path: Path) -> None:
+    def copy(dst: Path) -> None:
+        (dst / "partial").write_text("half a copy")
+        raise OperationError("copying failed", step="rehearse")
+
+    with pytest.raises(OperationError, match="copying failed"):
+        rehearse("node0", one_step_plan("add-column"), copy, tmp_path / "work", runner(ADD_COLUMN))
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_second_rehearsal_in_the_same_place_is_refused_while_one_runs(tmp_path: Path) -> None:
+    def copy(dst: Path) -> None:
+        with pytest.raises(OperationError, match="a rehearsal on node0 is already running"):
+            rehearse("node0", one_step_plan("add-column"), lambda d: None, tmp_path / "work", runner(ADD_COLUMN))
+        assert discard_leftovers(tmp_path) == []  # nor discarded under it
+        assert dst.is_dir()
+
+    report = rehearse("node0", one_step_plan("add-column"), copy, tmp_path / "work", runner(ADD_COLUMN),
+                      volatile={"B": ["/var/lib/app/stats"]})
+    assert report.ok, report.problems
+
+
+def test_discard_leftovers_removes_what_killed_rehearsals_left(tmp_path: Path) -> None:
+    root = tmp_path / "upgrade/rehearsal"
+    assert discard_leftovers(root) == []  # no rehearsal ever ran
+    for node in ("node0", "node1", "node2"):
+        (root / node / "state/etc/ssh").mkdir(parents=True)
+        (root / node / "state/etc/ssh/ssh_host_ed25519_key").write_text("secret")
+        (root / node / "state/etc/ssh/ssh_host_ed25519_key").chmod(0)
+    (root / "node1/sandbox/root-x").mkdir(parents=True)
+    (root / "node1/state/link").symlink_to(tmp_path / "outside")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside/kept").write_text("not the rehearsal's")
+    running = os.open(root / ".node2.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(running, fcntl.LOCK_EX)  # a rehearsal of node2 still runs: left alone
+        assert discard_leftovers(root) == [str(root / "node0"), str(root / "node1")]
+    finally:
+        os.close(running)
+    assert (root / "node2/state/etc/ssh").is_dir() and (tmp_path / "outside/kept").is_file()
+    assert not (root / "node0").exists() and not (root / "node1").exists()
+    assert discard_leftovers(root) == [str(root / "node2")]
+    assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []
+    assert discard_leftovers(root) == []
