@@ -89,7 +89,7 @@ def main() -> None:
             results["local site"] = measure(["--site", str(local_site), *store], local_site / "history.sqlite",
                                             None, a.nodes)
         finally:
-            cli("site", "destroy", "--site", str(local_site), *store)
+            cli("site", "destroy", "--force", "--site", str(local_site), *store)
         cli("site", "up", "--nodes", str(a.nodes), "--release", "R1", "--site", str(cloud_site), *store)
         plane = base / "plane"
         ctl = [sys.executable, str(ROOT / "tools/openstack/controlplane.py")]
@@ -106,7 +106,7 @@ def main() -> None:
             results["cloud path"] = measure(fleet, base / "fleet" / "history.sqlite", env, a.nodes)
         finally:
             subprocess.run([*ctl, "stop", str(plane)], check=False, capture_output=True)
-            cli("site", "destroy", "--site", str(cloud_site), *store)
+            cli("site", "destroy", "--force", "--site", str(cloud_site), *store)
     print(f"\nR1 -> R2 on {a.nodes} nodes, batch 1, no probe, no rehearsal, after a warm-up round (seconds)\n")
     print(f"{'':28}" + "".join(f"{k:>14}" for k in results))
     print(f"{'rollout wall time':28}" + "".join(f"{w:>14.1f}" for w, _ in results.values()))

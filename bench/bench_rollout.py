@@ -389,8 +389,8 @@ def bench_site(cli: Path, store: Path, nodes: int, batch_sizes: list[int], repea
         say(f"{nodes} nodes: site destroy ...")
         deadline = time.monotonic() + 180
         while True:  # a rebuild Heat started for a stopped rollout holds the site until it ends
-            proc, _, _ = imageupdate(cli, "site", "destroy", "--site", str(site), "--store", str(store), "--json",
-                                     timeout=600)
+            proc, _, _ = imageupdate(cli, "site", "destroy", "--force", "--site", str(site), "--store", str(store),
+                                     "--json", timeout=600)
             if proc.returncode == 0 or "in use" not in proc.stderr or time.monotonic() > deadline:
                 break
             time.sleep(2)

@@ -126,7 +126,7 @@ def scenario(store: str, name: str, targets: list[str], nodes: int, state_mb: in
                     raise SystemExit(f"{name}: {n['name']} lost data")
         return run
     finally:
-        cli(store, "site", "destroy", "--site", str(site))
+        cli(store, "site", "destroy", "--force", "--site", str(site))
 
 
 def main() -> None:

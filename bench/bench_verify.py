@@ -152,7 +152,8 @@ def bench(store: Path, nodes: int, repeat: int, names: list[str]) -> list[Scenar
                     record(site, out["rollout"]["id"], sc)
                     print(f"[{nodes} nodes] round {k + 1}: {sc.name}: {out['status']}", file=sys.stderr)
                 finally:
-                    subprocess.run([str(Path(sys.executable).with_name("imageupdate")), "site", "destroy", *where],
+                    subprocess.run([str(Path(sys.executable).with_name("imageupdate")), "site", "destroy", "--force",
+                                    *where],
                                    capture_output=True, check=False)
     return scenarios
 

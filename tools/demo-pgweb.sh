@@ -27,7 +27,7 @@ build PG2-rerun pgweb-rerun-insert
 
 echo
 echo "== a local site: 3 nodes on PG1"
-$iu site destroy --site "$SITE" >/dev/null
+$iu site destroy --force --site "$SITE" >/dev/null
 $iu site up --nodes 3 --release PG1 --site "$SITE"
 addrs=$($iu site status --site "$SITE" --json | python3 -c \
     'import json,sys; print(" ".join(n["address"] for n in json.load(sys.stdin)["nodes"]))')

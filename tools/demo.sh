@@ -36,7 +36,7 @@ $iu images diff R1 R2
 echo
 echo "== a local site: 3 nodes on R1 (namespaces on the read-only R1 tree)"
 SITE=${IMAGEUPDATE_DEMO_SITE:-/var/lib/imageupdate/demo-site}
-$iu site destroy --site "$SITE" >/dev/null
+$iu site destroy --force --site "$SITE" >/dev/null
 $iu site up --nodes 3 --release R1 --site "$SITE"
 addrs=$($iu site status --site "$SITE" --json | python3 -c \
     'import json,sys; print(" ".join(n["address"] for n in json.load(sys.stdin)["nodes"]))')

@@ -3,13 +3,15 @@
 Loaded by the site's ephemeral Heat from ``plugin_dirs``; ``environments/local.yaml`` maps the abstract
 ``ImageUpdate::Server`` to it. Creating or updating the resource rebuilds the node from its release with
 ``imageupdate site rebuild`` (a child process in its own session, so a Heat killed mid-rebuild leaves the
-node to finish on one release; the rebuild itself is idempotent). Deleting the resource leaves the node
-alone: nodes belong to the site, the stack only says which release each one runs. It handles no signals:
-the gate after it does.
+node to finish on one release; the rebuild itself is idempotent). The child is told it runs for the site's
+open operation (``--by-heat``): an operator's rebuild is refused while an operation is open, Heat's is the
+operation's own step. Deleting the resource leaves the node alone: nodes belong to the site, the stack only
+says which release each one runs. It handles no signals: the gate after it does.
 """
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +20,25 @@ from heat.common import exception
 from heat.engine import attributes, properties, resource, support
 
 STEP_WAIT = 5.0  # seconds a check blocks on the rebuild; Heat looks for cancellation between checks
+HEADER = "--- rebuild "  # how each rebuild's part of rebuild.log begins
+ERROR_PREFIX = "imageupdate: error: "
+
+
+def rebuild_failure(returncode, node, release, site, said):
+    """One line saying why the rebuild of ``node`` failed: its exit status, and ``said``, the non-blank lines it
+    wrote to rebuild.log after this rebuild's header (none if it died before it could say anything)."""
+    recover = f"'imageupdate site recover --site {site}' finishes the node on one release"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"rebuild of {node} to {release} was killed ({name}); {recover}"
+    if not said or said[-1].startswith(HEADER):
+        return f"rebuild of {node} to {release} ended with exit status {returncode} without saying why; {recover}"
+    last = said[-1]
+    last = last[len(ERROR_PREFIX):] if last.startswith(ERROR_PREFIX) else last
+    return last if node in last else f"rebuild of {node} to {release} failed: {last}"
 
 
 class LocalServer(resource.Resource):
@@ -56,31 +77,34 @@ class LocalServer(resource.Resource):
         out = open(log, "ab")  # noqa: SIM115 - handed to the child
         try:
             started = time.time()
-            out.write(f"--- rebuild {node} to {release} (heat resource {self.name})\n".encode())
+            out.write(f"{HEADER}{node} to {release} (heat resource {self.name})\n".encode())
             out.flush()
+            offset = out.tell()  # what the child says starts here
             cmd = [sys.executable, "-m", "imageupdate", "site", "rebuild", node, release,
-                   "--site", site, "--store", store, "--json", "--wait-lock", "600"]
+                   "--site", site, "--store", store, "--json", "--wait-lock", "600", "--by-heat"]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=out, stdin=subprocess.DEVNULL,
                                     start_new_session=True, close_fds=True)
         finally:
             out.close()
         self.data_set("rebuild_pid", str(proc.pid))
         self.data_set("rebuild_started", repr(started))
-        return (proc, node, release, log)
+        return (proc, node, release, log, site, offset)
 
     def _done(self, handle):
-        proc, node, release, log = handle
+        proc, node, release, log, site, offset = handle
         try:
             proc.wait(timeout=STEP_WAIT)
         except subprocess.TimeoutExpired:
             return False
         out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
         if proc.returncode != 0:
-            with open(log, "rb") as f:
-                lines = [x for x in f.read().decode(errors="replace").splitlines() if x.strip()]
-            said = lines[-1] if lines else f"exit status {proc.returncode}"
-            said = said[len("imageupdate: error: "):] if said.startswith("imageupdate: error: ") else said
-            raise exception.Error(said if node in said else f"rebuild of {node} to {release} failed: {said}")
+            try:
+                with open(log, "rb") as f:
+                    f.seek(offset)
+                    said = [x for x in f.read().decode(errors="replace").splitlines() if x.strip()]
+            except OSError:
+                said = []
+            raise exception.Error(rebuild_failure(proc.returncode, node, release, site, said))
         try:
             status = json.loads(out)
         except ValueError:

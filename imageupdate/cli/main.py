@@ -31,6 +31,7 @@ from imageupdate.rollout.engine import Orchestrator, Outcome, RolloutOptions
 from imageupdate.rollout.fleet import Fleet, LocalFleet
 from imageupdate.rollout.path import check_config, configs_between, plan_fleet, rehearse_fleet
 from imageupdate.rollout.status import fleet_status
+from imageupdate.site.guard import open_operation
 from imageupdate.site.site import LocalSite, SiteStatus
 from imageupdate.upgrade.catalog import catalog
 
@@ -97,16 +98,29 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_site_up)
     for name, func, text in (
         ("status", cmd_site_status, "which node runs what"),
-        ("down", cmd_site_down, "stop every node and remove the network; state stays"),
-        ("destroy", cmd_site_destroy, "site down, then delete the site directory"),
         ("recover", cmd_site_recover, "after a crash: finish or undo interrupted rebuilds"),
     ):
         ssub.add_parser(name, parents=[common, site_opt], help=text).set_defaults(func=func)
+    down = ssub.add_parser("down", parents=[common, site_opt],
+                           help="stop every node and remove the network; state stays")
+    down.add_argument("--force", action="store_true",
+                      help="even while a rollout is running, paused or interrupted: its nodes and Heat stop "
+                           "under it (bring the site up, then 'imageupdate resume' or 'cancel')")
+    down.set_defaults(func=cmd_site_down)
+    destroy = ssub.add_parser("destroy", parents=[common, site_opt], help="site down, then delete the site directory")
+    destroy.add_argument("--force", action="store_true",
+                         help="even while a rollout is running, paused or interrupted: every node's state, "
+                              "snapshots and the history are deleted, and it can never be resumed or cancelled")
+    destroy.set_defaults(func=cmd_site_destroy)
     rb = ssub.add_parser("rebuild", parents=[common, site_opt], help="rebuild one node from a release")
     rb.add_argument("node")
     rb.add_argument("release")
     rb.add_argument("--wait-lock", type=float, default=0.0, metavar="SECONDS",
                     help="wait this long for another operation on the node or site to finish (default: fail at once)")
+    rb.add_argument("--force", action="store_true",
+                    help="even while a rollout is running, paused or interrupted: the node changes under it, "
+                         "and the rollout then takes the node's release and state migration as its own")
+    rb.add_argument("--by-heat", action="store_true", help=argparse.SUPPRESS)  # the site's Heat, for the operation
     rb.set_defaults(func=cmd_site_rebuild)
 
     _add_rollout_commands(sub, common, site_opt)
@@ -199,9 +213,13 @@ def _add_rollout_commands(sub: Any, common: _Parser, site_opt: _Parser) -> None:
     rep.set_defaults(func=cmd_report)
     heat = sub.add_parser("heat", parents=[common], help="the site's ephemeral Heat")
     hsub = heat.add_subparsers(dest="heat_command", required=True, parser_class=_Parser)
+    hstop = hsub.add_parser("stop", parents=[common, site_opt], help="stop it; stacks stay in SITE/heat/heat.sqlite")
+    hstop.add_argument("--force", action="store_true",
+                       help="even while a rollout is running, paused or interrupted: its stack update stops half "
+                            "way ('imageupdate resume' restarts Heat and finishes it)")
+    hstop.set_defaults(func=cmd_heat_stop)
     for name, func, text in (
         ("start", cmd_heat_start, "start it (or find it running)"),
-        ("stop", cmd_heat_stop, "stop it; stacks stay in SITE/heat/heat.sqlite"),
         ("status", cmd_heat_status, "is it running, where"),
         ("env", cmd_heat_env, "shell exports for the openstack client: eval \"$(imageupdate heat env)\""),
     ):
@@ -313,14 +331,24 @@ def cmd_site_status(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def _warn_forced(out: Output, site: LocalSite, command: str, force: bool) -> None:
+    """With --force, one warning line naming the open operation the command goes ahead against."""
+    if force and (what := open_operation(site.path)) is not None:
+        out.err.print(f"imageupdate: warning: {what} on site {site.path}; '{command}' goes ahead (--force)",
+                      markup=False, highlight=False, soft_wrap=True)
+
+
 def cmd_site_down(args: argparse.Namespace, out: Output) -> int:
-    _site_result(out, _site(args).down())
+    site = _site(args)
+    _warn_forced(out, site, "site down", args.force)
+    _site_result(out, site.down(force=args.force))
     return EXIT_OK
 
 
 def cmd_site_destroy(args: argparse.Namespace, out: Output) -> int:
     site = _site(args)
-    site.destroy()
+    _warn_forced(out, site, "site destroy", args.force)
+    site.destroy(force=args.force)
     out.result({"site": str(site.path), "destroyed": True}, f"destroyed {site.path}")
     return EXIT_OK
 
@@ -332,7 +360,10 @@ def cmd_site_recover(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_site_rebuild(args: argparse.Namespace, out: Output) -> int:
-    status = _site(args).rebuild(args.node, args.release, wait=args.wait_lock)
+    site = _site(args)
+    if not args.by_heat:
+        _warn_forced(out, site, f"site rebuild {args.node} {args.release}", args.force)
+    status = site.rebuild(args.node, args.release, wait=args.wait_lock, force=args.force, by_heat=args.by_heat)
     out.result(asdict(status), render.node_line(status))
     return EXIT_OK
 
@@ -488,7 +519,9 @@ def cmd_heat_start(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_heat_stop(args: argparse.Namespace, out: Output) -> int:
-    how = LocalFleet(_site(args)).heat.stop()
+    site = _site(args)
+    _warn_forced(out, site, "heat stop", args.force)
+    how = site.stop_heat(force=args.force)
     out.result({"stopped": how}, f"Heat: {how}")
     return EXIT_OK
 

@@ -11,7 +11,14 @@ Layout::
 
 ``site down`` stops every node and removes the network (bridge, namespaces,
 veths); node state and unpacked releases stay, and ``site up`` brings the
-same nodes back. ``site destroy`` also removes the directory.
+same nodes back. ``site destroy`` also removes the directory: it first renames
+``site.json`` to ``site.json.destroying`` (so a rebuild that was waiting for the
+site lock finds no site and gives up), then stops everything, removes every
+namespace and link named for the site, and the directory, before it lets go of
+the lock.
+
+While an operation (a rollout or rollback) is open, ``site down``, ``site
+destroy`` and ``site rebuild`` refuse unless forced (:mod:`imageupdate.site.guard`).
 """
 
 from __future__ import annotations
@@ -21,20 +28,22 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageupdate.errors import InputError, OperationError
+from imageupdate.errors import ImageUpdateError, InputError, OperationError
 from imageupdate.heat.service import HeatService
 from imageupdate.history.db import History
 from imageupdate.hostdeps import require, require_root
 from imageupdate.images.store import ImageStore
 from imageupdate.site import procs
-from imageupdate.site.network import MAX_NODES, SiteNet, pick_subnet
+from imageupdate.site.guard import refuse_while_open
+from imageupdate.site.network import MAX_NODES, SiteNet, ip, pick_subnet
 from imageupdate.site.node import READY_TIMEOUT, Node, NodeStatus
 from imageupdate.site.unpack import ensure_release
 from imageupdate.upgrade.migrate import Migrator, StateChange
@@ -48,6 +57,14 @@ SITE_TOOLS = {
     "zstd": "apt-get install zstd",
     "tar": "apt-get install tar",
 }
+TOMBSTONE = "site.json.destroying"  # site.json renamed: the site is being destroyed (or its destroy was interrupted)
+NETNS_DIR = Path("/run/netns")
+SYS_NET = Path("/sys/class/net")
+
+# what each command would do to an open operation (see imageupdate.site.guard)
+BREAKS_DESTROY = "would delete every node's state, snapshots and the history"
+BREAKS_DOWN = "would stop every node and the site's Heat under it"
+BREAKS_HEAT_STOP = "would stop the Heat that runs it, with its stack update half done"
 
 
 class SiteInUse(InputError):
@@ -105,14 +122,22 @@ class LocalSite:
     def config_path(self) -> Path:
         return self.path / "site.json"
 
+    @property
+    def tombstone_path(self) -> Path:
+        return self.path / TOMBSTONE
+
     def exists(self) -> bool:
         return self.config_path.is_file()
 
     def config(self) -> dict[str, object]:
-        if not self.exists():
+        try:
+            data: dict[str, object] = json.loads(self.config_path.read_text())
+        except FileNotFoundError:
+            if self.tombstone_path.is_file():
+                raise SiteNotFound(f"site {self.path} is being destroyed (or its destroy was interrupted); "
+                                   f"finish with 'imageupdate site destroy --site {self.path}'") from None
             raise SiteNotFound(f"no site in {self.path}; create one with "
-                               f"'imageupdate site up --nodes N --release R --site {self.path}'")
-        data: dict[str, object] = json.loads(self.config_path.read_text())
+                               f"'imageupdate site up --nodes N --release R --site {self.path}'") from None
         return data
 
     def _write_config(self, data: dict[str, object]) -> None:
@@ -121,11 +146,17 @@ class LocalSite:
         os.replace(tmp, self.config_path)
 
     def net(self) -> SiteNet:
-        cfg = self.config()
-        return SiteNet(str(cfg["id"]), str(cfg["subnet"]))
+        return self._net_of(self.config())
 
     def nodes(self) -> list[Node]:
-        cfg, net = self.config(), self.net()
+        return self._nodes_of(self.config())
+
+    @staticmethod
+    def _net_of(cfg: dict[str, object]) -> SiteNet:
+        return SiteNet(str(cfg["id"]), str(cfg["subnet"]))
+
+    def _nodes_of(self, cfg: dict[str, object]) -> list[Node]:
+        net = self._net_of(cfg)
         return [Node(self.path / "nodes" / n["name"], net, self.path / "releases", n["name"], n["index"])
                 for n in cfg["nodes"]]  # type: ignore[attr-defined]
 
@@ -140,11 +171,17 @@ class LocalSite:
     # locking -----------------------------------------------------------------
 
     @contextmanager
-    def locked(self, shared: bool = False, wait: float = 0.0) -> Iterator[None]:
+    def locked(self, shared: bool = False, wait: float = 0.0, create: bool = True) -> Iterator[None]:
         """The site lock: exclusive for site-wide operations, shared for node rebuilds (each of which also
-        takes its node's lock), so a batch of nodes can be rebuilt at once but never during ``site down``."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        takes its node's lock), so a batch of nodes can be rebuilt at once but never during ``site down``.
+        With ``create=False`` neither the directory nor the lock file is made: no site, SiteNotFound."""
+        if create:
+            self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path / ".lock", os.O_RDWR | (os.O_CREAT if create or self.exists() else 0), 0o644)
+        except FileNotFoundError:
+            self.config()  # SiteNotFound, saying why
+            raise
         try:
             if not procs.flock_wait(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, wait):
                 owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
@@ -176,6 +213,8 @@ class LocalSite:
         fresh = not self.path.exists()
         try:
             with self.locked():
+                if not self.exists() and self.tombstone_path.exists():
+                    self.config()  # SiteNotFound: a destroy was interrupted; finish it first
                 if self.exists():
                     return self._up_existing(nodes, release)
                 return self._up_new(nodes, release)
@@ -283,59 +322,116 @@ class LocalSite:
             if node.exists() and not procs.alive(node.record().pid):
                 net.delete_node(node.name, node.index)
 
-    def _teardown(self, remove: bool) -> None:
+    def _teardown(self, remove: bool, cfg: dict[str, object] | None = None) -> None:
+        """Stop the site's Heat and every node, remove every namespace and link named for the site (a
+        half-built node's too) and the bridge; with ``remove`` the directory as well. ``cfg`` is the site's
+        config when site.json is no longer where it was (a destroy under way)."""
         HeatService(self.path / "heat").stop()  # the site's Heat goes down with it; its stacks stay in SQLite
-        if self.exists():
-            net = self.net()
-            for node in self.nodes():
+        if cfg is None and self.exists():
+            cfg = self.config()
+        if cfg is not None:
+            net = self._net_of(cfg)
+            for node in self._nodes_of(cfg):
                 if node.exists():
-                    node.stop(wanted="running")
+                    # a half-written node may not stop cleanly: what still runs in its namespace is killed below
+                    with suppress(OSError, ValueError, TypeError, ImageUpdateError):
+                        node.stop(wanted="running")
                 net.delete_node(node.name, node.index)
+            _sweep_network(net)
             net.delete_bridge()
         if remove:
             shutil.rmtree(self.path, ignore_errors=True)
 
-    def down(self) -> SiteStatus:
+    def down(self, force: bool = False) -> SiteStatus:
+        """Stop every node and the site's Heat and remove the network; state stays. Refused while an
+        operation is open, unless ``force``."""
         require_root("stopping namespaces and removing network devices needs root")
         with self.locked():
             self.config()
+            refuse_while_open(self.path, "site down", BREAKS_DOWN, force)
             self._teardown(remove=False)
             return self._status()
 
-    def destroy(self) -> None:
+    def destroy(self, force: bool = False) -> None:
+        """``site down``, then delete the directory: nodes' state, snapshots, the history, everything.
+        Refused while an operation is open, unless ``force``. A destroy that was interrupted is finished."""
         require_root("stopping namespaces and removing network devices needs root")
         with self.locked():
-            if self.exists():
-                self._teardown(remove=False)
-        shutil.rmtree(self.path, ignore_errors=True)
+            self._destroy(force)
 
-    def rebuild(self, node_name: str, release: str, wait: float = 0.0) -> NodeStatus:
-        """Rebuild one node; ``wait`` bounds how long to wait for a concurrent operation on it."""
+    def _destroy(self, force: bool) -> None:
+        """The destroy, with the site lock held (exclusive) by the caller. The lock is let go only once
+        the directory is gone, so a rebuild that waited for it finds no site and changes nothing."""
+        if not self.tombstone_path.exists():  # an interrupted destroy had already been allowed
+            refuse_while_open(self.path, "site destroy", BREAKS_DESTROY, force)
+        cfg: dict[str, object] | None = None
+        if self.exists():
+            os.replace(self.config_path, self.tombstone_path)  # from now on, no command sees a site here
+        if self.tombstone_path.exists():
+            try:
+                cfg = json.loads(self.tombstone_path.read_text())
+            except (OSError, ValueError):
+                cfg = None
+        self._teardown(remove=True, cfg=cfg)
+
+    def stop_heat(self, force: bool = False) -> str:
+        """Stop the site's Heat (its stacks stay in SITE/heat/heat.sqlite); say how it ended. Refused while
+        an operation is open, unless ``force``."""
+        refuse_while_open(self.path, "heat stop", BREAKS_HEAT_STOP, force)
+        return HeatService(self.path / "heat").stop()
+
+    def rebuild(self, node_name: str, release: str, wait: float = 0.0, force: bool = False,
+                by_heat: bool = False) -> NodeStatus:
+        """Rebuild one node; ``wait`` bounds how long to wait for a concurrent operation on it.
+
+        While an operation is open only the operation's own rebuilds run (``by_heat``: started by the
+        site's Heat for it); anyone else's is refused unless ``force``. Both checks (the site still
+        exists, no operation forbids this) are made once the locks are held: a rebuild may have waited
+        for minutes, and the site may have been destroyed meanwhile."""
         require_root("rebuilding a node mounts in its namespaces")
-        node = self.node(node_name)
-        with self.locked(shared=True, wait=wait), self.node_locked(node, wait):
-            self._require_bootable(release)
-            ensure_release(self.store, release, self.path / "releases")
-            change = StateChange()
-            migrator = self.migrator(node)
-            migrator.prefetch(node.record().current, release)
+        self.node(node_name)  # unknown node or no site: say so before waiting for anything
+        command = f"site rebuild {node_name} {release}"
+        breaks = (f"would change {node_name} under it, and it would then report that node's release and "
+                  "migration as its own")
+        if not by_heat:
+            refuse_while_open(self.path, command, breaks, force)
+        with self.locked(shared=True, wait=wait, create=False):
+            if not self.exists():
+                raise SiteNotFound(f"site {self.path} was destroyed while the rebuild of {node_name} to {release} "
+                                   "waited for it; nothing was changed", node=node_name, release=release)
+            node = self.node(node_name)
+            if not node.dir.is_dir() or not node.net.bridge_exists():  # half built, or taken down while we waited
+                raise InputError(f"site {self.path} is down (or node {node_name} was never created); bring it up "
+                                 f"with 'imageupdate site up --site {self.path}', then rebuild", node=node_name,
+                                 release=release)
+            with self.node_locked(node, wait):
+                if not by_heat:
+                    refuse_while_open(self.path, command, breaks, force)
+                return self._rebuild(node, release)
 
-            def prepare(current: str, target: str) -> None:
-                nonlocal change
-                change = migrator.prepare(current, target)
+    def _rebuild(self, node: Node, release: str) -> NodeStatus:
+        self._require_bootable(release)
+        ensure_release(self.store, release, self.path / "releases")
+        change = StateChange()
+        migrator = self.migrator(node)
+        migrator.prefetch(node.record().current, release)
 
-            phases = node.rebuild(release, prepare)
-            missing = node.wait_ready()
-            if missing is not None:
-                raise OperationError(f"node {node_name} is not ready after the rebuild to {release}: no {missing} "
-                                     f"within {READY_TIMEOUT:.0f} s (service logs: "
-                                     f"{node.state_dir / 'var/log/imageupdate'})",
-                                     node=node_name, release=release, step="boot")
-            phases["ready"] = time.time()
-            status = node.status()
-            status.phases = phases
-            status.state = change.to_dict()
-            return status
+        def prepare(current: str, target: str) -> None:
+            nonlocal change
+            change = migrator.prepare(current, target)
+
+        phases = node.rebuild(release, prepare)
+        missing = node.wait_ready()
+        if missing is not None:
+            raise OperationError(f"node {node.name} is not ready after the rebuild to {release}: no {missing} "
+                                 f"within {READY_TIMEOUT:.0f} s (service logs: "
+                                 f"{node.state_dir / 'var/log/imageupdate'})",
+                                 node=node.name, release=release, step="boot")
+        phases["ready"] = time.time()
+        status = node.status()
+        status.phases = phases
+        status.state = change.to_dict()
+        return status
 
     def migrator(self, node: Node) -> Migrator:
         """Runs ``node``'s state migrations; intermediate releases that passed a gate here are preferred."""
@@ -354,3 +450,29 @@ class LocalSite:
         cfg = self.config()
         nodes = [n.status() for n in self.nodes() if n.exists()]
         return SiteStatus(str(self.path), any(n.running for n in nodes), str(cfg["subnet"]), nodes)
+
+
+def _sweep_network(net: SiteNet) -> None:
+    """Remove every network namespace and host link named for this site, whatever site.json says: a node
+    that was half created (or created by a rebuild that raced a destroy) leaves nothing behind. What still
+    runs in such a namespace is one of the site's node processes: it is killed first."""
+    prefix = net.netns("")
+    try:
+        namespaces = sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(prefix))
+    except OSError:
+        namespaces = []
+    pids = [int(p) for ns in namespaces for p in ip("netns", "pids", ns, check=False).stdout.split() if p.isdigit()]
+    for pid in pids:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if pids:
+        procs.wait_until(lambda: not any(procs.alive(p) for p in pids), 5.0)
+    for ns in namespaces:
+        ip("netns", "del", ns, check=False)
+    veth_prefix = net.veth(0)[:-3]  # iuvID + the node's 3-digit index
+    try:
+        links = sorted(p.name for p in SYS_NET.iterdir() if p.name.startswith(veth_prefix))
+    except OSError:
+        links = []
+    for link in links:
+        ip("link", "del", link, check=False)

@@ -32,7 +32,7 @@ def three_node_site(path: Path, store_dir: Path, release: str = "R1") -> Iterato
     try:
         yield path
     finally:
-        imageupdate("site", "destroy", "--site", str(path), "--store", str(store_dir))
+        imageupdate("site", "destroy", "--force", "--site", str(path), "--store", str(store_dir))
         assert not leftovers(site_id, path)
         assert not live_processes_mentioning(f"{path}/heat")
 

@@ -77,7 +77,7 @@ def site(releases: dict, store_dir: Path, tmp_path: Path) -> Iterator[Path]:  # 
     try:
         yield path
     finally:
-        imageupdate("site", "destroy", "--site", str(path), "--store", str(store_dir))
+        imageupdate("site", "destroy", "--force", "--site", str(path), "--store", str(store_dir))
 
 
 def test_nodes_keep_data_across_a_rebuild(site: Path, store_dir: Path) -> None:
