@@ -134,7 +134,7 @@ def verify(r: VerifyResult) -> Text:
 
 
 def node_line(n: NodeStatus) -> Text:
-    state = "running" if n.running else "stopped"
+    state = ("paused" if n.paused else "running") if n.running else "stopped"
     reach = "reachable" if n.reachable else "unreachable"
     extra = f" (rebuild to {n.pending} pending)" if n.pending else ""
     return Text(f"{n.name} {n.address} {n.current} {state} {reach}{extra}")
@@ -143,7 +143,8 @@ def node_line(n: NodeStatus) -> Text:
 def site_status(s: SiteStatus) -> Group:
     t = table("NODE", "ADDRESS", "RELEASE", "PREVIOUS", "STATE", "SSH")
     for n in s.nodes:
-        state = ("running" if n.running else "stopped") + (f", rebuild to {n.pending} pending" if n.pending else "")
+        state = ("paused" if n.paused else "running") if n.running else "stopped"
+        state += f", rebuild to {n.pending} pending" if n.pending else ""
         t.add_row(n.name, n.address, n.current, n.previous or "-", state, "yes" if n.reachable else "no")
     head = Text(f"site {s.path}: {'up' if s.up else 'down'}, {len(s.nodes)} nodes on {s.subnet}")
     return Group(head, t)
@@ -183,7 +184,8 @@ def outcome(o: Outcome) -> Group:
     t = table("NODE", "RELEASE")
     for n, rel in o.nodes.items():
         t.add_row(n, rel)
-    return Group(Text(outcome_line(o)), t)
+    after = [Text(f"next: {o.next}")] if o.next else []
+    return Group(Text(outcome_line(o)), t, *after)
 
 
 def fleet_status(s: FleetStatus) -> Group:
@@ -194,20 +196,20 @@ def fleet_status(s: FleetStatus) -> Group:
         heat = f"Heat {s.heat['endpoint']} (pid {s.heat['pid']})" if s.heat.get("running") else "Heat not running"
     stack = f", stack {s.stack['name']} {s.stack['state']}" if s.stack else ""
     parts.append(Text(f"site {s.site}: {heat}{stack}"))
-    t = table("NODE", "ADDRESS", "RELEASE", "LAST GOOD", "STATE")
+    t = table("NODE", "ADDRESS", "RELEASE", "LAST GOOD", "STATE", "CHANGE")
     for n in s.nodes:
-        t.add_row(n.name, n.address, n.release, n.last_good or "-", "running" if n.running else "stopped")
+        change = f"-> {n.target}: {n.step}" if n.target and n.step else ""
+        t.add_row(n.name, n.address, n.release, n.last_good or "-", n.state, change)
     parts.append(t)
     if s.active:
         a = s.active
-        hint = {"paused": "continue with 'imageupdate resume' or stop with 'imageupdate cancel'",
-                "interrupted": "its process is gone: 'imageupdate resume' finishes it, 'imageupdate cancel' rolls back"}
-        parts.append(Text(f"{a['kind']} {a['id']} to {a['target'] or 'last good'}: {a['state']}"
-                          + (f" ({hint[a['state']]})" if a["state"] in hint else "")))
+        stage = f", at {a['stage']}" if a.get("stage") else ""
+        parts.append(Text(f"{a['kind']} {a['id']} to {a['target'] or 'last good'}: {a['state']}{stage}"
+                          + (f" ({a['next']})" if a.get("next") else "")))
     if s.last:
         last = s.last
         parts.append(Text(f"{last['kind']} {last['id']}" + (f" to {last['target']}" if last["target"] else "")
-                          + f": {last['status']}" + (f" ({last['reason']})" if last["reason"] else "")))
+                          + f": {last['state']}" + (f" ({last['reason']})" if last["reason"] else "")))
         st = table("NODE", "STEP", "FROM", "TO", "STATUS", "START", "SECONDS", "REASON")
         for step in last["steps"]:
             secs = f"{step['seconds']:.1f}" if step["seconds"] is not None else "-"

@@ -24,6 +24,7 @@ from imageupdate.history.db import History
 from imageupdate.images.fileindex import FileEntry
 from imageupdate.images.store import ImageStore
 from imageupdate.resources import heat_templates_dir
+from imageupdate.rollout import stack
 from imageupdate.rollout.fleet import NodeState
 from imageupdate.upgrade import state
 from imageupdate.upgrade.plan import UpgradePlan
@@ -226,20 +227,8 @@ class CloudFleet:
         said = self.publish(release)
         self.save_config(cfg)
         current = {n: release for n in cfg.nodes}
-        row = self.history.start("adopt", release, {}, {"batches": [], "before": current, "after": current})
-        template = chain.render(chain.ChainSpec(cfg.nodes, current, [], row.tag, 1, cfg.server_options()))
-        files, env = self.environment()
-        stack_id = client.create(cfg.stack, template, env, files, timeout_mins=60)
-        while (stack := client.stack(stack_id)) is not None and stack.status == "IN_PROGRESS":
-            time.sleep(2)
-        if stack is None or stack.status != "COMPLETE":
-            reason = stack.reason if stack else "the stack disappeared"
-            self.history.finish(row.id, "failed", reason)
-            raise OperationError(f"creating the fleet's stack {cfg.stack} on {cfg.cloud} failed: {reason}",
-                                 step="adopt")
-        for n in cfg.nodes:
-            self.history.reached(n, release, row.id, good=True)
-        self.history.finish(row.id, "succeeded")
+        stack.adopt(self.history, client, cfg.stack, current, cfg.server_options(), self.environment(),
+                    time.sleep, 2.0, target=release, timeout=60)
         return f"{said}; stack {cfg.stack}: {len(cfg.nodes)} servers on {release}"
 
     # the state partition, over SSH -------------------------------------------------------------------------

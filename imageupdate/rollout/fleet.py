@@ -1,7 +1,7 @@
 """What the orchestrator needs from a site: its nodes, what they run, how Heat reaches them.
 
-``LocalFleet`` is the local site with its ephemeral Heat; the cloud path will add an OpenStack fleet with
-the same shape (nodes from the stack, Heat through Keystone).
+``LocalFleet`` is the local site with its ephemeral Heat; ``imageupdate.cloud.fleet.CloudFleet`` has the
+same shape (nodes from the stack, Heat through Keystone).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class NodeState:
     address: str
     release: str  # what the node runs now
     running: bool
+    paused: bool = False  # frozen (SIGSTOP) for a consistent copy of its state
 
 
 class LocalFleet:
@@ -68,7 +69,7 @@ class LocalFleet:
         return [n.name for n in self.site.nodes()]
 
     def states(self) -> dict[str, NodeState]:
-        return {s.name: NodeState(s.name, s.address, s.pending or s.current, s.running)
+        return {s.name: NodeState(s.name, s.address, s.pending or s.current, s.running, s.paused)
                 for s in self.site.status().nodes}
 
     def require_up(self) -> None:

@@ -1,14 +1,26 @@
-"""``imageupdate status``: which node runs which release, and what is going on, from the site and history."""
+"""``imageupdate status``: one answer, from one place, to "what runs where and what is going on".
+
+Every line comes from what is, read once: the release each node runs and whether it runs, is paused
+(frozen for a consistent copy) or is being rebuilt; the open operation (running, paused or interrupted)
+with its stage and each node's step in it; and the newest operations. The state of an operation is
+decided by ``operation_state`` alone; the step shown for a node by ``node_step`` alone.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from imageupdate.history.db import RolloutRow
-from imageupdate.rollout.fleet import Fleet
+from imageupdate.history.db import RolloutRow, StepRow
+from imageupdate.rollout.fleet import Fleet, NodeState
 from imageupdate.rollout.lock import RolloutLock
 from imageupdate.site import procs
+
+NEXT = {
+    "paused": "continue with 'imageupdate resume', stop with 'imageupdate cancel'",
+    "interrupted": "its process is gone: 'imageupdate resume' finishes it, 'imageupdate cancel' ends it "
+                   "(rolling back what it touched)",
+}
 
 
 @dataclass
@@ -18,6 +30,9 @@ class NodeLine:
     release: str
     last_good: str | None
     running: bool
+    state: str = "running"  # running | stopped | paused
+    target: str | None = None  # the release the open operation takes it to
+    step: str | None = None  # where the open operation is with it
 
 
 @dataclass
@@ -35,35 +50,79 @@ class FleetStatus:
                 "stack": self.stack, "active": self.active, "last": self.last, "recent": self.recent}
 
 
-def _describe(fleet: Fleet, row: RolloutRow) -> dict[str, Any]:
+def operation_state(fleet: Fleet, row: RolloutRow) -> str:
+    """running (its process lives and holds the site's operation lock), paused, interrupted, or how it ended."""
+    if row.status == "paused":
+        return "paused"
+    if row.status != "running":
+        return row.status
+    lock = RolloutLock(fleet.path)
+    alive = row.pid is not None and procs.alive(row.pid) and lock.held_by_other()
+    return "running" if alive else "interrupted"
+
+
+def node_step(row: RolloutRow, node: str, runs: str, steps: dict[tuple[str, str], StepRow]) -> str | None:
+    """The node's place in the operation, from its recorded steps and what it runs now."""
+    if node not in {n for b in row.plan.get("batches", []) for n in b}:
+        return None
+    target = row.plan.get("after", {}).get(node)
+    gate = steps.get((node, "gate"))
+    rebuild = steps.get((node, "rebuild"))
+    if gate is not None and gate.status != "running":
+        return f"gate {gate.status}"
+    if gate is not None:
+        return "checking"
+    if rebuild is not None and rebuild.status == "failed":
+        return "rebuild failed"
+    if rebuild is not None and rebuild.status == "running":
+        return "rebuilding"
+    if runs == target and row.plan.get("before", {}).get(node) != target:
+        return "rebuilt, not yet gated"
+    return "pending"
+
+
+def _describe(fleet: Fleet, row: RolloutRow, states: dict[str, NodeState]) -> dict[str, Any]:
     d = row.to_dict()
-    d["steps"] = [s.to_dict() for s in fleet.history.steps(row.id)]
-    if row.status == "running":
-        owner = RolloutLock(fleet.path).owner()
-        alive = row.pid is not None and procs.alive(row.pid) and RolloutLock(fleet.path).held_by_other()
-        d["state"] = "running" if alive else "interrupted"
-        d["owner"] = owner.__dict__ if owner else None
-    else:
-        d["state"] = row.status
+    steps = fleet.history.steps(row.id)
+    d["steps"] = [s.to_dict() for s in steps]
+    d["state"] = operation_state(fleet, row)
+    if d["state"] in ("running", "paused", "interrupted"):
+        by = {(s.node, s.step): s for s in steps}
+        d["nodes"] = {n: node_step(row, n, s.release, by) for n, s in states.items()
+                      if node_step(row, n, s.release, by) is not None}
+        d["next"] = NEXT.get(d["state"])
+        if d["state"] == "running":
+            owner = RolloutLock(fleet.path).owner()
+            d["owner"] = owner.__dict__ if owner else None
     return d
 
 
 def fleet_status(fleet: Fleet, rollout: int | None = None) -> FleetStatus:
     states = fleet.states()
-    nodes = [NodeLine(n, s.address, s.release, fleet.history.last_good(n), s.running) for n, s in states.items()]
+    active_row = fleet.history.active()
+    active = _describe(fleet, active_row, states) if active_row else None
+    nodes = []
+    for n, s in states.items():
+        state = "paused" if getattr(s, "paused", False) else "running" if s.running else "stopped"
+        line = NodeLine(n, s.address, s.release, fleet.history.last_good(n), s.running, state)
+        if active is not None and n in active.get("nodes", {}):
+            line.target = active_row.plan["after"].get(n) if active_row else None
+            line.step = active["nodes"][n]
+        nodes.append(line)
     heat, client = fleet.heat_status()
     stack = None
     if client is not None:
-        s = client.stack(fleet.stack_name)
-        if s is not None:
-            stack = {"id": s.id, "name": s.name, "state": s.state, "reason": s.reason}
-    active_row = fleet.history.active()
+        found = client.stack(fleet.stack_name)
+        if found is not None:
+            stack = {"id": found.id, "name": found.name, "state": found.state, "reason": found.reason}
     rows = fleet.history.rollouts(limit=10)
     chosen = fleet.history.rollout(rollout) if rollout is not None else (rows[0] if rows else None)
+    if chosen is not None and active_row is not None and chosen.id == active_row.id:
+        last = active
+    else:
+        last = _describe(fleet, chosen, states) if chosen else None
     return FleetStatus(
-        str(fleet.path), nodes, heat, stack,
-        _describe(fleet, active_row) if active_row else None,
-        _describe(fleet, chosen) if chosen else None,
-        [{"id": r.id, "kind": r.kind, "target": r.target, "status": r.status, "started": r.started,
+        str(fleet.path), nodes, heat, stack, active, last,
+        [{"id": r.id, "kind": r.kind, "target": r.target, "status": operation_state(fleet, r), "started": r.started,
           "finished": r.finished, "reason": r.reason} for r in rows],
     )

@@ -211,7 +211,7 @@ def test_a_service_the_probe_saw_down_for_the_whole_gate_fails_it(tmp_path: Path
     from types import SimpleNamespace
     from typing import Any
 
-    from imageupdate.rollout.engine import Orchestrator, _Watch
+    from imageupdate.rollout.watch import Watch, Watcher
     from imageupdate.verify.checks import CheckResult, Verdict
     from imageupdate.verify.probe import Endpoint, Prober
 
@@ -231,13 +231,15 @@ def test_a_service_the_probe_saw_down_for_the_whole_gate_fails_it(tmp_path: Path
 
     fleet = SimpleNamespace(path=tmp_path, history=None, target=lambda n: SimpleNamespace(name=n),
                             expectation=lambda r: r)
-    orch = Orchestrator(fleet, verify=verify)  # type: ignore[arg-type]
-    watch = _Watch(prober=prober)
+    extras = SimpleNamespace(hooks=None)
+    orch = Watcher(None, "stack", fleet, None, extras, verify, say=lambda *a: None,  # type: ignore[arg-type]
+                   sleep=lambda s: None)
+    watch = Watch(prober=prober)
     row = SimpleNamespace(id=1)
-    down = orch._check_node(row, "node0", "R2", watch)  # type: ignore[arg-type]
+    down = orch.check_node(row, "node0", "R2", watch)  # type: ignore[arg-type]
     assert not down.ok
     assert "check probe failed: probe: http://10.0.0.1:8080/health was down for the whole gate (10 of 10 " \
            "requests failed over 5.0 s)" in down.reason
-    up = orch._check_node(row, "node1", "R2", watch)  # type: ignore[arg-type]
+    up = orch.check_node(row, "node1", "R2", watch)  # type: ignore[arg-type]
     assert up.ok and [r.name for r in up.results] == ["release", "probe"]
-    assert orch._check_node(row, "node2", "R2", watch).ok  # type: ignore[arg-type]  # not probed: no evidence
+    assert orch.check_node(row, "node2", "R2", watch).ok  # type: ignore[arg-type]  # not probed: no evidence
