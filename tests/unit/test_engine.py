@@ -188,18 +188,22 @@ KILL_POINTS = ["after-start", "after-rehearsal", "after-create-hooks", "before-u
                "before-signal@node1", "rollback:before-update", "rollback:before-signal@node0"]
 
 
-@pytest.mark.parametrize("point", KILL_POINTS)
-def test_killed_at_any_step_resume_ends_on_one_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                       point: str) -> None:
+def killed_rollout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str) -> tuple[FakeHeat, FakeFleet, set[str]]:
+    """A rollout R1 -> R2 killed at ``point`` (node1 fails its gate when the point is in the rollback)."""
     failing = {"node1"} if point.startswith("rollback:") else set()
     h, fleet, orch = make(tmp_path, failing=failing)
     kill_at(monkeypatch, point)
     with pytest.raises(Killed):
         orch.rollout("R2", RolloutOptions(probe=False))
     assert fleet.history.active() is not None  # open: status can explain it, resume or cancel finish it
-    out = again(fleet, failing).resume()
-    while out.status == "failed" and fleet.history.active() is not None:  # pragma: no cover - defensive
-        out = again(fleet, failing).resume()
+    return h, fleet, failing
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_killed_at_any_step_resume_ends_on_one_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       point: str) -> None:
+    h, fleet, failing = killed_rollout(tmp_path, monkeypatch, point)
+    again(fleet, failing).resume()
     assert fleet.history.active() is None
     assert len(one_release(h)) == 1, h.releases
     want = "R1" if failing else "R2"
@@ -209,11 +213,7 @@ def test_killed_at_any_step_resume_ends_on_one_release(tmp_path: Path, monkeypat
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_killed_at_any_step_cancel_ends_on_one_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        point: str) -> None:
-    failing = {"node1"} if point.startswith("rollback:") else set()
-    h, fleet, orch = make(tmp_path, failing=failing)
-    kill_at(monkeypatch, point)
-    with pytest.raises(Killed):
-        orch.rollout("R2", RolloutOptions(probe=False))
+    h, fleet, failing = killed_rollout(tmp_path, monkeypatch, point)
     out = again(fleet, failing).cancel()
     assert out is not None
     active = fleet.history.active()
