@@ -222,7 +222,8 @@ def rehearse(node: str, upgrade: UpgradePlan, copy: Callable[[Path], None], work
 
 
 def _lock_path(workdir: Path) -> Path:
-    return workdir.parent / f".{workdir.name}.lock"
+    """Beside the rehearsals' directory, not in it: a finished rehearsal leaves that directory empty."""
+    return workdir.parent.parent / f".rehearsal-{workdir.name}.lock"
 
 
 def _lock(workdir: Path) -> int:
@@ -233,7 +234,7 @@ def _lock(workdir: Path) -> int:
 def discard_leftovers(root: Path) -> list[str]:
     """Remove what killed rehearsals left under ``root`` (``SITE/upgrade/rehearsal``: one work directory
     per node, holding a copy of its state) and return the paths removed. A rehearsal still running (its
-    lock held) is left alone; the lock files stay (empty)."""
+    lock held) is left alone; the lock files (beside ``root``) stay, empty."""
     removed: list[str] = []
     try:
         entries = sorted(root.iterdir())

@@ -283,7 +283,7 @@ def test_discard_leftovers_removes_what_killed_rehearsals_left(tmp_path: Path) -
     (root / "node1/state/link").symlink_to(tmp_path / "outside")
     (tmp_path / "outside").mkdir()
     (tmp_path / "outside/kept").write_text("not the rehearsal's")
-    running = os.open(root / ".node2.lock", os.O_RDWR | os.O_CREAT)
+    running = os.open(root.parent / ".rehearsal-node2.lock", os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(running, fcntl.LOCK_EX)  # a rehearsal of node2 still runs: left alone
         assert discard_leftovers(root) == [str(root / "node0"), str(root / "node1")]
@@ -292,5 +292,5 @@ def test_discard_leftovers_removes_what_killed_rehearsals_left(tmp_path: Path) -
     assert (root / "node2/state/etc/ssh").is_dir() and (tmp_path / "outside/kept").is_file()
     assert not (root / "node0").exists() and not (root / "node1").exists()
     assert discard_leftovers(root) == [str(root / "node2")]
-    assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []
+    assert list(root.iterdir()) == []
     assert discard_leftovers(root) == []
