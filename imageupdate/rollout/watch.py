@@ -34,6 +34,7 @@ from imageupdate.verify.resources import HookRun
 POLL = 0.2  # seconds between looks at the stack
 STALE_AFTER = 10.0  # seconds a complete stack may lack this operation's gates before the watch gives up
 SETTLE_AFTER_GATES = 300.0  # seconds Heat may go on cleaning up after the last gate passed
+ENGINE_WENT_DOWN = re.compile(r"(Engine|Worker) went down during")
 
 Say = Callable[[RolloutRow, "str | None", str, str], None]
 
@@ -236,6 +237,11 @@ class Watcher:
             self.history.step(row.id, node, "gate", "succeeded", finished=now)
             self.history.reached(node, release, row.id, good=True)
             self.say(row, node, "passed", f"{node} passed its gate on {release}")
+        elif gate_res.status == "FAILED" and ENGINE_WENT_DOWN.search(gate_res.reason):
+            # a Heat that restarted fails what its dead engine held and, the same template re-sent, creates
+            # the gate again: not a verdict (if the update stays failed, the stack's failure ends the watch)
+            watch.checking.pop(node, None)
+            watch.signalled.discard(node)
         elif gate_res.status == "FAILED":
             watch.finished.add(node)
             if self.history.step_status(row.id, node, "gate") in ("failed", "timed-out", "cancelled"):

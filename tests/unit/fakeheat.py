@@ -39,6 +39,7 @@ class FakeHeat:
     signals: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     updates: int = 0
     _busy: int = 0
+    recreate: set[str] = field(default_factory=set)  # failed gates the last update creates again
     exists: bool = False
 
     # faults ------------------------------------------------------------------------------------------
@@ -105,7 +106,10 @@ class FakeHeat:
                 batch = int(dep[0].rsplit("_", 1)[1]) + 1 if dep else 0
                 order.append((batch, n))
             for g in gates:
-                self._set(g, "INIT", "COMPLETE")
+                if g in self.resources and self.resources[g].status == "FAILED":
+                    self.recreate.add(g)  # shows FAILED to one more look, as Heat's new engine does
+                else:
+                    self._set(g, "INIT", "COMPLETE")
         self.queue = [n for _, n in sorted(order, key=lambda x: x[0])]
         self.stack_status = ("UPDATE", "IN_PROGRESS")
         self.reason = ""
@@ -115,7 +119,11 @@ class FakeHeat:
         return copy.deepcopy(self.template)
 
     def resources_of(self) -> dict[str, ResourceState]:
-        return dict(self.resources)
+        seen = dict(self.resources)
+        for g in self.recreate:
+            self._set(g, "INIT", "COMPLETE")
+        self.recreate.clear()
+        return seen
 
     def attributes(self, stack_id: str, resource: str) -> dict[str, Any]:
         self._call("attributes")

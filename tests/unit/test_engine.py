@@ -128,6 +128,33 @@ def test_heat_lost_leaves_the_operation_open_and_resume_resends_after_a_restart(
     assert h.releases == {n: "R2" for n in NODES}
 
 
+def test_a_gate_failed_by_a_dead_heat_engine_is_not_a_verdict(tmp_path: Path) -> None:
+    """Heat killed during node0's gate: the new engine fails the gate it held and, the same template
+    re-sent, creates it again; the watch must not take that FAILED as node0's verdict."""
+    h, fleet, orch = make(tmp_path)
+    real = h._step
+
+    def dies() -> None:
+        real()
+        gate = h.resources.get("gate_node0_r2")
+        if gate is not None and gate.state == "CREATE_IN_PROGRESS" and h.instance == "heat@1":
+            h.down = 1000
+    h._step = dies  # type: ignore[method-assign]
+    orch.verify = lambda *a, **k: __import__("time").sleep(0.2) or verdicts()(*a, **k)  # type: ignore[assignment]
+    with pytest.raises(HeatLost):
+        orch.rollout("R2", RolloutOptions(probe=False))
+    h._step = real  # type: ignore[method-assign]
+    h.down = 0
+    h.restart()
+    assert h.resources["gate_node0_r2"].status == "FAILED"
+    h.stack_status = ("UPDATE", "IN_PROGRESS")
+    out = again(fleet).resume()
+    assert out.status == "succeeded", out.reason
+    steps = {(s.node, s.step): s.status for s in fleet.history.steps(out.rollout.id)}
+    assert steps[("node0", "gate")] == "succeeded"
+    assert fleet.history.last_good("node0") == "R2"
+
+
 def test_a_gate_that_times_out_fails_and_is_rolled_back(tmp_path: Path) -> None:
     h, fleet, orch = make(tmp_path)
     h.timeout_gates = {"node0"}
