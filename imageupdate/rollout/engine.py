@@ -202,6 +202,12 @@ class Orchestrator:
             if found.status == "IN_PROGRESS" and row.status == "paused":
                 self._say(row, None, "info", "cancelling the paused update")
                 client.cancel_update(found.id)
+            elif found.status == "IN_PROGRESS" and row.heat != heat.instance and self.history.sent(row.id):
+                # the engine that ran the update is gone: nothing moves until the update is sent again, and the
+                # node it held must end on one release before the next gate fails and the way back starts
+                self._say(row, None, "info", "Heat restarted since the update was sent: sending the same template; "
+                                             "its next gate fails")
+                stack.resend(client, self.history, found.id, row, opts.gate_timeout, heat.instance)
             watch = Watch(cancelling=True, failure=CANCELLED)
             return extras.end(self._finish(client, heat, found.id, self._reload(row), opts, extras, watch), opts)
 

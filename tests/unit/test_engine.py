@@ -155,6 +155,36 @@ def test_a_gate_failed_by_a_dead_heat_engine_is_not_a_verdict(tmp_path: Path) ->
     assert fleet.history.last_good("node0") == "R2"
 
 
+def test_cancel_after_heat_restarted_mid_update_ends_and_rolls_back(tmp_path: Path) -> None:
+    """Heat killed while node0 rebuilds: the new engine runs nothing until the update is sent again, so cancel
+    re-sends it and fails the next gate (before, it watched a stack that never moved again)."""
+    h, fleet, orch = make(tmp_path)
+    real = h._step
+
+    def dies() -> None:
+        real()
+        if h.resources["server_node1"].status == "IN_PROGRESS" and h.instance == "heat@1":
+            h.down = 1000
+    h._step = dies  # type: ignore[method-assign]
+    with pytest.raises(HeatLost):
+        orch.rollout("R2", RolloutOptions(probe=False))
+    h._step = real  # type: ignore[method-assign]
+    h.down = 0
+    h.restart()
+    h.stack_status = ("UPDATE", "IN_PROGRESS")  # as the dead engine left it
+    looks = h.looks
+    real_step = h._step
+
+    def bounded() -> None:
+        assert h.looks - looks < 2000, "cancel watches a stack that never moves"
+        real_step()
+    h._step = bounded  # type: ignore[method-assign]
+    out = again(fleet).cancel()
+    assert out is not None and out.status == "cancelled", out.reason
+    assert out.rollback is not None and out.rollback.status == "succeeded"
+    assert one_release(h) == {"R1"} and fleet.history.active() is None
+
+
 def test_a_gate_that_times_out_fails_and_is_rolled_back(tmp_path: Path) -> None:
     h, fleet, orch = make(tmp_path)
     h.timeout_gates = {"node0"}
