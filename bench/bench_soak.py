@@ -14,8 +14,8 @@ migrates each node's state, a rollback restores the snapshot). Then ``--trials``
   runs; the kill comes 0 to 0.5 s after the moment is seen;
 * a random recovery: ``resume`` or ``cancel`` (killed and counted as hung after 120 s). When the operation
   has already ended on its own (a failed gate or rebuild rolls a rollout back; a failed rollback stops), that
-  answers "nothing to resume/cancel"; if the fleet is then not whole, the operation is run again, as its error
-  says;
+  answers "nothing to resume/cancel"; if the fleet is then not whole or a rollback failed, what the error says
+  is run once (the operation again, or ``rollback`` after an automatic rollback that failed);
 * what holds after it (``faultlib.check``): every node on exactly one complete release and running
   (consistent), each node's state equal to its baseline on that release (data identical), processes of the
   node trees left stopped (state T), locks left held, the history complete (no operation open, every
@@ -27,7 +27,7 @@ if that fails too the run stops there. Per trial one line, then the totals.
 
 Run as root from the checkout: ``.venv/bin/python bench/bench_soak.py [--trials 10] [--seed N]
 [--store DIR]``. R1 and R2 must be in the store (``IMAGEUPDATE_STORE`` or ``--store``). Figures are printed,
-never asserted.
+never asserted. Under each trial: why each of its operations that did not succeed ended so (the history).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from tests.faults.faultlib import (  # noqa: E402 - the checkout's tests package
     TrialResult,
     bring_to,
     check,
+    kill_strays,
     run_trial,
     set_up,
 )
@@ -89,29 +90,45 @@ def random_trial(rng: random.Random, number: int, on: str) -> Trial:
                  recovery_timeout=RECOVERY_TIMEOUT)
 
 
-def whole(result: TrialResult) -> bool:
-    return not result.checked.inconsistent
+def next_step(site: Site, result: TrialResult) -> tuple[str, ...] | None:
+    """What the product says to run when the trial's operations ended on their own and left the fleet not whole
+    or a rollback failed ('imageupdate rollback' tries again): the same operation, or for an automatic rollback
+    that failed, ``rollback`` (undo the rollout); None if nothing is to be done."""
+    ops = site.operations(result.after)
+    last = ops[-1] if ops else None
+    failed_rollback = last is not None and last["kind"] == "rollback" and last["status"] == "failed"
+    if failed_rollback and last is not None and last["parent"]:
+        return ("rollback",)
+    if failed_rollback or result.checked.inconsistent:
+        return result.trial.operation
+    return None
 
 
 def soak_one(site: Site, trial: Trial, baseline: Baseline) -> tuple[TrialResult, str]:
-    """The trial; if its recovery found nothing open and the fleet is not whole, the operation once more."""
+    """The trial; if its recovery found nothing open and the fleet is not whole or a rollback failed, what the
+    product says to run next, once (see ``next_step``)."""
     result = run_trial(site, trial, baseline)
     said = trial.recovery
     code, _doc, err = result.recovery
     if code == 2 and "nothing to" in err:
         said += " (nothing open)"
-        if not whole(result):
+        argv = next_step(site, result)
+        if argv is not None:
             again = Trial(trial.name, trial.operation, trial.start, trial.step, trial.fault, "again")
             began = time.monotonic()
-            after = site.last_operation()
-            start = site.current()
-            proc = site.run(*trial.operation)
-            checked = check(site, after, start, baseline)
-            ops = result.operations + [(str(r["kind"]), str(r["status"])) for r in site.operations(after)]
+            proc = site.run(*argv)
+            checked = check(site, result.after, result.start, baseline)  # the whole trial, the rerun included
+            ops = [(str(r["kind"]), str(r["status"])) for r in site.operations(result.after) if r["kind"] != "adopt"]
             result = TrialResult(again, result.injected, (proc.returncode, {}, proc.stderr), ops, checked,
-                                 result.seconds + time.monotonic() - began)
-            said += " + again"
+                                 result.seconds + time.monotonic() - began, result.after, result.start)
+            said += f" + {argv[0]}"
     return result, said
+
+
+def reasons(site: Site, result: TrialResult) -> list[str]:
+    """Why each operation of the trial that did not succeed ended as it did (the history's reason)."""
+    return [f"{r['kind']} {r['id']} {r['status']}: {(r['reason'] or '')[:300]}" for r in site.operations(result.after)
+            if r["kind"] != "adopt" and r["status"] != "succeeded"]
 
 
 def yes(flag: bool) -> str:
@@ -155,6 +172,8 @@ def main() -> None:
                 print(f"{trial.name:>5}  {' '.join(trial.operation):<16} {trial.fault.describe():<46} {said:<24} "
                       f"{yes(not c.inconsistent):>10} {yes(not c.data):>5} {len(c.frozen):>6} {len(c.locks):>5} "
                       f"{yes(not c.history):>7} {result.seconds:>6.1f}  {result.outcome}", flush=True)
+                for why in reasons(site, result):
+                    print(f"{'':7}{why}", flush=True)
                 if c.problems:
                     try:
                         bring_to(site, "R1")
@@ -162,6 +181,7 @@ def main() -> None:
                         print(f"       the fleet could not be repaired, stopping: {e}")
                         break
         finally:
+            kill_strays(site)
             site.destroy()
     n = len(results)
     if not n:

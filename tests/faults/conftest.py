@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import live_processes_mentioning
-from tests.faults.faultlib import Baseline, Site, set_up, table
+from tests.faults.faultlib import Baseline, Site, kill_strays, set_up, table
 
 pytestmark = pytest.mark.functional
 
@@ -60,6 +60,7 @@ def _site(path: Path, store: Path, forward: str | None) -> Iterator[tuple[Site, 
         baseline = set_up(site, nodes=2, forward=forward)
         yield site, baseline
     finally:
+        kill_strays(site)  # named by the trial that left them; nothing of the product stops them
         site.destroy()
         left = live_processes_mentioning(str(path))
         assert not left, left

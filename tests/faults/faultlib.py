@@ -14,11 +14,12 @@ A fault, by kind:
 * ``node``: the node's init (its PID namespace) is SIGKILLed as soon as its gate is running.
 
 What must hold after the recovery (``check``): every node on exactly one complete release, running, not
-paused (``site status``); its state version the one its release runs on; its state as it was on that release
-(``state_digest``, compared with a baseline taken on a clean run); no process of a node tree stopped
-(``/proc/PID/stat`` state T or t); no lock held (each lock file can be flock'ed LOCK_EX|LOCK_NB); no
-operation open and every operation of the trial closed, each node it touched with a finished rebuild and,
-after a rebuild that succeeded, a gate with a verdict.
+paused (``site status``), and no second instance of it (``strays``); its state version the one its release
+runs on; its state as it was on that release (``state_digest``, compared with a baseline taken on a clean
+run); no process of a node tree stopped (``/proc/PID/stat`` state T or t); no lock held (each lock file can be
+flock'ed LOCK_EX|LOCK_NB); no operation open and every operation of the trial closed, each node it touched
+with a finished rebuild done by that operation and, after a rebuild that succeeded, a gate with a verdict; an
+operation that succeeded with every gate passed; each node that changed release gated there.
 """
 
 from __future__ import annotations
@@ -308,6 +309,70 @@ def frozen_processes(site: Site) -> list[str]:
             if p in table and table[p][0] in ("T", "t")]
 
 
+@dataclass(frozen=True)
+class Stray:
+    node: str
+    pid: int  # the stray instance's init (its PID namespace dies with it)
+    wrapper: int  # the boot wrapper (unshare) that started it
+    release: str
+    recorded: object  # the pid node.json records
+
+    def __str__(self) -> str:
+        return (f"{self.node}: a second instance, pid {self.pid} on {self.release}, not the one node.json records "
+                f"({self.recorded})")
+
+
+def strays(site: Site) -> list[Stray]:
+    """Node processes the site does not know: a process chrooted into ``SITE/nodes/NODE/root`` outside the tree
+    of the init ``node.json`` records (a second instance of the node, e.g. started by a rebuild killed before it
+    recorded the pid), each with the release its boot wrapper mounted."""
+    table = _processes()
+    roots = {str(site.path / "nodes" / n / "root"): n for n in site.node_names()}
+    members: dict[str, set[int]] = {n: set() for n in roots.values()}
+    for pid in table:
+        try:
+            node = roots.get(os.readlink(f"/proc/{pid}/root"))
+        except OSError:
+            continue
+        if node is not None and table[pid][0] not in ("Z", "X"):
+            members[node].add(pid)
+    children: dict[int, list[int]] = {}
+    for pid, (_state, ppid) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found = []
+    for node, pids in members.items():
+        init = site.node_record(node).get("pid")
+        tree: set[int] = set()
+        todo = [init] if isinstance(init, int) else []
+        while todo:
+            p = todo.pop()
+            if p not in tree:
+                tree.add(p)
+                todo.extend(children.get(p, []))
+        for p in sorted(pids - tree):
+            if table[p][1] in pids:
+                continue  # a child of a stray one: goes with it
+            wrapper = table[p][1]
+            release = next((Path(w).name for w in cmdline(wrapper).split() if "/releases/" in w), "?")
+            found.append(Stray(node, p, wrapper, release, init))
+    return found
+
+
+def stray_nodes(site: Site) -> list[str]:
+    return [str(x) for x in strays(site)]
+
+
+def kill_strays(site: Site) -> list[str]:
+    """SIGKILL every stray node instance (nothing of the product stops them: not the next rebuild, not ``site
+    down`` nor ``site destroy``); what was killed."""
+    found = strays(site)
+    for x in found:
+        kill(x.pid)
+        if "node-boot" in cmdline(x.wrapper):
+            kill(x.wrapper)
+    return [str(x) for x in found]
+
+
 def lock_files(site: Site) -> list[Path]:
     found = [site.path / "rollout.lock", site.path / ".lock", site.path / "upgrade" / "migrate.lock"]
     found += sorted((site.path / "nodes").glob("*/.lock"))
@@ -413,6 +478,9 @@ def history_problems(site: Site, after: int, start: dict[str, str], releases: di
                               f"({gate['status']})")
             elif rebuild["status"] == "succeeded" and gate is None:
                 problem(node, f"{what}: {node} rebuilt with no gate")
+            if rebuild["started"] is not None and rebuild["started"] < op["started"] - 1.0:
+                problem(node, f"{what}: {node}'s rebuild recorded {rebuild['status']} with a start before the "
+                              "operation began (a rebuild it did not do)")
             if gate is not None and gate["status"] not in FINAL_GATE:
                 problem(node, f"{what}: {node} gate left {gate['status']}")
             if op["status"] == "succeeded" and (gate is None or gate["status"] != "succeeded"):
@@ -429,7 +497,7 @@ def history_problems(site: Site, after: int, start: dict[str, str], releases: di
 def check(site: Site, after: int, start: dict[str, str],
           baseline: dict[tuple[str, str], dict[str, str]]) -> Checked:
     releases, inconsistent = consistency(site)
-    checked = Checked(releases, inconsistent)
+    checked = Checked(releases, inconsistent + stray_nodes(site))
     for node, found in site.digests().items():
         expected = baseline.get((node, releases.get(node, "?")))
         if expected is None:
@@ -503,6 +571,8 @@ class Fault:
             return f"kill the rebuild at {self.point}"
         if self.kind == "heat":
             return f"kill Heat while {self.node}'s {self.step} runs"
+        if self.kind == "rebuild" and self.step == "start":
+            return f"kill {self.node}'s rebuild process as it starts the node"
         if self.kind == "rebuild":
             return f"kill {self.node}'s rebuild process"
         return f"kill {self.node} (its init) during its gate"
@@ -528,12 +598,19 @@ def reached(site: Site, after: int, node: str, step: str, proc: subprocess.Popen
       names a pending release): the node is mid-rebuild. Not the history: its ``steps`` row for a rebuild
       goes from pending to succeeded without ever reading running (see ``HeatClient.resources``: Heat's
       UPDATE_IN_PROGRESS is split into UPDATE_IN / PROGRESS, so the watch never sees IN_PROGRESS);
+    * ``start``: the rebuild has switched the node (``node.json``'s last event) and is starting it;
     * ``gate``: the history shows the node's gate running (its checks start at once)."""
     if step == "rebuild":
         def mid_rebuild() -> bool:
             return bool(site.node_record(node).get("pending")) and bool(rebuild_children(site, node))
 
         wait_for(mid_rebuild, timeout, f"{node} mid-rebuild", interval=0.01, proc=proc)
+    elif step == "start":
+        def starting() -> bool:
+            events = site.node_record(node).get("events") or [""]
+            return " switched to " in str(events[-1]) and bool(rebuild_children(site, node))
+
+        wait_for(starting, timeout, f"{node} switched, starting", interval=0.005, proc=proc)
     elif step == "gate":
         wait_for(lambda: site.step_running(after, node, "gate"), timeout, f"{node}'s gate running", interval=0.01,
                  proc=proc)
@@ -640,6 +717,8 @@ class TrialResult:
     operations: list[tuple[str, str]]  # (kind, status) of each operation since the trial began (no 'adopt')
     checked: Checked
     seconds: float
+    after: int = 0  # the last operation before the trial
+    start: dict[str, str] = field(default_factory=dict)  # the release of each node before it
 
     @property
     def outcome(self) -> str:
@@ -682,7 +761,7 @@ def run_trial(site: Site, trial: Trial, baseline: Baseline) -> TrialResult:
         recovery = recover(site, trial.recovery, trial.recovery_timeout)
     ops = [(str(r["kind"]), str(r["status"])) for r in site.operations(after) if r["kind"] != "adopt"]
     checked = check(site, after, start, baseline)
-    return TrialResult(trial, injected, recovery, ops, checked, time.monotonic() - began)
+    return TrialResult(trial, injected, recovery, ops, checked, time.monotonic() - began, after, start)
 
 
 def bring_to(site: Site, release: str) -> None:
@@ -690,6 +769,7 @@ def bring_to(site: Site, release: str) -> None:
     would (finish what is open, recover interrupted rebuilds, then roll forward or back). Reads the site's
     files first: a trial that left the fleet as the next one needs it costs nothing here."""
     # resume closes an open operation either way (rolled back if a cancel was requested); a cancel can hang
+    kill_strays(site)  # a trial that left one has said so; the next must not inherit it
     if site.open_operation() and site.run("resume", timeout=600).returncode == 2:
         site.run("cancel", timeout=600)
     if not site.whole():
