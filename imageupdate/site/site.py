@@ -138,6 +138,12 @@ class LocalSite:
                                    f"finish with 'imageupdate site destroy --site {self.path}'") from None
             raise SiteNotFound(f"no site in {self.path}; create one with "
                                f"'imageupdate site up --nodes N --release R --site {self.path}'") from None
+        except (NotADirectoryError, IsADirectoryError, PermissionError, UnicodeDecodeError, ValueError) as e:
+            raise SiteNotFound(f"{self.path} does not hold a readable site ({type(e).__name__}: "
+                               f"{getattr(e, 'strerror', None) or e}); name a site directory with --site") from None
+        if not isinstance(data, dict):
+            raise SiteNotFound(f"{self.config_path} is not a site's configuration (not a JSON object); "
+                               "name a site directory with --site")
         return data
 
     def _write_config(self, data: dict[str, object]) -> None:

@@ -215,3 +215,15 @@ def test_a_site_interrupted_while_created_leaves_nothing(tmp_path: Path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         LocalSite(tmp_path / "site", ImageStore(tmp_path / "store"))._create(1, "R1")
     assert not (tmp_path / "site").exists()
+
+
+def test_a_site_path_that_is_not_a_site_directory_is_bad_input(tmp_path: Path) -> None:
+    from imageupdate.site.site import LocalSite, SiteNotFound
+
+    for path in (Path("/dev/null"), tmp_path / "garbage"):
+        if path != Path("/dev/null"):
+            path.mkdir()
+            (path / "site.json").write_text("[1, 2]")
+        with pytest.raises(SiteNotFound) as exc:
+            LocalSite(path).config()
+        assert exc.value.exit_code == 2 and "--site" in str(exc.value)
