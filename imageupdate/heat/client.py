@@ -174,7 +174,14 @@ class HeatClient:
             self._hc.actions.cancel_without_rollback(self._ref(stack_id))
 
 
+_STATUSES = ("IN_PROGRESS", "COMPLETE", "FAILED")
+
+
 def _split(status: str) -> tuple[str, str]:
+    """``UPDATE_IN_PROGRESS`` -> (``UPDATE``, ``IN_PROGRESS``): the status itself may hold an underscore."""
+    for known in _STATUSES:
+        if status.endswith("_" + known):
+            return status[: -len(known) - 1], known
     action, _, state = status.rpartition("_")
     return action, state
 

@@ -595,9 +595,8 @@ def reached(site: Site, after: int, node: str, step: str, proc: subprocess.Popen
     """Wait until ``node`` is at ``step`` in the operation ``proc`` runs (the first one after ``after``):
 
     * ``rebuild``: Heat's rebuild child for the node runs and the node has recorded its intent (``node.json``
-      names a pending release): the node is mid-rebuild. Not the history: its ``steps`` row for a rebuild
-      goes from pending to succeeded without ever reading running (see ``HeatClient.resources``: Heat's
-      UPDATE_IN_PROGRESS is split into UPDATE_IN / PROGRESS, so the watch never sees IN_PROGRESS);
+      names a pending release): the node is mid-rebuild (the history's rebuild row reads running as soon as
+      Heat starts the rebuild, before the node has done anything);
     * ``start``: the rebuild has switched the node (``node.json``'s last event) and is starting it;
     * ``gate``: the history shows the node's gate running (its checks start at once)."""
     if step == "rebuild":
@@ -705,7 +704,6 @@ class Trial:
     recovery: str
     expect: tuple[tuple[str, str], ...] = ()  # (kind, status) of each operation the trial ran, in order
     release: str = ""  # the release every node ends on
-    known: tuple[str, str] = ("", "")  # (what a known product bug makes a check say, the bug): tolerated alone
     recovery_timeout: float = 600  # seconds the recovery may take before it is killed (and said to hang)
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 import yaml
 
 from imageupdate.heat import chain
-from imageupdate.heat.client import environment_files
+from imageupdate.heat.client import _split, environment_files
 from imageupdate.heat.config import HeatPaths, render_conf, render_token
 from imageupdate.resources import heat_templates_dir
 
@@ -46,3 +47,14 @@ def test_heat_conf_keeps_everything_in_the_site_and_on_loopback(tmp_path: Path) 
             assert "http://127.0.0.1:8004" in line, line
     catalog = render_token(8004)["token"]["catalog"]  # type: ignore[index]
     assert {e["url"] for e in catalog[0]["endpoints"]} == {"http://127.0.0.1:8004/v1/admin"}
+
+
+@pytest.mark.parametrize("raw, action, status", [
+    ("UPDATE_IN_PROGRESS", "UPDATE", "IN_PROGRESS"),
+    ("CREATE_COMPLETE", "CREATE", "COMPLETE"),
+    ("ROLLBACK_FAILED", "ROLLBACK", "FAILED"),
+    ("INIT_COMPLETE", "INIT", "COMPLETE"),
+])
+def test_resource_status_splits_on_heats_statuses(raw: str, action: str, status: str) -> None:
+    """Heat's status names hold an underscore: a rebuild in progress must read IN_PROGRESS, not PROGRESS."""
+    assert _split(raw) == (action, status)
