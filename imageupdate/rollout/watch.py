@@ -175,6 +175,10 @@ class Watcher:
         gate_res = resources.get(chain.gate_name(node, row.tag))
         if gate_res is not None and gate_res.action == "INIT":  # listed from the template, not created yet
             gate_res = None
+        if server is not None and server.status == "FAILED" and ENGINE_WENT_DOWN.search(server.reason):
+            # as for a gate: a restarted Heat fails what the dead engine held and, the template re-sent,
+            # rebuilds it again (a rebuild is idempotent); not the rebuild's outcome
+            server = None
         if server is not None and server.status == "IN_PROGRESS":
             watch.failed_before.discard(node)
         if server is not None and server.status == "FAILED" and node in watch.failed_before:

@@ -40,6 +40,7 @@ class FakeHeat:
     updates: int = 0
     _busy: int = 0
     recreate: set[str] = field(default_factory=set)  # failed gates the last update creates again
+    lagging: set[str] = field(default_factory=set)  # failed servers the last update has not reached yet
     exists: bool = False
 
     # faults ------------------------------------------------------------------------------------------
@@ -102,6 +103,8 @@ class FakeHeat:
             gates = [g for g in res if (p := chain.parse_gate(g, nodes)) is not None and p[0] == n
                      and (g not in self.resources or self.resources[g].status == "FAILED"
                           or self.resources[g].action == "INIT")]
+            if self.resources[chain.server_name(n)].status == "FAILED":
+                self.lagging.add(chain.server_name(n))  # shows FAILED to one more look, as Heat's new engine does
             if gates or self.wanted[n] != self.releases[n] or self.resources[chain.server_name(n)].status == "FAILED":
                 batch = int(dep[0].rsplit("_", 1)[1]) + 1 if dep else 0
                 order.append((batch, n))
@@ -179,6 +182,9 @@ class FakeHeat:
         gate = next((g for g in self.resources if g.startswith(f"gate_{node}_")
                      and self.resources[g].action == "INIT"), None)
         s = self.resources[server]
+        if server in self.lagging:
+            self.lagging.discard(server)
+            return
         if s.status != "IN_PROGRESS" and (self.releases[node] != self.wanted[node] or s.status == "FAILED") \
                 and self._busy == 0:
             self._set(server, "UPDATE", "IN_PROGRESS")
