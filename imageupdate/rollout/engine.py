@@ -418,13 +418,18 @@ class Orchestrator:
 
     def _mixed_fleet(self, row: RolloutRow, status: str) -> str:
         """A rollback that ended early: where each of its nodes is and what finishes the way back."""
-        nodes = self._nodes()
+        states = self.fleet.states()
+        nodes = {n: s.release for n, s in states.items()}
         gates = {s.node: s.status for s in self.history.steps(row.id) if s.step == "gate"}
         where = []
         for n in (m for b in row.plan["batches"] for m in b):
             gate = gates.get(n)
             said = f"{n} on {nodes.get(n)}"
-            if nodes.get(n) != row.plan["after"][n]:
+            if n in states and states[n].unfinished:
+                said = f"{n} stopped in a rebuild to {nodes.get(n)} that did not finish"
+            elif n in states and not states[n].running:
+                said = f"{n} stopped on {nodes.get(n)}"
+            elif nodes.get(n) != row.plan["after"][n]:
                 said += f" (not yet back on {row.plan['after'][n]})"
             elif gate != "succeeded":
                 said += f" (gate {gate or 'not reached'})"

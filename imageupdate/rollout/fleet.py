@@ -42,6 +42,7 @@ class NodeState:
     release: str  # what the node runs now
     running: bool
     paused: bool = False  # frozen (SIGSTOP) for a consistent copy of its state
+    unfinished: bool = False  # a rebuild to ``release`` began and did not finish (``site recover`` ends it)
 
 
 class LocalFleet:
@@ -69,7 +70,8 @@ class LocalFleet:
         return [n.name for n in self.site.nodes()]
 
     def states(self) -> dict[str, NodeState]:
-        return {s.name: NodeState(s.name, s.address, s.pending or s.current, s.running, s.paused)
+        return {s.name: NodeState(s.name, s.address, s.pending or s.current, s.running, s.paused,
+                                  s.pending is not None)
                 for s in self.site.status().nodes}
 
     def require_up(self) -> None:

@@ -30,7 +30,7 @@ class NodeLine:
     release: str
     last_good: str | None
     running: bool
-    state: str = "running"  # running | stopped | paused
+    state: str = "running"  # running | stopped | paused | unfinished (stopped in a rebuild to ``release``)
     target: str | None = None  # the release the open operation takes it to
     step: str | None = None  # where the open operation is with it
 
@@ -103,7 +103,7 @@ def fleet_status(fleet: Fleet, rollout: int | None = None) -> FleetStatus:
     active = _describe(fleet, active_row, states) if active_row else None
     nodes = []
     for n, s in states.items():
-        state = "paused" if getattr(s, "paused", False) else "running" if s.running else "stopped"
+        state = "paused" if s.paused else "running" if s.running else "unfinished" if s.unfinished else "stopped"
         line = NodeLine(n, s.address, s.release, fleet.history.last_good(n), s.running, state)
         if active is not None and n in active.get("nodes", {}):
             line.target = active_row.plan["after"].get(n) if active_row else None
