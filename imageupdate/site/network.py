@@ -9,14 +9,20 @@ and these namespaces.
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
+import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from imageupdate.errors import InputError, OperationError
 
 POOL = ipaddress.ip_network("10.231.0.0/16")
+SUBNET_LOCK = Path("/run/imageupdate-subnets.lock")  # host-wide: sites that start at once pick apart
 FIRST_HOST = 10
 MAX_NODES = 240
 
@@ -35,6 +41,22 @@ def used_subnets() -> set[ipaddress.IPv4Network]:
         for a in link.get("addr_info", []):
             used.add(ipaddress.IPv4Interface(f"{a['local']}/{a['prefixlen']}").network)
     return used
+
+
+def netns_pids(ns: str) -> list[int]:
+    """The processes whose network namespace is ``ns`` (none when it does not exist)."""
+    return [int(p) for p in ip("netns", "pids", ns, check=False).stdout.split() if p.isdigit()]
+
+
+@contextmanager
+def picking(lock: Path = SUBNET_LOCK) -> Iterator[None]:
+    """Held from picking a site's subnet until its bridge holds it: two ``site up`` at once get two subnets."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held for milliseconds
+        yield
+    finally:
+        os.close(fd)
 
 
 def pick_subnet() -> str:
@@ -85,6 +107,10 @@ class SiteNet:
             ip("link", "del", self.bridge)
 
     # nodes -------------------------------------------------------------------
+
+    def pids(self, node: str) -> list[int]:
+        """Every process in the node's network namespace: the node's own, or a stray instance of it."""
+        return netns_pids(self.netns(node))
 
     def netns_exists(self, node: str) -> bool:
         return self.netns(node) in ip("netns", "list").stdout.split()

@@ -97,6 +97,18 @@ def stop(pid: int, grace: float, sleep: Callable[[float], None] = time.sleep) ->
     return "killed"
 
 
+def kill_all(pids: list[int], wait: float = 5.0, sleep: Callable[[float], None] = time.sleep) -> int:
+    """SIGKILL each of ``pids`` and wait up to ``wait`` seconds for them to go; how many were signalled."""
+    hit = []
+    for pid in pids:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            hit.append(pid)
+    if hit:
+        wait_until(lambda: not any(alive(p) for p in hit), wait, sleep=sleep)
+    return len(hit)
+
+
 def flock_wait(fd: int, how: int, wait: float, sleep: Callable[[float], None] = time.sleep) -> bool:
     """flock(2) ``fd``, polling for up to ``wait`` seconds; False if it stays taken."""
     return wait_until(lambda: try_flock(fd, how), wait, interval=0.1, sleep=sleep) if wait > 0 \

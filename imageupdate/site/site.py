@@ -28,7 +28,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -43,7 +42,7 @@ from imageupdate.hostdeps import require, require_root
 from imageupdate.images.store import ImageStore
 from imageupdate.site import procs
 from imageupdate.site.guard import refuse_while_open
-from imageupdate.site.network import MAX_NODES, SiteNet, ip, pick_subnet
+from imageupdate.site.network import MAX_NODES, SiteNet, ip, netns_pids, pick_subnet, picking
 from imageupdate.site.node import READY_TIMEOUT, Node, NodeStatus
 from imageupdate.site.unpack import ensure_release
 from imageupdate.upgrade.migrate import Migrator, StateChange
@@ -243,18 +242,19 @@ class LocalSite:
         return self._create(nodes, release)
 
     def _create(self, count: int, release: str) -> SiteStatus:
-        cfg: dict[str, object] = {
-            "id": secrets.token_hex(3),
-            "subnet": pick_subnet(),
-            "store": str(self.store.root),
-            "nodes": [{"name": f"node{i}", "index": i} for i in range(count)],
-        }
         (self.path / "releases").mkdir(parents=True, exist_ok=True)
         try:
-            self._write_config(cfg)
+            with picking():
+                cfg: dict[str, object] = {
+                    "id": secrets.token_hex(3),
+                    "subnet": pick_subnet(),
+                    "store": str(self.store.root),
+                    "nodes": [{"name": f"node{i}", "index": i} for i in range(count)],
+                }
+                self._write_config(cfg)
+                self.net().create_bridge()
             key = self._ensure_key()
             ensure_release(self.store, release, self.path / "releases")
-            self.net().create_bridge()
             for node in self.nodes():
                 node.create(release, key)
             self._wait_ready()
@@ -467,12 +467,7 @@ def _sweep_network(net: SiteNet) -> None:
         namespaces = sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(prefix))
     except OSError:
         namespaces = []
-    pids = [int(p) for ns in namespaces for p in ip("netns", "pids", ns, check=False).stdout.split() if p.isdigit()]
-    for pid in pids:
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    if pids:
-        procs.wait_until(lambda: not any(procs.alive(p) for p in pids), 5.0)
+    procs.kill_all([pid for ns in namespaces for pid in netns_pids(ns)])
     for ns in namespaces:
         ip("netns", "del", ns, check=False)
     veth_prefix = net.veth(0)[:-3]  # iuvID + the node's 3-digit index

@@ -227,3 +227,24 @@ def test_a_site_path_that_is_not_a_site_directory_is_bad_input(tmp_path: Path) -
         with pytest.raises(SiteNotFound) as exc:
             LocalSite(path).config()
         assert exc.value.exit_code == 2 and "--site" in str(exc.value)
+
+
+def test_subnet_picking_is_one_site_at_a_time(tmp_path: Path) -> None:
+    """Two 'site up' at once: the second picks only after the first's bridge holds its subnet."""
+    import threading
+
+    from imageupdate.site.network import picking
+
+    lock, order = tmp_path / "subnets.lock", []
+
+    def second() -> None:
+        with picking(lock):
+            order.append("second")
+
+    with picking(lock):
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.3)  # the second had time to pick, were it not held
+        order.append("first done")
+    t.join(5)
+    assert order == ["first done", "second"]
