@@ -4,11 +4,11 @@ A point is a step name, optionally qualified: ``STEP`` (the first time any opera
 ``KIND:STEP`` (only in an operation of that kind: ``rollout`` or ``rollback``) and ``STEP@NODE`` (only
 for that node), or both (``rollback:before-signal@node1``).
 
-Node rebuild steps: ``after-intent``, ``after-stop``, ``after-switch``; ``migration:NAME`` as a state
-migration starts. Orchestrator steps, in order: ``after-start`` (the operation is recorded, nothing
-else done), ``after-rehearsal``, ``after-create-hooks``, ``before-update`` (the template is recorded, not
-sent), ``before-signal`` (a gate's verdict is known, not signalled). ``in-freeze``: a node is frozen for
-the rehearsal's copy.
+Node rebuild steps: ``after-intent``, ``after-stop``, ``after-switch``, ``in-start`` (the node started,
+its pid not recorded); ``migration:NAME`` as a state migration starts. Orchestrator steps, in order:
+``after-start`` (the operation is recorded, nothing else done), ``after-rehearsal``, ``after-create-hooks``,
+``before-update`` (the template is recorded, not sent), ``before-signal`` (a gate's verdict is known, not
+signalled). ``in-freeze``: a node is frozen for the rehearsal's copy.
 """
 
 from __future__ import annotations

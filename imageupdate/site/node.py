@@ -190,6 +190,7 @@ class Node:
                                  node=self.name, release=rec.current, step="start")
         if not self.net.netns_exists(self.name):
             self.net.create_node(self.name, self.index)
+        self._kill_strays()
         with open(self.dir / "console.log", "ab") as console:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.net.netns(self.name),
@@ -198,6 +199,7 @@ class Node:
                  "/usr/lib/imageupdate/init"],
                 stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
+        crashpoint("in-start", node=self.name)  # the node runs, its pid is not recorded yet
         if not procs.wait_until(lambda: bool(procs.children(proc.pid)) or proc.poll() is not None, 10):
             proc.kill()
             raise OperationError(f"node {self.name} did not start (see {self.dir / 'console.log'})",
@@ -241,9 +243,18 @@ class Node:
         how = procs.stop(rec.pid, grace) if rec.pid else "not running"
         if wrapper is not None and "unshare" in procs.cmdline(wrapper):
             procs.wait_until(lambda: not procs.alive(wrapper), 5.0)  # the unshare holding the namespaces exits too
+        strays = self._kill_strays()
+        if strays:
+            how += f"; killed {strays} stray process{'es' if strays > 1 else ''} in its namespace"
         rec.pid, rec.wanted = None, wanted
         self._save(rec, f"stopped ({how})")
         return how
+
+    def _kill_strays(self) -> int:
+        """Kill what still runs in the node's network namespace while no recorded instance does: an
+        instance started by a rebuild killed before it recorded the pid, or what outlived a stop. Nothing
+        but the node runs there, and a second instance would hold its ports."""
+        return procs.kill_all(self.net.pids(self.name))
 
     def rebuild(self, release: str, prepare: Callable[[str, str], object] | None = None) -> dict[str, float]:
         """Switch the node to ``release`` (unpacked already), keeping its state; say when each phase ended.

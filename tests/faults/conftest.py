@@ -60,7 +60,7 @@ def _site(path: Path, store: Path, forward: str | None) -> Iterator[tuple[Site, 
         baseline = set_up(site, nodes=2, forward=forward)
         yield site, baseline
     finally:
-        kill_strays(site)  # named by the trial that left them; nothing of the product stops them
+        kill_strays(site)  # the trial that left one failed on it; the next ones start clean
         site.destroy()
         left = live_processes_mentioning(str(path))
         assert not left, left

@@ -22,33 +22,6 @@ pytestmark = pytest.mark.functional
 
 ROLLOUT = ("rollout", "R2")
 ROLLBACK = ("rollback", "--to", "R1")
-NOT_BROUGHT_BACK = ("a rollback does not bring back a node that died on the release Heat already holds for it: "
-                    "the chain's server_NODE has unchanged properties, so Heat does not rebuild it, the gate runs "
-                    "against the dead node and fails, every time (imageupdate/heat/chain.py renders bring_back "
-                    "nodes like any other; rollout/policy.py:change)")
-
-
-DEAD_ENGINE = "recorded failed (Worker went down during resource UPDATE)"
-REBUILD_FAILED_BY_DEAD_ENGINE = (
-    "sometimes (a race): Heat killed while a node rebuilds; after the restart and the re-sent template, the new "
-    "engine marks the dead one's server_NODE FAILED ('Worker went down during resource UPDATE') and then runs "
-    "the update again (the rebuild is idempotent, the gate follows and passes), but the watch takes the "
-    "transient FAILED as the rebuild's outcome: the history says the rebuild failed although the node was "
-    "gated on that release (rollout/watch.py _track_node/_rebuilt; 80f75de made the same case of a gate no "
-    "verdict, not of a server)")
-SECOND = "a second instance"
-SECOND_INSTANCE = (
-    "a rebuild killed in Node.start, after it started the node (the boot wrapper, in its own session) and "
-    "before it recorded the init's pid in node.json, leaves that instance running, unknown to the site: the "
-    "next rebuild's stop finds the recorded pid dead ('stopped (not running)') and starts a second instance in "
-    "the same network namespace; the stray one keeps ports 22 and 8080 (the new one's sshd and service exit "
-    "and restart in a loop, readiness is satisfied by the stray's ports), the gate's SSH fails "
-    "('kex_exchange_identification: Connection reset by peer'), so the automatic rollback fails, and every "
-    "later rollback of that node too; 'site status' does not show it and 'site down'/'site destroy' leave it "
-    "running (imageupdate/site/node.py start: rec.pid is saved only after the children appear). Racy: "
-    "the kill must land in that window")
-
-
 def trial(t: Trial, *marks: pytest.MarkDecorator) -> object:
     return pytest.param(t, id=t.name, marks=marks)
 
@@ -68,7 +41,7 @@ MATRIX = [
                 (("rollout", "succeeded"),), "R2")),
     trial(Trial("rollback-heat-rebuild", ROLLBACK, "R2", "node1 rebuilding (snapshot restore)",
                 Fault("heat", node="node1", step="rebuild"), "resume",
-                (("rollback", "succeeded"),), "R1", known=(DEAD_ENGINE, REBUILD_FAILED_BY_DEAD_ENGINE))),
+                (("rollback", "succeeded"),), "R1")),
     trial(Trial("rollout-rebuild-killed", ROLLOUT, "R1", "node1 rebuilding (migration)",
                 Fault("rebuild", node="node1", step="rebuild"), "status",
                 (("rollout", "rolled-back"), ("rollback", "succeeded")), "R1")),
@@ -77,8 +50,7 @@ MATRIX = [
                 (("rollout", "rolled-back"), ("rollback", "succeeded")), "R1")),
     trial(Trial("rollout-heat-cancel", ROLLOUT, "R1", "node1 rebuilding (migration)",
                 Fault("heat", node="node1", step="rebuild"), "cancel",
-                (("rollout", "cancelled"), ("rollback", "succeeded")), "R1", recovery_timeout=120,
-                known=(DEAD_ENGINE, REBUILD_FAILED_BY_DEAD_ENGINE))),
+                (("rollout", "cancelled"), ("rollback", "succeeded")), "R1", recovery_timeout=120)),
     trial(Trial("rollout-before-signal", ROLLOUT, "R1", "node1's gate: verdict known, not signalled",
                 Fault("imageupdate", "before-signal@node1"), "cancel",
                 (("rollout", "cancelled"), ("rollback", "succeeded")), "R1")),
@@ -93,11 +65,10 @@ MATRIX = [
                 (("rollout", "succeeded"),), "R2")),
     trial(Trial("rollback-node-killed", ROLLBACK, "R2", "node1's gate",
                 Fault("node", node="node1"), "again",
-                (("rollback", "failed"), ("rollback", "succeeded")), "R1"),
-          pytest.mark.xfail(strict=True, reason=NOT_BROUGHT_BACK)),
+                (("rollback", "failed"), ("rollback", "succeeded")), "R1")),
     trial(Trial("rollout-rebuild-killed-starting", ROLLOUT, "R1", "node1 switched to R2, being started",
                 Fault("rebuild", node="node1", step="start"), "status",
-                (("rollout", "rolled-back"), ("rollback", "succeeded")), "R1", known=(SECOND, SECOND_INSTANCE))),
+                (("rollout", "rolled-back"), ("rollback", "succeeded")), "R1")),
 ]
 
 UPGRADE = [
@@ -120,9 +91,6 @@ def run(site: Site, baseline: Baseline, t: Trial, matrix: Matrix) -> None:
     matrix.add(result.row())
     assert result.injected.hit, f"{t.name}: the fault missed ({t.fault.describe()}): {result.outcome}"
     problems = result.checked.problems
-    said, bug = t.known
-    if said and problems and all(said in p for p in problems):  # the known bug and nothing else
-        pytest.xfail(f"known product bug: {bug} (seen: {'; '.join(problems)}; {result.outcome})")
     assert not problems, f"{t.name}: {result.outcome}\nfault: {result.injected.stderr[-1500:]}\n" \
                          f"after: {result.recovery[2][-1500:]}"
     assert result.operations == list(t.expect), result.outcome

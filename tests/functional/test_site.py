@@ -146,6 +146,51 @@ def test_rebuild_killed_recovers_on_one_release(site: Path, store_dir: Path, ste
     assert http(addr, "/kv/k") == b"before-crash"
 
 
+def instances_of(site: Path, node: str) -> set[str]:
+    """The pid namespaces of the processes in the node's network namespace, but the host's (where each
+    instance's unshare wrapper runs): one per running instance."""
+    ns = f"iu-{json.loads((site / 'site.json').read_text())['id']}-{node}"
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False).stdout.split()
+    found = set()
+    for pid in pids:
+        try:
+            found.add(os.readlink(f"/proc/{pid}/ns/pid"))
+        except OSError:
+            continue
+    return found - {os.readlink("/proc/self/ns/pid")}
+
+
+def test_rebuild_killed_while_starting_leaves_one_instance(site: Path, store_dir: Path) -> None:
+    """Killed after it started the node and before it recorded its pid: the started instance must not live on
+    beside the one recover starts (it held the node's ports and failed every later gate), and down stops all."""
+    addr = status(site, store_dir)["node1"]["address"]
+    http(addr, "/kv/k", b"before-crash", "PUT")
+    proc = imageupdate("site", "rebuild", "node1", "R2", "--site", str(site), "--store", str(store_dir),
+                       env={"IMAGEUPDATE_BREAK": "in-start@node1"})
+    assert proc.returncode == -9, proc.stderr
+    assert procs.wait_until(lambda: len(instances_of(site, "node1")) == 1, 10)  # the unrecorded one boots
+    proc = imageupdate("site", "recover", "--site", str(site), "--store", str(store_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    imageupdate("site", "rebuild", "node1", "R1", "--site", str(site), "--store", str(store_dir), check=True)
+    assert len(instances_of(site, "node1")) == 1
+    n = status(site, store_dir)["node1"]
+    assert (n["current"], n["running"]) == ("R1", True)
+    assert os.readlink(f"/proc/{n['pid']}/ns/pid") in instances_of(site, "node1")
+    assert health(addr)["release"] == "R1" and http(addr, "/kv/k") == b"before-crash"
+    imageupdate("site", "down", "--site", str(site), "--store", str(store_dir), check=True)
+    assert instances_of(site, "node1") == set()
+
+
+def test_down_kills_an_instance_the_site_has_no_record_of(site: Path, store_dir: Path) -> None:
+    record = site / "nodes/node0/node.json"
+    rec = json.loads(record.read_text())
+    namespaces = {os.readlink(f"/proc/{rec['pid']}/ns/pid")}
+    rec["pid"] = None  # as a start killed before it saved the pid leaves it
+    record.write_text(json.dumps(rec))
+    imageupdate("site", "down", "--site", str(site), "--store", str(store_dir), check=True)
+    assert processes_in(namespaces) == []
+
+
 def test_down_leaves_nothing_and_up_brings_the_nodes_back(site: Path, store_dir: Path) -> None:
     site_id = json.loads((site / "site.json").read_text())["id"]
     addr = status(site, store_dir)["node2"]["address"]
