@@ -26,6 +26,7 @@ from typing import Any
 
 TEMPLATE_VERSION = "2021-04-16"
 SERVER_TYPE = "ImageUpdate::Server"
+REBUILD_OPTION = "rebuild"  # in a server's options: the tag of the operation that brought it back
 _NAME_OK = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -94,17 +95,33 @@ class ChainSpec:
             raise ValueError(f"tag {self.tag!r} cannot name a Heat resource")
 
 
+def _options(spec: ChainSpec, node: str, previous: Any, changing: bool) -> dict[str, Any]:
+    """The server's options. A changing node on the release Heat already holds for it (a node brought back
+    after it died there) gets this operation's tag under ``rebuild``: a changed property is what makes Heat
+    rebuild it. A node this operation leaves alone keeps the options it had, so it is not rebuilt."""
+    props = previous.get("properties", {}) if isinstance(previous, dict) else {}
+    before = props.get("options") if isinstance(props, dict) else None
+    held = props.get("release") if isinstance(props, dict) else None
+    if changing and held == spec.releases[node]:
+        return spec.server_options | {REBUILD_OPTION: spec.tag}
+    if not changing and isinstance(before, dict) \
+            and {k: v for k, v in before.items() if k != REBUILD_OPTION} == spec.server_options:
+        return before
+    return dict(spec.server_options)
+
+
 def render(spec: ChainSpec) -> dict[str, Any]:
     spec.validate()
     resources: dict[str, Any] = {}
     changing = {n: k for k, b in enumerate(spec.batches) for n in b}
     previous = spec.previous.get("resources", {})
     for node in spec.nodes:
+        batch = changing.get(node)
         server: dict[str, Any] = {
             "type": SERVER_TYPE,
-            "properties": {"name": node, "release": spec.releases[node], "options": spec.server_options},
+            "properties": {"name": node, "release": spec.releases[node],
+                           "options": _options(spec, node, previous.get(server_name(node)), batch is not None)},
         }
-        batch = changing.get(node)
         if batch:
             server["depends_on"] = [barrier_name(batch - 1)]
         resources[server_name(node)] = server

@@ -438,6 +438,13 @@ class History:
                              (node, before, before)).fetchone()
         return str(row["release"]) if row else None
 
+    def last_verdict(self, node: str) -> tuple[str, bool] | None:
+        """The release of the newest gate verdict on ``node`` and whether it passed."""
+        with self._db() as db:
+            row = db.execute("SELECT release, good FROM releases WHERE node = ? ORDER BY id DESC LIMIT 1",
+                             (node,)).fetchone()
+        return (str(row["release"]), bool(row["good"])) if row else None
+
     def was_good(self, node: str, release: str, before_rollout: int | None = None) -> bool:
         """Whether ``release`` ever passed a gate on ``node`` (in operations older than ``before_rollout``)."""
         with self._db() as db:

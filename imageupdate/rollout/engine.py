@@ -82,7 +82,11 @@ class Orchestrator:
             self._refuse_active()
             self._discard_leftovers()
             nodes = self.fleet.node_names()
-            ch = policy.change(self.fleet.states(), nodes, {n: release for n in (opts.limit or nodes)})
+            states = self.fleet.states()
+            selected = set(opts.limit or nodes)
+            unproven = policy.failed_there(self.history, states) & selected  # failed its gate on what it runs
+            ch = policy.change(states, nodes, {n: release for n in selected}, bring_back=unproven,
+                               failed_there=unproven)
             upgrade = plan_fleet(self.fleet, release, ch.changing)  # a downgrade or a blocked path: bad input
             findings = check_config(self.fleet, upgrade)
             config.raise_errors(findings)  # an option the path removes: bad input, nothing started
@@ -117,7 +121,9 @@ class Orchestrator:
             elif (undo := self.history.undoable()) is not None:
                 parent = undo.id
                 targets = policy.rollback_targets(self.history, undo, selected)
-            ch = policy.change(self.fleet.states(), nodes, targets, bring_back=selected)
+            states = self.fleet.states()
+            ch = policy.change(states, nodes, targets, bring_back=selected,
+                               failed_there=policy.failed_there(self.history, states))
             row = self._start("rollback", to, parent, opts, ch, None)
             return self._run(client, heat, stack_id, row, opts, extras)
 

@@ -210,6 +210,39 @@ def test_a_changing_node_gets_a_fresh_gate_not_its_kept_one() -> None:
     assert "gate_node3_r3" not in res and "gate_node3_r3_handle" not in res
 
 
+def server_options(template: dict[str, Any], node: str) -> dict[str, Any]:
+    return dict(template["resources"][f"server_{node}"]["properties"]["options"])
+
+
+def test_a_node_brought_back_on_the_release_heat_holds_gets_a_changed_option() -> None:
+    """A node that died on R2 and is brought back to R2: only a changed property makes Heat rebuild it."""
+    prev = previous_template()  # node3 and node4 on R2
+    assert server_options(prev, "node3") == OPTIONS
+    res = render(spec([["node3"]], previous=prev))
+    assert server_options(res, "node3") == OPTIONS | {chain.REBUILD_OPTION: "r7"}
+    assert res["resources"]["server_node3"]["properties"]["release"] == "R2"
+
+
+def test_a_node_left_alone_keeps_the_options_it_had_so_heat_does_not_rebuild_it() -> None:
+    brought_back = render(spec([["node3"]], previous=previous_template()))
+    later = render(spec([["node0"]], tag="r8", previous=brought_back))
+    assert server_options(later, "node3") == OPTIONS | {chain.REBUILD_OPTION: "r7"}
+    assert server_options(later, "node1") == OPTIONS
+
+
+def test_a_node_changing_release_gets_the_plain_options() -> None:
+    brought_back = render(spec([["node3"]], previous=previous_template()))
+    back = ChainSpec(NODES, BEFORE, [["node3"]], "r9", 300, OPTIONS, {}, brought_back)
+    assert server_options(render(back), "node3") == OPTIONS
+
+
+def test_changed_site_options_reach_every_server() -> None:
+    prev = render(spec([["node3"]], previous=previous_template()))
+    moved = ChainSpec(NODES, {n: ("R2" if n in ("node3", "node4") else "R1") for n in NODES}, [], "r9", 300,
+                      {"flavor": "large"}, {}, prev)
+    assert {server_options(render(moved), n)["flavor"] for n in NODES} == {"large"}
+
+
 # validate -----------------------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ cancelling a rollback. No root, nothing waits."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,34 @@ def test_a_gate_failed_by_a_dead_heat_engine_is_not_a_verdict(tmp_path: Path) ->
     steps = {(s.node, s.step): s.status for s in fleet.history.steps(out.rollout.id)}
     assert steps[("node0", "gate")] == "succeeded"
     assert fleet.history.last_good("node0") == "R2"
+
+
+def test_a_rebuild_failed_by_a_dead_heat_engine_is_not_the_rebuilds_outcome(tmp_path: Path) -> None:
+    """Heat killed while node0 rebuilds: after the restart and the re-sent template, the new engine shows the
+    dead one's server FAILED ("Worker went down during resource UPDATE") and then rebuilds it again; the
+    history must not say the rebuild failed (seen in the fault matrix: node0 gated and passed on R2)."""
+    h, fleet, orch = make(tmp_path, rebuild_looks=3)
+    real = h._step
+
+    def dies() -> None:
+        real()
+        server = h.resources.get("server_node0")
+        if server is not None and server.status == "IN_PROGRESS" and h.instance == "heat@1":
+            h.down = 1000
+    h._step = dies  # type: ignore[method-assign]
+    with pytest.raises(HeatLost):
+        orch.rollout("R2", RolloutOptions(probe=False))
+    h._step = real  # type: ignore[method-assign]
+    h.down = 0
+    h.restart()
+    h._set("server_node0", "UPDATE", "FAILED", "Worker went down during resource UPDATE")  # Heat's wording
+    h.stack_status = ("UPDATE", "IN_PROGRESS")  # as the gate's case: Heat 27 leaves the stack in progress
+    out = again(fleet).resume()
+    assert out.status == "succeeded", out.reason
+    steps = {(s.node, s.step): s.status for s in fleet.history.steps(out.rollout.id)}
+    assert steps[("node0", "rebuild")] == "succeeded"
+    assert steps[("node0", "gate")] == "succeeded"
+    assert one_release(h) == {"R2"}
 
 
 def test_cancel_after_heat_restarted_mid_update_ends_and_rolls_back(tmp_path: Path) -> None:
@@ -332,3 +361,24 @@ def test_cancelling_a_rollback_stops_there_and_rollback_finishes_it(tmp_path: Pa
 def test_options_from_an_older_history_load_with_defaults() -> None:
     opts = RolloutOptions.from_stored({"batch_size": 3, "gate_timeout": "x", "gone": 1, "probe": False})
     assert opts.batch_size == 3 and opts.gate_timeout == 600 and opts.probe is False
+
+
+def test_a_rollback_run_again_gates_a_node_that_failed_on_the_release_it_holds(tmp_path: Path) -> None:
+    """A rollback failed at node1's gate on R1 (node1 holds R1 already): running it again must rebuild and
+    gate node1 (Heat needs a changed property for that: this operation's tag in its options), not say
+    'nothing to do' over a node whose newest verdict there is a failure."""
+    h, fleet, orch = make(tmp_path)
+    assert orch.rollout("R2", RolloutOptions(probe=False)).status == "succeeded"
+    failed = again(fleet, failing={"node1"}).rollback("R1", RolloutOptions(probe=False))
+    assert failed.status == "failed" and h.releases["node1"] == "R1"
+    before = copy.deepcopy(h.template["resources"])
+    out = again(fleet).rollback("R1", RolloutOptions(probe=False))
+    assert out.status == "succeeded", out.reason
+    gates = {s.node: s.status for s in fleet.history.steps(out.rollout.id) if s.step == "gate"}
+    assert gates.get("node1") == "succeeded"
+    res = h.template["resources"]
+    assert res["server_node1"]["properties"]["options"]["rebuild"] == out.rollout.tag
+    for n in NODES:
+        if n not in gates:  # left alone: its server's properties as they were, so Heat does not rebuild it
+            assert res[f"server_{n}"]["properties"] == before[f"server_{n}"]["properties"]
+    assert fleet.history.last_verdict("node1") == ("R1", True)
