@@ -84,9 +84,9 @@ class Orchestrator:
             nodes = self.fleet.node_names()
             states = self.fleet.states()
             selected = set(opts.limit or nodes)
-            unproven = policy.failed_there(self.history, states) & selected  # failed its gate on what it runs
+            unproven = policy.unproven(self.history, states) & selected  # not gated on what it runs
             ch = policy.change(states, nodes, {n: release for n in selected}, bring_back=unproven,
-                               failed_there=unproven)
+                               unproven=unproven)
             upgrade = plan_fleet(self.fleet, release, ch.changing)  # a downgrade or a blocked path: bad input
             findings = check_config(self.fleet, upgrade)
             config.raise_errors(findings)  # an option the path removes: bad input, nothing started
@@ -123,7 +123,7 @@ class Orchestrator:
                 targets = policy.rollback_targets(self.history, undo, selected)
             states = self.fleet.states()
             ch = policy.change(states, nodes, targets, bring_back=selected,
-                               failed_there=policy.failed_there(self.history, states))
+                               unproven=policy.unproven(self.history, states))
             row = self._start("rollback", to, parent, opts, ch, None)
             return self._run(client, heat, stack_id, row, opts, extras)
 

@@ -34,21 +34,21 @@ class Change:
 
 def change(states: dict[str, NodeState], nodes: list[str], targets: dict[str, str],
            bring_back: set[str] | frozenset[str] = frozenset(),
-           failed_there: set[str] | frozenset[str] = frozenset()) -> Change:
+           unproven: set[str] | frozenset[str] = frozenset()) -> Change:
     """``targets``: the release wanted per node (others stay); ``bring_back``: nodes rebuilt and gated even on
     the release they hold when they do not run (a stopped node, one whose rebuild failed before its switch)
-    or are in ``failed_there`` (their newest gate failed on the release they hold: a rollback that failed
-    there left them)."""
+    or are ``unproven`` there (a rollback that failed or was killed left them on it without a passed gate)."""
     before = {n: states[n].release for n in nodes}
     after = before | {n: r for n, r in targets.items() if n in before}
     changing = [n for n in nodes if after[n] != before[n]
-                or (n in bring_back and (not states[n].running or n in failed_there))]
+                or (n in bring_back and (not states[n].running or n in unproven))]
     return Change(nodes, before, after, changing)
 
 
-def failed_there(history: History, states: dict[str, NodeState]) -> set[str]:
-    """Nodes whose newest gate verdict is a failure on the release they hold."""
-    return {n for n, s in states.items() if history.last_verdict(n) == (s.release, False)}
+def unproven(history: History, states: dict[str, NodeState]) -> set[str]:
+    """Nodes whose newest gate verdict is not a pass on the release they hold: it failed there, or the node
+    reached that release without a gate (its rebuild was killed after the switch, say)."""
+    return {n for n, s in states.items() if history.last_verdict(n) not in (None, (s.release, True))}
 
 
 def touched(history: History, row: RolloutRow) -> set[str]:

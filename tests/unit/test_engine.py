@@ -382,3 +382,20 @@ def test_a_rollback_run_again_gates_a_node_that_failed_on_the_release_it_holds(t
         if n not in gates:  # left alone: its server's properties as they were, so Heat does not rebuild it
             assert res[f"server_{n}"]["properties"] == before[f"server_{n}"]["properties"]
     assert fleet.history.last_verdict("node1") == ("R1", True)
+
+
+def test_a_rollback_run_again_gates_a_node_its_killed_rebuild_left_on_the_target(tmp_path: Path) -> None:
+    """Seen in the soak: node0's rebuild to R1 was killed after it switched the node; the rollback failed, the
+    next one succeeded, and node0 went from R2 to R1 without a passed gate there."""
+    h, fleet, orch = make(tmp_path)
+    assert orch.rollout("R2", RolloutOptions(probe=False)).status == "succeeded"
+    h.fail_rebuilds = {"node0"}
+    failed = again(fleet).rollback("R1", RolloutOptions(probe=False))
+    assert failed.status == "failed"
+    h.fail_rebuilds = set()
+    h.releases["node0"] = "R1"  # the rebuild had switched and started the node before it was killed
+    out = again(fleet).rollback("R1", RolloutOptions(probe=False))
+    assert out.status == "succeeded", out.reason
+    gates = {s.node: s.status for s in fleet.history.steps(out.rollout.id) if s.step == "gate"}
+    assert gates.get("node0") == "succeeded"
+    assert fleet.history.last_verdict("node0") == ("R1", True)

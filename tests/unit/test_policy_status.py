@@ -47,19 +47,20 @@ def test_one_change_computation() -> None:
     assert ch.changing == ["node0"] and ch.after == {"node0": "R2", "node1": "R2", "node2": "R2"}
     back = policy.change(states, nodes, {"node0": "R1"}, bring_back={"node2"})
     assert back.changing == ["node2"]  # node0 already there; node2 stopped: brought back on its release
-    again = policy.change(states, nodes, {"node0": "R1"}, bring_back={"node1", "node2"}, failed_there={"node1"})
+    again = policy.change(states, nodes, {"node0": "R1"}, bring_back={"node1", "node2"}, unproven={"node1"})
     assert again.changing == ["node1", "node2"]  # node1 runs R2 but failed its gate there: gated again
 
 
-def test_a_node_whose_newest_gate_failed_on_what_it_runs_is_failed_there(tmp_path: Path) -> None:
+def test_a_node_without_a_passed_gate_on_what_it_runs_is_unproven(tmp_path: Path) -> None:
     h = History(tmp_path / "h.sqlite")
-    states = {n: NodeState(n, "a", "R1", True) for n in ("node0", "node1", "node2")}
+    states = {n: NodeState(n, "a", "R1", True) for n in ("node0", "node1", "node2", "node3", "node4")}
     h.reached("node0", "R1", 1, good=True)
     h.reached("node0", "R1", 2, good=False)  # a rollback to R1 failed its gate
     h.reached("node1", "R1", 2, good=False)
     h.reached("node1", "R1", 3, good=True)  # and the next one passed
-    h.reached("node2", "R2", 2, good=False)  # failed on another release than the one it runs
-    assert policy.failed_there(h, states) == {"node0"}
+    h.reached("node2", "R2", 2, good=True)  # passed on R2; its rebuild back to R1 was killed after the switch
+    h.reached("node3", "R2", 2, good=False)  # failed on R2, runs R1 without a gate there since
+    assert policy.unproven(h, states) == {"node0", "node2", "node3"}  # node4: no verdict at all (not adopted)
 
 
 def _row(h: History, status: str = "running", pid: int | None = None):  # type: ignore[no-untyped-def]
