@@ -129,24 +129,30 @@ def test_heat_lost_leaves_the_operation_open_and_resume_resends_after_a_restart(
     assert h.releases == {n: "R2" for n in NODES}
 
 
-def test_a_gate_failed_by_a_dead_heat_engine_is_not_a_verdict(tmp_path: Path) -> None:
-    """Heat killed during node0's gate: the new engine fails the gate it held and, the same template
-    re-sent, creates it again; the watch must not take that FAILED as node0's verdict."""
-    h, fleet, orch = make(tmp_path)
+def heat_dies_then_restarts(h: FakeHeat, orch: Orchestrator, resource: str, state: str) -> None:
+    """Heat stops answering once ``resource`` reaches ``state`` (the rollout gives up: HeatLost), then
+    comes back as a new instance that fails what the dead engine held."""
     real = h._step
 
     def dies() -> None:
         real()
-        gate = h.resources.get("gate_node0_r2")
-        if gate is not None and gate.state == "CREATE_IN_PROGRESS" and h.instance == "heat@1":
+        res = h.resources.get(resource)
+        if res is not None and res.state == state and h.instance == "heat@1":
             h.down = 1000
     h._step = dies  # type: ignore[method-assign]
-    orch.verify = lambda *a, **k: __import__("time").sleep(0.2) or verdicts()(*a, **k)  # type: ignore[assignment]
     with pytest.raises(HeatLost):
         orch.rollout("R2", RolloutOptions(probe=False))
     h._step = real  # type: ignore[method-assign]
     h.down = 0
     h.restart()
+
+
+def test_a_gate_failed_by_a_dead_heat_engine_is_not_a_verdict(tmp_path: Path) -> None:
+    """Heat killed during node0's gate: the new engine fails the gate it held and, the same template
+    re-sent, creates it again; the watch must not take that FAILED as node0's verdict."""
+    h, fleet, orch = make(tmp_path)
+    orch.verify = lambda *a, **k: __import__("time").sleep(0.2) or verdicts()(*a, **k)  # type: ignore[assignment]
+    heat_dies_then_restarts(h, orch, "gate_node0_r2", "CREATE_IN_PROGRESS")
     assert h.resources["gate_node0_r2"].status == "FAILED"
     h.stack_status = ("UPDATE", "IN_PROGRESS")
     out = again(fleet).resume()
@@ -161,19 +167,7 @@ def test_a_rebuild_failed_by_a_dead_heat_engine_is_not_the_rebuilds_outcome(tmp_
     dead one's server FAILED ("Worker went down during resource UPDATE") and then rebuilds it again; the
     history must not say the rebuild failed (seen in the fault matrix: node0 gated and passed on R2)."""
     h, fleet, orch = make(tmp_path, rebuild_looks=3)
-    real = h._step
-
-    def dies() -> None:
-        real()
-        server = h.resources.get("server_node0")
-        if server is not None and server.status == "IN_PROGRESS" and h.instance == "heat@1":
-            h.down = 1000
-    h._step = dies  # type: ignore[method-assign]
-    with pytest.raises(HeatLost):
-        orch.rollout("R2", RolloutOptions(probe=False))
-    h._step = real  # type: ignore[method-assign]
-    h.down = 0
-    h.restart()
+    heat_dies_then_restarts(h, orch, "server_node0", "UPDATE_IN_PROGRESS")
     h._set("server_node0", "UPDATE", "FAILED", "Worker went down during resource UPDATE")  # Heat's wording
     h.stack_status = ("UPDATE", "IN_PROGRESS")  # as the gate's case: Heat 27 leaves the stack in progress
     out = again(fleet).resume()
