@@ -438,12 +438,15 @@ class History:
                              (node, before, before)).fetchone()
         return str(row["release"]) if row else None
 
-    def last_verdict(self, node: str) -> tuple[str, bool] | None:
-        """The release of the newest gate verdict on ``node`` and whether it passed."""
+    def last_verdicts(self) -> dict[str, tuple[str, bool]]:
+        """Per node, the release of its newest gate verdict and whether it passed (one query for the fleet)."""
         with self._db() as db:
-            row = db.execute("SELECT release, good FROM releases WHERE node = ? ORDER BY id DESC LIMIT 1",
-                             (node,)).fetchone()
-        return (str(row["release"]), bool(row["good"])) if row else None
+            rows = db.execute("SELECT node, release, good FROM releases WHERE id IN "
+                              "(SELECT MAX(id) FROM releases GROUP BY node)").fetchall()
+        return {str(r["node"]): (str(r["release"]), bool(r["good"])) for r in rows}
+
+    def last_verdict(self, node: str) -> tuple[str, bool] | None:
+        return self.last_verdicts().get(node)
 
     def was_good(self, node: str, release: str, before_rollout: int | None = None) -> bool:
         """Whether ``release`` ever passed a gate on ``node`` (in operations older than ``before_rollout``)."""

@@ -48,7 +48,8 @@ def change(states: dict[str, NodeState], nodes: list[str], targets: dict[str, st
 def unproven(history: History, states: dict[str, NodeState]) -> set[str]:
     """Nodes whose newest gate verdict is not a pass on the release they hold: it failed there, or the node
     reached that release without a gate (its rebuild was killed after the switch, say)."""
-    return {n for n, s in states.items() if history.last_verdict(n) not in (None, (s.release, True))}
+    verdicts = history.last_verdicts()
+    return {n for n, s in states.items() if verdicts.get(n) not in (None, (s.release, True))}
 
 
 def touched(history: History, row: RolloutRow) -> set[str]:
