@@ -220,6 +220,9 @@ class LocalSite:
             with self.locked():
                 if not self.exists() and self.tombstone_path.exists():
                     self.config()  # SiteNotFound: a destroy was interrupted; finish it first
+                # release trees keep their setuid files, nodes' state is private, the SSH key is secret:
+                # no other host user may walk in
+                os.chmod(self.path, 0o700)
                 if self.exists():
                     return self._up_existing(nodes, release)
                 return self._up_new(nodes, release)

@@ -1,15 +1,19 @@
 """The local site with real nodes: namespaces, the image's init, SSH, HTTP (needs root)."""
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 import subprocess
+import tarfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from imageupdate.images.manifest import FILE_INDEX, MANIFEST, ROOT_IMAGE, Manifest, describe_artifact, write_checksums
 from imageupdate.site import procs
 from imageupdate.site.site import LocalSite
 from tests.functional.conftest import imageupdate, live_processes_mentioning, mounts_mentioning
@@ -144,6 +148,62 @@ def test_rebuild_killed_recovers_on_one_release(site: Path, store_dir: Path, ste
     assert LocalSite(site).node("node1").wait_ready() is None
     assert health(addr)["release"] == expected
     assert http(addr, "/kv/k") == b"before-crash"
+
+
+def crafted_release(store_dir: Path, base: str, name: str) -> None:
+    """``base``'s tree plus what the trust-boundary report got past the old check: behind a regular file
+    whose header has a garbage devmajor field (Python's tarfile stops reading there, GNU tar does not), a
+    world-writable character device. Signed off with a correct manifest and checksums."""
+    src, dst = store_dir / base, store_dir / name
+    shutil.copytree(src, dst)
+    raw = subprocess.run(["zstd", "-dc", str(src / ROOT_IMAGE)], capture_output=True, check=True).stdout
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as old, tarfile.open(fileobj=buf, mode="w",
+                                                                     format=tarfile.GNU_FORMAT) as new:
+        for m in old:
+            new.addfile(m, old.extractfile(m) if m.isreg() else None)
+        at = new.offset
+        bait = tarfile.TarInfo("etc/imageupdate-bait")
+        bait.size = 2
+        new.addfile(bait, io.BytesIO(b"hi"))
+        dev = tarfile.TarInfo("dev/mem-evil")
+        dev.type, dev.devmajor, dev.devminor, dev.mode = tarfile.CHRTYPE, 1, 1, 0o666
+        new.addfile(dev)
+    data = bytearray(buf.getvalue())
+    hdr = data[at:at + 512]
+    hdr[329:337] = b"zzzzzzz\0"
+    hdr[148:156] = b" " * 8
+    hdr[148:156] = b"%06o\0 " % sum(hdr)
+    data[at:at + 512] = hdr
+    (dst / ROOT_IMAGE).write_bytes(subprocess.run(["zstd", "-q", "-c"], input=bytes(data), capture_output=True,
+                                                  check=True).stdout)
+    m = Manifest.read(dst)
+    m.release = name
+    m.artifacts[ROOT_IMAGE] = describe_artifact(dst / ROOT_IMAGE, "tar+zstd")
+    m.write(dst)
+    write_checksums(dst, [ROOT_IMAGE, FILE_INDEX, MANIFEST])
+
+
+def test_a_crafted_image_writes_no_device_and_nodes_honour_none(site: Path, store_dir: Path) -> None:
+    """Trust boundary: the device node hidden behind a parser differential is refused before anything is
+    written; node roots and state are nodev; the site is closed to other host users."""
+    crafted_release(store_dir, "R1", "R-evil")
+    try:
+        proc = imageupdate("site", "rebuild", "node0", "R-evil", "--site", str(site), "--store", str(store_dir))
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        said = proc.stderr.strip().splitlines()
+        assert len(said) == 1 and "device node 'dev/mem-evil'" in said[0], proc.stderr
+        assert not (site / "releases/R-evil").exists()
+        assert not [p for p in (site / "releases").iterdir() if p.name.startswith(".R-evil")]
+        n = status(site, store_dir)["node0"]
+        assert (n["current"], n["running"]) == ("R1", True)
+    finally:
+        shutil.rmtree(store_dir / "R-evil", ignore_errors=True)
+    mounts = ssh(site, n["address"], "cat", "/proc/mounts").stdout.splitlines()
+    flags = {f[1]: f[3].split(",") for f in (line.split() for line in mounts)}
+    for where in ("/", "/mnt/state", "/run", "/tmp", "/dev/shm"):
+        assert "nodev" in flags[where], (where, flags[where])
+    assert os.stat(site).st_mode & 0o777 == 0o700
 
 
 def instances_of(site: Path, node: str) -> set[str]:
