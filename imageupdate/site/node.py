@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imageupdate import confined
 from imageupdate.crashpoints import crashpoint
 from imageupdate.errors import OperationError
 from imageupdate.site import procs
@@ -169,9 +170,8 @@ class Node:
         (self.dir / "root").mkdir(exist_ok=True)
         identity = self.state_dir / "identity"
         identity.mkdir(mode=0o755, exist_ok=True)
-        keys = identity / "authorized_keys"
-        keys.write_text(authorized_key)
-        os.chmod(keys, 0o600)
+        # an existing state is the node's: a link it planted at identity/ is refused, not written through
+        confined.write_bytes(self.state_dir, "identity/authorized_keys", authorized_key.encode(), mode=0o600)
         state_version.seed(self.state_dir, from_tree(self.releases_dir / release), release)
         self._save(NodeRecord(self.name, self.index, current=release), f"created on {release}")
         self.start()
