@@ -34,7 +34,7 @@ from imageupdate.crashpoints import crashpoint
 from imageupdate.errors import OperationError
 from imageupdate.site import procs
 from imageupdate.site.network import SiteNet
-from imageupdate.site.rootfs import BOOT
+from imageupdate.site.rootfs import boot
 from imageupdate.upgrade import state as state_version
 from imageupdate.upgrade.meta import from_tree
 
@@ -195,8 +195,7 @@ class Node:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.net.netns(self.name),
                  "unshare", "--mount", "--pid", "--uts", "--ipc", "--fork", "--propagation", "private", "--",
-                 "sh", "-c", BOOT, "node-boot", str(self.dir / "root"), str(tree), str(self.state_dir), self.name,
-                 "/usr/lib/imageupdate/init"],
+                 *boot("node-boot", self.dir / "root", tree, self.state_dir, self.name, ["/usr/lib/imageupdate/init"])],
                 stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
         crashpoint("in-start", node=self.name)  # the node runs, its pid is not recorded yet

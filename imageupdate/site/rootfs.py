@@ -9,14 +9,52 @@ them.
 Nothing it mounts from the release or the state honours device nodes (``nodev``): a device file a crafted
 image or a node's root left there opens nothing. ``/run``, ``/tmp`` and ``/dev/shm`` are also ``nosuid``.
 
-Arguments: ROOT (an empty mount point), TREE (the unpacked release), STATE (the state directory), NAME
-(the hostname), then the command to run in the root.
+The root is entered with ``pivot_root``, not ``chroot``: the host's root is detached from the node's
+mount namespace, so root in a node cannot climb out with a second chroot; the capabilities that mount,
+create devices, load modules or do raw I/O are out of the bounding set of everything the node runs.
+
+``boot()`` gives the command: ROOT (an empty mount point), TREE (the unpacked release), STATE (the state
+directory), NAME (the hostname), then the command to run in the root.
 """
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Capabilities no service needs and a root that escaped would: taken out of the bounding set of everything
+# the node runs (numbers from linux/capability.h). Kept: chown, setuid/setgid, net_bind_service, sys_chroot
+# (sshd's privilege separation), sys_ptrace (the verifier reads other users' /proc/PID/maps), kill, ...
+DROPPED_CAPABILITIES = {
+    "sys_module": 16, "sys_rawio": 17, "sys_pacct": 20, "sys_admin": 21, "sys_boot": 22, "sys_time": 25,
+    "mknod": 27, "audit_control": 30, "mac_override": 32, "mac_admin": 33, "syslog": 34, "wake_alarm": 35,
+    "block_suspend": 36, "perfmon": 38, "bpf": 39, "checkpoint_restore": 40,
+}
+
+# The last step, run by the host's Python (nothing of the release runs before it): make ROOT the root of
+# the mount namespace with pivot_root(".", ".") and detach the host's root beneath it, so no chroot or
+# ``..`` leads back to the host; drop DROPPED_CAPABILITIES from the bounding set; exec the command there.
+ENTER = r"""
+import ctypes, os, sys, warnings  # os.execvp imports warnings: after the pivot the host's library is gone
+root, argv = sys.argv[1], sys.argv[2:]
+libc = ctypes.CDLL(None, use_errno=True)
+def check(rc, what):
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise SystemExit(f"node-boot: {what}: {os.strerror(e)}")
+os.chdir(root)
+check(libc.syscall({"x86_64": 155, "aarch64": 41}[os.uname().machine], b".", b"."), "pivot_root")
+check(libc.umount2(b".", 2), "detaching the host's root")  # MNT_DETACH
+os.chdir("/")
+for cap in CAPS:
+    check(libc.prctl(24, cap, 0, 0, 0), f"dropping capability {cap}")  # PR_CAPBSET_DROP
+os.execvp(argv[0], argv)
+""".replace("CAPS", repr(sorted(DROPPED_CAPABILITIES.values())))
 
 BOOT = r"""
 set -eu
-root=$1 tree=$2 state=$3 name=$4
-shift 4
+root=$1 tree=$2 state=$3 name=$4 python=$5 enter=$6
+shift 6
 mount --bind "$tree" "$root"
 mount -o remount,bind,ro,nodev "$root"
 mount --bind "$state" "$root/mnt/state"
@@ -35,5 +73,10 @@ mount -t devpts -o newinstance,ptmxmode=0666 devpts "$root/dev/pts"
 ln -s pts/ptmx "$root/dev/ptmx"
 mount -t tmpfs -o mode=1777,size=16m,nodev,nosuid tmpfs "$root/dev/shm"
 hostname "$name"
-exec chroot "$root" "$@"
+exec "$python" -I -S -c "$enter" "$root" "$@"
 """
+
+
+def boot(label: str, root: Path, tree: Path, state: Path, name: str, argv: list[str]) -> list[str]:
+    """The command that boots ``argv`` in ``tree`` (``label`` names the process in ``ps``)."""
+    return ["sh", "-c", BOOT, label, str(root), str(tree), str(state), name, sys.executable, ENTER, *argv]

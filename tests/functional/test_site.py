@@ -31,11 +31,11 @@ def health(addr: str) -> dict:  # type: ignore[type-arg]
     return json.loads(http(addr, "/health"))
 
 
-def ssh(site: Path, addr: str, *cmd: str) -> subprocess.CompletedProcess[str]:
+def ssh(site: Path, addr: str, *cmd: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["ssh", "-i", str(site / "key"), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
          "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR", f"root@{addr}", *cmd],
-        capture_output=True, text=True, timeout=30, check=False,
+        input=stdin, capture_output=True, text=True, timeout=30, check=False,
     )
 
 
@@ -204,6 +204,39 @@ def test_a_crafted_image_writes_no_device_and_nodes_honour_none(site: Path, stor
     for where in ("/", "/mnt/state", "/run", "/tmp", "/dev/shm"):
         assert "nodev" in flags[where], (where, flags[where])
     assert os.stat(site).st_mode & 0o777 == 0o700
+
+
+ESCAPE = """
+import ctypes, os, sys
+site = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+def tried(what, rc):
+    print(what, "refused" if rc != 0 else "ALLOWED", os.strerror(ctypes.get_errno()) if rc != 0 else "")
+tried("mount", libc.mount(b"none", b"/mnt", b"tmpfs", 0, None))
+tried("mknod", libc.mknod(b"/tmp/mem", 0o20666, os.makedev(1, 1)))
+tried("init_module", libc.syscall(175, None, 0, b""))
+tried("pivot_root", libc.syscall(155, b"/", b"/"))
+os.makedirs("/tmp/cell", exist_ok=True)
+os.chroot("/tmp/cell")
+os.chdir("../../../../../..")
+os.chroot(".")
+print("double chroot", "ESCAPED" if os.path.exists(site) else "stayed in the node")
+print("proc", "ESCAPED" if os.path.exists("/proc/1/root" + site) else "stayed in the node")
+"""
+
+
+def test_root_in_a_node_cannot_leave_it(site: Path, store_dir: Path) -> None:
+    """Seen: root in a node mounted a tmpfs, created a character device and left its chroot with a second
+    chroot, then read the host's files. The node is entered with pivot_root and without the capabilities
+    to mount, create devices or load modules."""
+    addr = status(site, store_dir)["node0"]["address"]
+    out = ssh(site, addr, "python3", "-", str(site), stdin=ESCAPE)
+    said = out.stdout + out.stderr
+    for attempt in ("mount", "mknod", "init_module", "pivot_root"):
+        assert f"{attempt} refused" in said, said
+    assert "double chroot stayed in the node" in said and "proc stayed in the node" in said, said
+    caps = ssh(site, addr, "grep", "CapBnd", "/proc/1/status").stdout.split()[-1]
+    assert not int(caps, 16) & (1 << 21 | 1 << 27 | 1 << 16), caps  # sys_admin, mknod, sys_module
 
 
 def instances_of(site: Path, node: str) -> set[str]:
