@@ -221,7 +221,8 @@ def _add_rollout_commands(sub: Any, common: _Parser, site_opt: _Parser) -> None:
     for name, func, text in (
         ("start", cmd_heat_start, "start it (or find it running)"),
         ("status", cmd_heat_status, "is it running, where"),
-        ("env", cmd_heat_env, "shell exports for the openstack client: eval \"$(imageupdate heat env)\""),
+        ("env", cmd_heat_env, "shell exports for the openstack client, the site's Heat secret among them: "
+                          "eval \"$(imageupdate heat env)\""),
     ):
         hsub.add_parser(name, parents=[common, site_opt], help=text).set_defaults(func=func)
     sub.add_parser("resume", parents=[common, site_opt],
@@ -538,7 +539,8 @@ def cmd_heat_env(args: argparse.Namespace, out: Output) -> int:
     proc = fleet.heat.running()
     if proc is None:
         raise InputError(f"the Heat of site {fleet.path} is not running; start it with 'imageupdate heat start'")
-    exports = {"OS_AUTH_TYPE": "none", "OS_ENDPOINT": proc.endpoint, "IMAGEUPDATE_STACK": fleet.stack_name}
+    exports = {"OS_AUTH_TYPE": "admin_token", "OS_TOKEN": fleet.heat.secret(), "OS_ENDPOINT": proc.endpoint,
+               "IMAGEUPDATE_STACK": fleet.stack_name}
     out.result(exports, "\n".join(f"export {k}={v}" for k, v in exports.items()))
     return EXIT_OK
 

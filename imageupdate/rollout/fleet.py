@@ -109,11 +109,12 @@ class LocalFleet:
         proc = self.heat.running()
         if proc is None:
             return {"running": False}, None
-        return {"running": True, "pid": proc.pid, "endpoint": proc.endpoint}, HeatClient(proc.endpoint)
+        return {"running": True, "pid": proc.pid, "endpoint": proc.endpoint}, \
+            HeatClient(proc.endpoint, token=self.heat.secret())
 
     def connect(self) -> tuple[HeatClient, HeatProcess]:
         proc = self.heat.ensure()
-        return HeatClient(proc.endpoint), proc
+        return HeatClient(proc.endpoint, token=self.heat.secret()), proc
 
     def state_record(self, node: str) -> state.StateRecord:
         """The node's state version and migration journal, as kept on its state partition."""

@@ -6,7 +6,9 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -237,6 +239,29 @@ def test_root_in_a_node_cannot_leave_it(site: Path, store_dir: Path) -> None:
     assert "double chroot stayed in the node" in said and "proc stayed in the node" in said, said
     caps = ssh(site, addr, "grep", "CapBnd", "/proc/1/status").stdout.split()[-1]
     assert not int(caps, 16) & (1 << 21 | 1 << 27 | 1 << 16), caps  # sys_admin, mknod, sys_module
+
+
+def test_only_imageupdate_reaches_the_sites_heat(site: Path, store_dir: Path) -> None:
+    """Seen: any local user could signal SUCCESS for a failed gate (loopback Heat, noauth, port in a
+    world-readable file). Now a request without the site's secret gets 401, and other users cannot read it."""
+    imageupdate("heat", "start", "--site", str(site), "--store", str(store_dir), check=True)
+    env = json.loads(imageupdate("heat", "env", "--site", str(site), "--store", str(store_dir), "--json",
+                                 check=True).stdout)
+    signal = f"{env['OS_ENDPOINT']}/stacks/{env['IMAGEUPDATE_STACK']}/x/resources/gate_node0_r1/signal"
+    for token in (None, "guess"):
+        req = urllib.request.Request(signal, data=b'{"status": "SUCCESS"}', method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              **({"X-Auth-Token": token} if token else {})})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 401
+    other = subprocess.run(["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "cat",
+                            str(site / "heat/secret")], capture_output=True, text=True, check=False)
+    assert other.returncode != 0 and "Permission denied" in other.stderr
+    listed = subprocess.run([str(Path(sys.executable).parent / "openstack"), "stack", "list", "-f", "json"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, **env}, check=False)
+    assert listed.returncode == 0, listed.stderr[-500:]  # the operator's own client, through 'heat env'
+    imageupdate("heat", "stop", "--site", str(site), "--store", str(store_dir), check=True)
 
 
 def instances_of(site: Path, node: str) -> set[str]:
