@@ -268,14 +268,15 @@ def cmd_build(args: argparse.Namespace, out: Output) -> int:
 def cmd_list(args: argparse.Namespace, out: Output) -> int:
     store = _store(args)
     manifests = [store.manifest(r) for r in store.releases()]
+    damaged = store.damaged()
     out.result(
         {"store": str(store.root), "releases": [
             {"release": m.release, "built_at": m.built_at, "elements": m.elements,
              "packages": len(m.packages), "kernel": m.kernel,
              "artifacts": {k: asdict(v) for k, v in m.artifacts.items()}}
             for m in manifests
-        ]},
-        render.release_list(manifests),
+        ], "damaged": [{"release": r, "reason": why} for r, why in damaged.items()]},
+        render.release_list(manifests, damaged),
     )
     return EXIT_OK
 
