@@ -262,8 +262,12 @@ class ImageStore:
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreNotWritable(f"image store {self.root} is not writable ({exc.strerror}); choose another "
+                                   "with --store or IMAGEUPDATE_STORE, or fix its permissions") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -344,6 +348,7 @@ class ImageStore:
     def delete(self, release: str) -> None:
         target = self.path(release)
         self.manifest(release)  # raises ReleaseNotFound
+        self.ensure_writable()
         with self.lock():
             trash = self.root / STAGING / f"deleted-{release}.{secrets.token_hex(4)}"
             (self.root / STAGING).mkdir(parents=True, exist_ok=True)

@@ -90,3 +90,31 @@ def test_a_store_listing_survives_an_unreadable_manifest_file(store: ImageStore,
     publish("R2")
     (store.path("R2") / MANIFEST).write_bytes(b"\xff\xfe garbage")
     assert store.releases() == ["R1"] and list(store.damaged()) == ["R2"]
+
+
+def test_a_store_that_cannot_be_written_refuses_delete_in_one_line(store: ImageStore, publish: Any,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Seen: 'images delete' on a read-only store gave a traceback. (A file where the store's staging
+    directory goes fails even for root, as a read-only store does for anyone else.)"""
+    import shutil
+
+    from imageupdate.images.store import STAGING
+    publish("R1")
+    shutil.rmtree(store.root / STAGING, ignore_errors=True)
+    (store.root / STAGING).write_text("")
+    rc, out, err = run(capsys, "images", "delete", "R1", "--store", str(store.root))
+    assert rc == 2 and "is not writable" in err and "Traceback" not in err, err
+    assert store.releases() == ["R1"]
+
+
+@pytest.mark.parametrize("text, said", [("clouds: [1, 2\n", "does not parse at line 2"),
+                                        ("clouds:\n  x: [1]\n", "cloud 'x' is a list"),
+                                        ("- 1\n", "no 'clouds:' mapping")])
+def test_a_malformed_clouds_yaml_is_one_line_naming_it(text: str, said: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "clouds.yaml").write_text(text)
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(tmp_path / "clouds.yaml"))
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run(capsys, "status", "--cloud", "x", "--site", str(tmp_path / "site"))
+    assert rc == 2 and said in err and str(tmp_path / "clouds.yaml") in err and "Traceback" not in err, err
