@@ -1,4 +1,5 @@
-"""Host-side access to a tree a node controls (its state partition), resolved inside that tree.
+"""Host-side access to a tree a node or an image controls (a state partition, an unpacked release),
+resolved inside that tree.
 
 Root in a node can replace anything on its state partition with a symlink, a ``..``-laden link or a
 directory link; a host that opened ``STATE/imageupdate/state.json`` by path would then read or write a
@@ -45,12 +46,14 @@ def _open_dir(root: Path, comps: list[str], create: bool) -> int:
     try:
         for i, comp in enumerate(comps):
             try:
-                nxt = os.open(comp, _DIR_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                if not create:
-                    raise
-                os.mkdir(comp, 0o700, dir_fd=fd)
-                nxt = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                try:
+                    nxt = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    with suppress(FileExistsError):  # made meanwhile (or a link planted meanwhile: see below)
+                        os.mkdir(comp, 0o700, dir_fd=fd)
+                    nxt = os.open(comp, _DIR_FLAGS, dir_fd=fd)
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise _escape(root, comps[: i + 1], e) from None
@@ -97,6 +100,24 @@ def read_bytes(root: Path, rel: str, limit: int = MAX_READ) -> bytes:
 
 def read_text(root: Path, rel: str, limit: int = MAX_READ) -> str:
     return read_bytes(root, rel, limit).decode(errors="replace")
+
+
+def listdir(root: Path, rel: str) -> list[str]:
+    """The names in directory ``rel`` under ``root`` (reached without a link), sorted."""
+    fd = _open_dir(root, parts(rel), create=False)
+    try:
+        return sorted(os.listdir(fd))
+    finally:
+        os.close(fd)
+
+
+def chmod_dir(root: Path, rel: str, mode: int) -> None:
+    """chmod the directory ``rel`` under ``root``, reached without a link."""
+    fd = _open_dir(root, parts(rel), create=False)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def is_file(root: Path, rel: str) -> bool:

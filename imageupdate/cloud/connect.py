@@ -79,26 +79,30 @@ def clouds_yaml_files() -> list[Path]:
     """Where openstacksdk looks, in its order (OS_CLIENT_CONFIG_FILE first)."""
     given = os.environ.get("OS_CLIENT_CONFIG_FILE")
     found = [Path(given)] if given else []
-    for d in (Path.cwd(), Path.home() / ".config/openstack", Path("/etc/openstack")):
+    for d in (Path.cwd(), Path.home() / ".config/openstack", Path("/etc/xdg/openstack"), Path("/etc/openstack")):
         found += [d / f"clouds.{ext}" for ext in ("yaml", "yml", "json")]
     return [p for p in found if p.is_file()]
 
 
 def check_clouds_yaml(name: str) -> None:
-    """Each clouds.yaml openstacksdk would read parses and maps names to mappings: otherwise one line naming
-    the file, not a traceback from inside openstacksdk or a misleading 'no cloud named'."""
+    """The clouds.yaml openstacksdk will use (the first it can read and parse; one named by
+    OS_CLIENT_CONFIG_FILE must parse) maps cloud names to mappings: otherwise one line naming the file,
+    not a traceback from inside openstacksdk or a misleading 'no cloud named'."""
     import yaml
 
+    given = os.environ.get("OS_CLIENT_CONFIG_FILE")
     for path in clouds_yaml_files():
         try:
             data = yaml.safe_load(path.read_text(errors="replace"))
+        except PermissionError:
+            continue  # openstacksdk skips it too
         except (OSError, yaml.YAMLError) as e:
+            if given is None or path != Path(given):
+                continue  # openstacksdk skips a file that does not parse and reads the next
             where = getattr(e, "problem_mark", None)
             at = f" at line {where.line + 1}" if where is not None else ""
             raise BadCloudsYaml(f"{path} does not parse{at}: {str(getattr(e, 'problem', e))}; fix it or point "
                                 "OS_CLIENT_CONFIG_FILE at another", step="connect") from None
-        if data is None:
-            continue
         clouds = data.get("clouds") if isinstance(data, dict) else None
         if not isinstance(clouds, dict):
             raise BadCloudsYaml(f"{path} has no 'clouds:' mapping of cloud names to settings", step="connect")
@@ -106,3 +110,4 @@ def check_clouds_yaml(name: str) -> None:
         if entry is not None and not isinstance(entry, dict):
             raise BadCloudsYaml(f"{path}: cloud {name!r} is a {type(entry).__name__}, not a mapping of settings "
                                 "(auth, region_name, ...)", step="connect")
+        return  # the file openstacksdk uses

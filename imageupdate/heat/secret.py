@@ -19,16 +19,25 @@ Wsgi = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
 def ensure(path: Path) -> str:
-    """The site's secret, made on first use (0600, written before anyone can read it)."""
+    """The site's secret, made on first use: written whole under a temporary name and linked into place,
+    so a reader never sees it empty and two first users agree on one."""
     try:
-        return path.read_text().strip()
+        found = path.read_text().strip()
+        if found:
+            return found
     except FileNotFoundError:
         pass
-    value = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
-    return value
+        f.write(secrets.token_urlsafe(32) + "\n")
+    try:
+        os.link(tmp, path)  # fails if another made it first: theirs stands
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    return path.read_text().strip()
 
 
 class SecretAuth:

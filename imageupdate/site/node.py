@@ -31,7 +31,7 @@ from typing import Any
 
 from imageupdate import confined
 from imageupdate.crashpoints import crashpoint
-from imageupdate.errors import OperationError
+from imageupdate.errors import ImageUpdateError, OperationError
 from imageupdate.site import procs
 from imageupdate.site.network import SiteNet
 from imageupdate.site.rootfs import boot
@@ -74,14 +74,14 @@ class NodeStatus:
 def declared_services(tree: Path) -> list[dict[str, Any]]:
     """The service declarations of an unpacked release (validated at build; read defensively here)."""
     found: list[dict[str, Any]] = []
-    try:
-        files = sorted((tree / SERVICES_DIR).glob("*.json"))
-    except OSError:
+    try:  # the image controls the tree: read inside it (no link followed out, bounded)
+        names = [n for n in confined.listdir(tree, SERVICES_DIR) if n.endswith(".json")]
+    except (OSError, ImageUpdateError):
         return found
-    for f in files:
+    for name in names:
         try:
-            decl = json.loads(f.read_text())
-        except (OSError, ValueError):
+            decl = json.loads(confined.read_bytes(tree, f"{SERVICES_DIR}/{name}", 1 << 20))
+        except (OSError, ValueError, ImageUpdateError):
             continue
         if isinstance(decl, dict):
             found.append(decl)
@@ -168,10 +168,9 @@ class Node:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o755)
         (self.dir / "root").mkdir(exist_ok=True)
-        identity = self.state_dir / "identity"
-        identity.mkdir(mode=0o755, exist_ok=True)
         # an existing state is the node's: a link it planted at identity/ is refused, not written through
         confined.write_bytes(self.state_dir, "identity/authorized_keys", authorized_key.encode(), mode=0o600)
+        confined.chmod_dir(self.state_dir, "identity", 0o755)
         state_version.seed(self.state_dir, from_tree(self.releases_dir / release), release)
         self._save(NodeRecord(self.name, self.index, current=release), f"created on {release}")
         self.start()

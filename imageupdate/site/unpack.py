@@ -23,6 +23,7 @@ import re
 import shutil
 import stat
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,10 @@ def _zstd_stream(image: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(["zstd", "-dc", "-q", str(image)], stdout=subprocess.PIPE)
 
 
-LISTING = re.compile(rb'^(?P<kind>.)(?P<mode>\S{9}) .*? "(?P<name>(?:[^"\\]|\\.)*)"'
-                     rb'(?: (?P<how>->|link to) "(?P<link>(?:[^"\\]|\\.)*)")?$')
+# GNU tar -tv in the C locale: TYPE+MODE UID/GID SIZE-or-MAJOR,MINOR DATE TIME "NAME"[ -> "LINK" | link to "LINK"]
+LISTING = re.compile(rb'^(?P<kind>.)(?P<mode>\S{9}) \d+/\d+ +(?:\d+|\d+, *\d+) \S+ \S+ '
+                     rb'"(?P<name>(?:[^"\\]|\\.)*)"(?: (?P<how>->|link to) "(?P<link>(?:[^"\\]|\\.)*)")?$')
+TAR_ENV = {"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}  # no LANGUAGE: "link to" is translated
 KINDS = {b"-": "file", b"h": "hard link", b"l": "symlink", b"d": "directory", b"p": "fifo"}
 
 
@@ -60,6 +63,8 @@ def parse_listing(line: bytes) -> Member:
     if m is None:
         raise ValueError(f"unreadable listing line {line[:200]!r}")
     kind = KINDS.get(m["kind"], m["kind"].decode(errors="replace"))
+    if (m["how"] == b"->") != (kind == "symlink") or (m["how"] == b"link to") != (kind == "hard link"):
+        raise ValueError(f"unreadable listing line {line[:200]!r} (its link does not match its type)")
     return Member(kind, m["mode"].decode(errors="replace"), _unquote(m["name"]),
                   _unquote(m["link"]) if m["link"] is not None else "")
 
@@ -90,27 +95,33 @@ def unsafe_member(m: Member, symlinks: set[tuple[str, ...]], seen: set[tuple[str
             return f"symlink {m.name!r} -> {m.link!r} leaves the tree"
     if m.kind == "hard link" and (m.link.startswith("/") or normal(m.link) not in seen):
         return f"hard link {m.name!r} -> {m.link!r} points outside the archive"
+    if m.kind == "hard link" and normal(m.link) in symlinks:
+        return f"hard link {m.name!r} -> {m.link!r} links a symlink (it would point elsewhere from there)"
     return None
 
 
 def members(image: Path) -> Iterator[Member]:
     """Every member of the archive as GNU tar reads it: the listing of the program that extracts."""
     zstd = _zstd_stream(image)
+    errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finally; tar may warn once per member
     tar = subprocess.Popen(["tar", "-t", "-v", "--numeric-owner", "--quoting-style=c", "-f", "-"],
-                           stdin=zstd.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert zstd.stdout is not None and tar.stdout is not None and tar.stderr is not None
+                           stdin=zstd.stdout, stdout=subprocess.PIPE, stderr=errors, env=TAR_ENV)
+    assert zstd.stdout is not None and tar.stdout is not None
     zstd.stdout.close()  # tar holds it now
     try:
         for line in tar.stdout:
             yield parse_listing(line.rstrip(b"\n"))
         tar.stdout.close()
-        err = tar.stderr.read().decode(errors="replace").strip()
-        if tar.wait() != 0 or zstd.wait() != 0:
+        failed = tar.wait() != 0 or zstd.wait() != 0
+        errors.seek(0)
+        err = errors.read(1 << 16).decode(errors="replace").strip()
+        if failed:
             raise IntegrityError(f"refusing to unpack {image}: GNU tar could not read it: "
                                  f"{(err.splitlines() or ['zstd failed'])[-1]}", step="unpack")
     except ValueError as e:
         raise IntegrityError(f"refusing to unpack {image}: {e}", step="unpack") from None
     finally:
+        errors.close()
         for p in (tar, zstd):
             if p.poll() is None:
                 p.kill()
@@ -170,7 +181,9 @@ def _unpack(store: ImageStore, release: str, releases_dir: Path, target: Path) -
     try:
         proc = _zstd_stream(image)
         done = subprocess.run(["tar", "-x", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C", str(tmp)],
-                              stdin=proc.stdout, check=False, capture_output=True)
+                              stdin=proc.stdout, check=False, capture_output=True, env=TAR_ENV)
+        assert proc.stdout is not None
+        proc.stdout.close()  # tar is done with it: zstd gets SIGPIPE rather than block if tar stopped early
         if proc.wait() != 0:
             raise IntegrityError(f"zstd could not decompress {image}", release=release, step="unpack")
         if done.returncode != 0:

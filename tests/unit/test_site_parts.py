@@ -341,3 +341,38 @@ def test_subnet_picking_is_one_site_at_a_time(tmp_path: Path) -> None:
         order.append("first done")
     t.join(5)
     assert order == ["first done", "second"]
+
+
+def test_a_hard_link_to_a_symlink_is_refused(tmp_path: Path) -> None:
+    """A link d/e/a -> ../../etc stays in the tree where it is; a hard link to it at the top leaves it."""
+    image = _crafted(tmp_path, (_ti("d/e", tarfile.DIRTYPE, mode=0o755), b""),
+                     (_ti("d/e/a", tarfile.SYMTYPE, "../../etc"), b""), (_ti("h", tarfile.LNKTYPE, "d/e/a"), b""))
+    with pytest.raises(IntegrityError, match="links a symlink"):
+        check_archive(image)
+
+
+def test_the_listing_is_read_in_the_c_locale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A translated 'link to' must not turn a hard link's target into its name."""
+    monkeypatch.setenv("LANGUAGE", "de")
+    monkeypatch.setenv("LC_ALL", "de_DE.UTF-8")
+    image = _crafted(tmp_path, (_ti("f"), b"x"), (_ti("s", tarfile.SYMTYPE, "/etc"), b""),
+                     (_ti("s/evil", tarfile.LNKTYPE, "f"), b""))
+    with pytest.raises(IntegrityError, match="below the symlink 's'"):
+        check_archive(image)
+
+
+def test_a_member_warning_per_member_does_not_hang_the_check(tmp_path: Path) -> None:
+    """GNU tar warns once per member about an unknown pax keyword: that must not fill a pipe and hang."""
+    members = []
+    for i in range(3000):
+        ti = _ti(f"d{i}")
+        ti.pax_headers = {"LIBARCHIVE.creationtime": "1700000000"}
+        members.append((ti, b""))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for ti, data in members:
+            tf.addfile(ti, io.BytesIO(data))
+    image = tmp_path / "root.tar.zst"
+    image.write_bytes(subprocess.run(["zstd", "-q", "-c"], input=buf.getvalue(), capture_output=True,
+                                     check=True).stdout)
+    assert check_archive(image) == 3000
