@@ -221,7 +221,8 @@ def _add_rollout_commands(sub: Any, common: _Parser, site_opt: _Parser) -> None:
     for name, func, text in (
         ("start", cmd_heat_start, "start it (or find it running)"),
         ("status", cmd_heat_status, "is it running, where"),
-        ("env", cmd_heat_env, "shell exports for the openstack client: eval \"$(imageupdate heat env)\""),
+        ("env", cmd_heat_env, "shell exports for the openstack client, the site's Heat secret among them: "
+                          "eval \"$(imageupdate heat env)\""),
     ):
         hsub.add_parser(name, parents=[common, site_opt], help=text).set_defaults(func=func)
     sub.add_parser("resume", parents=[common, site_opt],
@@ -267,14 +268,15 @@ def cmd_build(args: argparse.Namespace, out: Output) -> int:
 def cmd_list(args: argparse.Namespace, out: Output) -> int:
     store = _store(args)
     manifests = [store.manifest(r) for r in store.releases()]
+    damaged = store.damaged()
     out.result(
         {"store": str(store.root), "releases": [
             {"release": m.release, "built_at": m.built_at, "elements": m.elements,
              "packages": len(m.packages), "kernel": m.kernel,
              "artifacts": {k: asdict(v) for k, v in m.artifacts.items()}}
             for m in manifests
-        ]},
-        render.release_list(manifests),
+        ], "damaged": [{"release": r, "reason": why} for r, why in damaged.items()]},
+        render.release_list(manifests, damaged),
     )
     return EXIT_OK
 
@@ -538,7 +540,8 @@ def cmd_heat_env(args: argparse.Namespace, out: Output) -> int:
     proc = fleet.heat.running()
     if proc is None:
         raise InputError(f"the Heat of site {fleet.path} is not running; start it with 'imageupdate heat start'")
-    exports = {"OS_AUTH_TYPE": "none", "OS_ENDPOINT": proc.endpoint, "IMAGEUPDATE_STACK": fleet.stack_name}
+    exports = {"OS_AUTH_TYPE": "admin_token", "OS_TOKEN": fleet.heat.secret(), "OS_ENDPOINT": proc.endpoint,
+               "IMAGEUPDATE_STACK": fleet.stack_name}
     out.result(exports, "\n".join(f"export {k}={v}" for k, v in exports.items()))
     return EXIT_OK
 

@@ -34,8 +34,8 @@ def build_result(r: BuildResult) -> Group:
     )
 
 
-def release_list(manifests: list[Manifest]) -> RenderableType:
-    if not manifests:
+def release_list(manifests: list[Manifest], damaged: dict[str, str] | None = None) -> RenderableType:
+    if not manifests and not damaged:
         return Text("no releases in the store; build one with 'imageupdate build RELEASE'")
     t = table("RELEASE", "BUILT", "ELEMENTS", "PACKAGES", "SIZE", "KERNEL")
     for m in manifests:
@@ -48,6 +48,8 @@ def release_list(manifests: list[Manifest]) -> RenderableType:
             _mib(root.size) if root else "-",
             m.kernel or "-",
         )
+    for r, why in (damaged or {}).items():
+        t.add_row(r, "damaged", why, "", "", "")
     return t
 
 

@@ -4,6 +4,8 @@ line: an unknown cloud name, an authentication failure, a missing Heat or Glance
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from imageupdate.errors import InputError, OperationError
@@ -36,6 +38,7 @@ def connect(name: str) -> Any:
 
     logging.getLogger("keystoneauth").setLevel(logging.ERROR)  # its warnings would add lines to our one-line error
 
+    check_clouds_yaml(name)
     try:
         conn = openstack.connect(cloud=name)
     except sdk.ConfigException as e:
@@ -66,3 +69,45 @@ def connect(name: str) -> Any:
 
 def _first(e: BaseException) -> str:
     return " ".join(str(e).split())[:300]
+
+
+class BadCloudsYaml(InputError):
+    """A clouds.yaml that does not parse, or whose entries are not mappings."""
+
+
+def clouds_yaml_files() -> list[Path]:
+    """Where openstacksdk looks, in its order (OS_CLIENT_CONFIG_FILE first)."""
+    given = os.environ.get("OS_CLIENT_CONFIG_FILE")
+    found = [Path(given)] if given else []
+    for d in (Path.cwd(), Path.home() / ".config/openstack", Path("/etc/xdg/openstack"), Path("/etc/openstack")):
+        found += [d / f"clouds.{ext}" for ext in ("yaml", "yml", "json")]
+    return [p for p in found if p.is_file()]
+
+
+def check_clouds_yaml(name: str) -> None:
+    """The clouds.yaml openstacksdk will use (the first it can read and parse; one named by
+    OS_CLIENT_CONFIG_FILE must parse) maps cloud names to mappings: otherwise one line naming the file,
+    not a traceback from inside openstacksdk or a misleading 'no cloud named'."""
+    import yaml
+
+    given = os.environ.get("OS_CLIENT_CONFIG_FILE")
+    for path in clouds_yaml_files():
+        try:
+            data = yaml.safe_load(path.read_text(errors="replace"))
+        except PermissionError:
+            continue  # openstacksdk skips it too
+        except (OSError, yaml.YAMLError) as e:
+            if given is None or path != Path(given):
+                continue  # openstacksdk skips a file that does not parse and reads the next
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}" if where is not None else ""
+            raise BadCloudsYaml(f"{path} does not parse{at}: {str(getattr(e, 'problem', e))}; fix it or point "
+                                "OS_CLIENT_CONFIG_FILE at another", step="connect") from None
+        clouds = data.get("clouds") if isinstance(data, dict) else None
+        if not isinstance(clouds, dict):
+            raise BadCloudsYaml(f"{path} has no 'clouds:' mapping of cloud names to settings", step="connect")
+        entry = clouds.get(name)
+        if entry is not None and not isinstance(entry, dict):
+            raise BadCloudsYaml(f"{path}: cloud {name!r} is a {type(entry).__name__}, not a mapping of settings "
+                                "(auth, region_name, ...)", step="connect")
+        return  # the file openstacksdk uses

@@ -1,6 +1,6 @@
 """The few Heat calls imageupdate makes, through python-heatclient, as small typed values.
 
-Local sites talk to their ephemeral Heat under noauth (any token); the cloud path will hand in a
+Local sites talk to their ephemeral Heat under noauth behind the site's secret; the cloud path will hand in a
 keystoneauth session instead. Every heatclient error becomes a ``HeatError`` naming the call.
 """
 
@@ -85,13 +85,15 @@ def _said(e: Exception) -> str:
 
 
 class HeatClient:
-    def __init__(self, endpoint: str, session: Any = None) -> None:
+    def __init__(self, endpoint: str, session: Any = None, token: str = "noauth") -> None:
+        """A cloud's Heat through a Keystone ``session``; a local Heat by ``endpoint`` and its site's secret
+        as ``token`` (``imageupdate.heat.secret``)."""
         from heatclient import client
 
         if session is not None:
             self._hc = client.Client("1", session=session)
         else:
-            self._hc = client.Client("1", endpoint=endpoint, token="noauth", timeout=60)
+            self._hc = client.Client("1", endpoint=endpoint, token=token, timeout=60)
         self.endpoint = endpoint
         self._names: dict[str, str] = {}  # stack id -> name
 

@@ -1,8 +1,8 @@
 """The files an ephemeral local Heat runs from, all inside ``SITE/heat/``.
 
 ``heat.conf`` (noauth, ``fake://`` transport, convergence engine, SQLite in the site), a paste file with the
-``noauth`` pipeline only, and the token document the noauth middleware hands to the engine (as TripleO's
-``heat_launcher`` did). Rendering touches nothing but these files.
+``noauth`` pipeline only, behind the site's secret (``imageupdate.heat.secret``), and the token document the
+noauth middleware hands to the engine (as TripleO's ``heat_launcher`` did). Rendering touches nothing but these files.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from imageupdate.heat import secret
 from imageupdate.resources import heat_templates_dir
 
 PROJECT = "admin"
@@ -23,7 +24,7 @@ use = egg:Paste#urlmap
 
 [composite:api]
 paste.composite_factory = heat.api:pipeline_factory
-noauth = request_id faultwrap noauth context http_proxy_to_wsgi versionnegotiation apiv1app
+noauth = request_id sitesecret faultwrap noauth context http_proxy_to_wsgi versionnegotiation apiv1app
 
 [app:apiv1app]
 paste.app_factory = heat.common.wsgi:app_factory
@@ -45,6 +46,10 @@ paste.filter_factory = heat.common.context:ContextMiddleware_filter_factory
 
 [filter:http_proxy_to_wsgi]
 paste.filter_factory = oslo_middleware:HTTPProxyToWSGI.factory
+
+[filter:sitesecret]
+paste.filter_factory = imageupdate.heat.secret:filter_factory
+secret_file = {secret}
 
 [filter:noauth]
 paste.filter_factory = heat.common.noauth:filter_factory
@@ -71,6 +76,11 @@ class HeatPaths:
     @property
     def token(self) -> Path:
         return self.root / "token.json"
+
+    @property
+    def secret(self) -> Path:
+        """What a request must carry as X-Auth-Token (``imageupdate.heat.secret``)."""
+        return self.root / "secret"
 
     @property
     def database(self) -> Path:
@@ -163,5 +173,6 @@ def render_token(port: int) -> dict[str, object]:
 def write(paths: HeatPaths, port: int) -> None:
     paths.root.mkdir(parents=True, exist_ok=True)
     paths.conf.write_text(render_conf(paths, port))
-    paths.paste.write_text(API_PASTE)
+    secret.ensure(paths.secret)
+    paths.paste.write_text(API_PASTE.replace("{secret}", str(paths.secret)))
     paths.token.write_text(json.dumps(render_token(port), indent=2) + "\n")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imageupdate.errors import OperationError
-from imageupdate.heat import config
+from imageupdate.heat import config, secret
 from imageupdate.heat.config import HeatPaths
 from imageupdate.site import procs
 
@@ -124,6 +124,10 @@ class HeatService:
         if procs.alive(pid) and "imageupdate.heat.server" in procs.cmdline(pid):
             procs.stop(pid, STOP_GRACE, sleep=self.sleep)
         self.paths.state.unlink(missing_ok=True)
+
+    def secret(self) -> str:
+        """What this Heat wants as X-Auth-Token (made with its config)."""
+        return secret.ensure(self.paths.secret)
 
     def stop(self) -> str:
         try:

@@ -37,10 +37,22 @@ def write_index(path: Path, entries: Iterable[FileEntry]) -> None:
 
 
 def read_index(path: Path) -> dict[str, FileEntry]:
+    """The index; ValueError names the first line that is not a file entry."""
     index: dict[str, FileEntry] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
             if line.strip():
-                e = FileEntry(**json.loads(line))
+                try:
+                    data = json.loads(line)
+                    e = FileEntry(**data)
+                except (ValueError, TypeError) as exc:
+                    raise ValueError(f"line {n} is not a file entry ({str(exc)[:80]})") from None
+                if not (isinstance(e.path, str) and isinstance(e.type, str) and _int(e.mode) and _int(e.size)
+                        and _int(e.uid) and _int(e.gid)):
+                    raise ValueError(f"line {n} is not a file entry (wrong field types)")
                 index[e.path] = e
     return index
+
+
+def _int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

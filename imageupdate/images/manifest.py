@@ -54,11 +54,23 @@ class Manifest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        data = dict(data)
-        data["artifacts"] = {k: Artifact(**v) for k, v in data.get("artifacts", {}).items()}
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_dict(cls, data: Any) -> Manifest:
+        """A manifest from its JSON, every field checked against the schema (``ManifestInvalid`` names the
+        first field that is missing or of the wrong type): a store is input like any other."""
+        if not isinstance(data, dict):
+            raise ManifestInvalid(f"the manifest is a JSON {type(data).__name__}, not an object")
+        for name, check in SCHEMA.items():
+            if name not in data:
+                if name in OPTIONAL:
+                    continue
+                raise ManifestInvalid(f"field {name!r} is missing")
+            if not check(data[name]):
+                raise ManifestInvalid(f"field {name!r} is not {DESCRIBED[name]} ({_short(data[name])})")
+        if data.get("format", MANIFEST_FORMAT) != MANIFEST_FORMAT:
+            raise ManifestInvalid(f"format {data['format']} is not {MANIFEST_FORMAT}: written by another imageupdate")
+        values = {k: v for k, v in data.items() if k in SCHEMA}
+        values["artifacts"] = {k: Artifact(**v) for k, v in data.get("artifacts", {}).items()}
+        return cls(**values)
 
     def write(self, directory: Path) -> Path:
         path = directory / MANIFEST
@@ -67,7 +79,89 @@ class Manifest:
 
     @classmethod
     def read(cls, directory: Path) -> Manifest:
-        return cls.from_dict(json.loads((directory / MANIFEST).read_text()))
+        with open(directory / MANIFEST, "rb") as f:
+            raw = f.read(MAX_MANIFEST + 1)
+        if len(raw) > MAX_MANIFEST:
+            raise ManifestInvalid(f"larger than {MAX_MANIFEST} bytes")
+        try:
+            return cls.from_dict(json.loads(raw))
+        except RecursionError:
+            raise ManifestInvalid("nested too deeply") from None
+
+
+class ManifestInvalid(ValueError):
+    """A manifest that is not valid JSON of the manifest's schema."""
+
+
+MAX_MANIFEST = 64 * 1024 * 1024  # bytes: a manifest lists packages and services, not files
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return (_int(v) or isinstance(v, float)) and v >= 0
+
+
+def _strs(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _objects(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, dict) for x in v)
+
+
+def _named(v: Any) -> bool:
+    return _objects(v) and all(isinstance(x.get("name"), str) for x in v)
+
+
+def _str_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
+
+
+def _packages(v: Any) -> bool:
+    return isinstance(v, dict) and all(_str_map(x) for x in v.values())
+
+
+def _counts(v: Any) -> bool:
+    return isinstance(v, dict) and all(_int(x) for x in v.values())
+
+
+def _artifacts(v: Any) -> bool:
+    return isinstance(v, dict) and all(
+        isinstance(a, dict) and set(a) == {"sha256", "size", "format"} and isinstance(a["sha256"], str)
+        and len(a["sha256"]) == 64 and all(c in "0123456789abcdef" for c in a["sha256"])
+        and _int(a["size"]) and a["size"] >= 0 and isinstance(a["format"], str) for a in v.values())
+
+
+SCHEMA: dict[str, Any] = {
+    "release": _str, "built_at": _str, "build_seconds": _number, "elements": _strs, "expanded_elements": _strs,
+    "dib_version": _str, "imageupdate_version": _str, "source_date_epoch": _int, "environment": _str_map,
+    "packages": _packages, "kernel": lambda v: v is None or _str(v), "services": _named, "tests": _objects,
+    "migrations": _objects, "state_paths": _strs, "files": _counts, "artifacts": _artifacts,
+    "upgrade": lambda v: v is None or isinstance(v, dict), "format": _int,
+}
+DESCRIBED = {
+    "release": "a string", "built_at": "a string", "build_seconds": "a number of seconds",
+    "elements": "a list of strings", "expanded_elements": "a list of strings", "dib_version": "a string",
+    "imageupdate_version": "a string", "source_date_epoch": "an integer", "environment": "a map of strings",
+    "packages": "a map of package name to a map of strings", "kernel": "a string or null",
+    "services": "a list of objects with a name", "tests": "a list of objects", "migrations": "a list of objects",
+    "state_paths": "a list of strings", "files": "a map of counts",
+    "artifacts": "a map of name to {sha256 (64 hex digits), size, format}", "upgrade": "an object or null",
+    "format": "an integer",
+}
+OPTIONAL = {"artifacts", "upgrade", "format"}
 
 
 def sha256_file(path: Path) -> str:

@@ -168,8 +168,24 @@ class ImageStore:
         )
 
     def releases(self) -> list[str]:
-        """Published release ids, oldest build first."""
-        return sorted(self._names(), key=lambda r: (self.manifest(r).built_at, r))
+        """Published release ids whose manifest reads, oldest build first (see ``damaged``)."""
+        good = []
+        for r in self._names():
+            try:
+                good.append((self.manifest(r).built_at, r))
+            except StoreError:
+                continue
+        return [r for _, r in sorted(good)]
+
+    def damaged(self) -> dict[str, str]:
+        """Releases whose manifest does not read, with why: listed apart, never breaking the others."""
+        out = {}
+        for r in self._names():
+            try:
+                self.manifest(r)
+            except StoreError as e:
+                out[r] = e.message
+        return out
 
     def manifest(self, release: str) -> Manifest:
         path = self.path(release)
@@ -181,17 +197,26 @@ class ImageStore:
                 release=release,
             )
         try:
-            return Manifest.read(path)
-        except (ValueError, TypeError, KeyError) as exc:
+            m = Manifest.read(path)
+        except (OSError, ValueError) as exc:
             raise StoreError(
                 f"manifest of release {release!r} is unreadable ({exc}); "
                 f"run 'imageupdate images verify {release}' or rebuild it with --force",
                 release=release,
-            ) from exc
+            ) from None
+        if m.release != release:
+            raise StoreError(f"manifest of release {release!r} says it is release {m.release!r}: a manifest "
+                             f"copied or edited by hand; rebuild it with 'imageupdate build {release} --force'",
+                             release=release)
+        return m
 
     def file_index(self, release: str) -> dict[str, FileEntry]:
         self.manifest(release)
-        return read_index(self.path(release) / FILE_INDEX)
+        try:
+            return read_index(self.path(release) / FILE_INDEX)
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{FILE_INDEX} of release {release!r} is unreadable ({e}); run 'imageupdate images "
+                             f"verify {release}' or rebuild it with --force", release=release) from None
 
     def diff(self, old: str, new: str) -> ReleaseDiff:
         return diff_releases(
@@ -202,6 +227,12 @@ class ImageStore:
         """Recompute every checksum and compare with SHA256SUMS and the manifest."""
         manifest = self.manifest(release)
         checked, problems = verify_directory(self.path(release), manifest)
+        try:
+            read_index(self.path(release) / FILE_INDEX)
+        except OSError as e:
+            problems.append(f"{FILE_INDEX} cannot be read: {e.strerror}")
+        except ValueError as e:
+            problems.append(f"{FILE_INDEX}: {e}")
         return VerifyResult(release=release, checked=checked, problems=problems)
 
     def require_verified(self, release: str) -> Manifest:
@@ -231,8 +262,12 @@ class ImageStore:
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreNotWritable(f"image store {self.root} is not writable ({exc.strerror}); choose another "
+                                   "with --store or IMAGEUPDATE_STORE, or fix its permissions") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -313,6 +348,7 @@ class ImageStore:
     def delete(self, release: str) -> None:
         target = self.path(release)
         self.manifest(release)  # raises ReleaseNotFound
+        self.ensure_writable()
         with self.lock():
             trash = self.root / STAGING / f"deleted-{release}.{secrets.token_hex(4)}"
             (self.root / STAGING).mkdir(parents=True, exist_ok=True)

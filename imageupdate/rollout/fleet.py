@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from imageupdate import confined
 from imageupdate.errors import InputError
 from imageupdate.heat.client import HeatClient, environment_files
 from imageupdate.heat.service import HeatProcess, HeatService
@@ -108,11 +109,12 @@ class LocalFleet:
         proc = self.heat.running()
         if proc is None:
             return {"running": False}, None
-        return {"running": True, "pid": proc.pid, "endpoint": proc.endpoint}, HeatClient(proc.endpoint)
+        return {"running": True, "pid": proc.pid, "endpoint": proc.endpoint}, \
+            HeatClient(proc.endpoint, token=self.heat.secret())
 
     def connect(self) -> tuple[HeatClient, HeatProcess]:
         proc = self.heat.ensure()
-        return HeatClient(proc.endpoint), proc
+        return HeatClient(proc.endpoint, token=self.heat.secret()), proc
 
     def state_record(self, node: str) -> state.StateRecord:
         """The node's state version and migration journal, as kept on its state partition."""
@@ -124,8 +126,8 @@ class LocalFleet:
         state_paths = self.store.manifest(release).state_paths
         if not any(path == p or path.startswith(p.rstrip("/") + "/") for p in state_paths):
             return None
-        try:
-            return (self.site.node(node).state_dir / path.lstrip("/")).read_text(errors="replace")
+        try:  # the node controls that tree: a link it planted there is refused (confined.Escape), not followed
+            return confined.read_text(self.site.node(node).state_dir, path.lstrip("/"))
         except OSError:
             return None
 

@@ -29,11 +29,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imageupdate import confined
 from imageupdate.crashpoints import crashpoint
-from imageupdate.errors import OperationError
+from imageupdate.errors import ImageUpdateError, OperationError
 from imageupdate.site import procs
 from imageupdate.site.network import SiteNet
-from imageupdate.site.rootfs import BOOT
+from imageupdate.site.rootfs import boot
 from imageupdate.upgrade import state as state_version
 from imageupdate.upgrade.meta import from_tree
 
@@ -73,14 +74,14 @@ class NodeStatus:
 def declared_services(tree: Path) -> list[dict[str, Any]]:
     """The service declarations of an unpacked release (validated at build; read defensively here)."""
     found: list[dict[str, Any]] = []
-    try:
-        files = sorted((tree / SERVICES_DIR).glob("*.json"))
-    except OSError:
+    try:  # the image controls the tree: read inside it (no link followed out, bounded)
+        names = [n for n in confined.listdir(tree, SERVICES_DIR) if n.endswith(".json")]
+    except (OSError, ImageUpdateError):
         return found
-    for f in files:
+    for name in names:
         try:
-            decl = json.loads(f.read_text())
-        except (OSError, ValueError):
+            decl = json.loads(confined.read_bytes(tree, f"{SERVICES_DIR}/{name}", 1 << 20))
+        except (OSError, ValueError, ImageUpdateError):
             continue
         if isinstance(decl, dict):
             found.append(decl)
@@ -167,11 +168,9 @@ class Node:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o755)
         (self.dir / "root").mkdir(exist_ok=True)
-        identity = self.state_dir / "identity"
-        identity.mkdir(mode=0o755, exist_ok=True)
-        keys = identity / "authorized_keys"
-        keys.write_text(authorized_key)
-        os.chmod(keys, 0o600)
+        # an existing state is the node's: a link it planted at identity/ is refused, not written through
+        confined.write_bytes(self.state_dir, "identity/authorized_keys", authorized_key.encode(), mode=0o600)
+        confined.chmod_dir(self.state_dir, "identity", 0o755)
         state_version.seed(self.state_dir, from_tree(self.releases_dir / release), release)
         self._save(NodeRecord(self.name, self.index, current=release), f"created on {release}")
         self.start()
@@ -195,8 +194,7 @@ class Node:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.net.netns(self.name),
                  "unshare", "--mount", "--pid", "--uts", "--ipc", "--fork", "--propagation", "private", "--",
-                 "sh", "-c", BOOT, "node-boot", str(self.dir / "root"), str(tree), str(self.state_dir), self.name,
-                 "/usr/lib/imageupdate/init"],
+                 *boot("node-boot", self.dir / "root", tree, self.state_dir, self.name, ["/usr/lib/imageupdate/init"])],
                 stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
         crashpoint("in-start", node=self.name)  # the node runs, its pid is not recorded yet

@@ -39,7 +39,7 @@ from imageupdate.errors import ImageUpdateError, InputError, OperationError
 from imageupdate.heat.service import HeatService
 from imageupdate.history.db import History
 from imageupdate.hostdeps import require, require_root
-from imageupdate.images.store import ImageStore
+from imageupdate.images.store import ImageStore, validate_release_id
 from imageupdate.site import procs
 from imageupdate.site.guard import refuse_while_open
 from imageupdate.site.network import MAX_NODES, SiteNet, ip, netns_pids, pick_subnet, picking
@@ -220,6 +220,9 @@ class LocalSite:
             with self.locked():
                 if not self.exists() and self.tombstone_path.exists():
                     self.config()  # SiteNotFound: a destroy was interrupted; finish it first
+                # release trees keep their setuid files, nodes' state is private, the SSH key is secret:
+                # no other host user may walk in
+                os.chmod(self.path, 0o700)
                 if self.exists():
                     return self._up_existing(nodes, release)
                 return self._up_new(nodes, release)
@@ -396,6 +399,7 @@ class LocalSite:
         for minutes, and the site may have been destroyed meanwhile."""
         require_root("rebuilding a node mounts in its namespaces")
         self.node(node_name)  # unknown node or no site: say so before waiting for anything
+        validate_release_id(release)  # nor a path made of a hostile release id
         command = f"site rebuild {node_name} {release}"
         breaks = (f"would change {node_name} under it, and it would then report that node's release and "
                   "migration as its own")

@@ -47,7 +47,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imageupdate import confined
+from imageupdate.errors import ImageUpdateError
+
 UPGRADE_FILE = "usr/share/imageupdate/upgrade.json"
+MAX_META = 1 << 20  # bytes of upgrade.json read at most
 STATE_DIGEST = "/usr/share/imageupdate/state-digest"
 MAX_VOLATILE = 64
 MAX_PATH = 1024
@@ -231,9 +235,9 @@ def from_manifest(upgrade: dict[str, Any] | None) -> ReleaseMeta | None:
 
 def from_tree(tree: Path) -> ReleaseMeta | None:
     """The metadata of an unpacked release (None: it has none, or it is invalid)."""
-    try:
-        data = json.loads((tree / UPGRADE_FILE).read_text())
-    except (OSError, ValueError):
+    try:  # the image controls the tree: no link followed out of it, no endless file read
+        data = json.loads(confined.read_bytes(tree, UPGRADE_FILE, MAX_META))
+    except (OSError, ValueError, ImageUpdateError):
         return None
     meta, problems = parse(data)
     return meta if not problems else None

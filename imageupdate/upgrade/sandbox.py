@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageupdate.site.rootfs import BOOT
+from imageupdate.site.rootfs import boot
 
 
 @dataclass
@@ -37,7 +37,7 @@ def command(root: Path, tree: Path, state_dir: Path, argv: list[str]) -> list[st
     return ["setpriv", "--pdeathsig", "KILL", "--",
             "unshare", "--mount", "--pid", "--uts", "--ipc", "--net", "--fork", "--kill-child",
             "--propagation", "private", "--",
-            "sh", "-c", BOOT, "imageupdate-migrate", str(root), str(tree), str(state_dir), "migrate", *argv]
+            *boot("imageupdate-migrate", root, tree, state_dir, "migrate", argv)]
 
 
 def run(tree: Path, state_dir: Path, argv: list[str], workdir: Path, timeout: float,

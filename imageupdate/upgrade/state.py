@@ -2,19 +2,20 @@
 
 It records the version the state is at and a journal of every migration step (started, finished, ok)
 and every snapshot restore, so a step knows where it starts, a resumed run skips what is done, and a
-node refuses to start code that cannot run on its state. Written atomically (write, fsync, rename).
+node refuses to start code that cannot run on its state. Written atomically (write, fsync, rename),
+read and written inside the state tree only (``imageupdate.confined``: the node controls that tree).
 A state without the file is at the version of the release that seeded it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imageupdate import confined
 from imageupdate.upgrade.meta import ReleaseMeta
 
 STATE_FILE = "imageupdate/state.json"
@@ -48,13 +49,12 @@ class StateRecord:
         return asdict(self)
 
 
-def path(state_dir: Path) -> Path:
-    return state_dir / STATE_FILE
-
-
 def read(state_dir: Path) -> StateRecord:
-    p = path(state_dir)
-    return loads(p.read_text()) if p.is_file() else StateRecord()
+    """The record on a node's state partition (a node controls that tree: read inside it, bounded)."""
+    try:
+        return loads(confined.read_text(state_dir, STATE_FILE))
+    except FileNotFoundError:
+        return StateRecord()
 
 
 def loads(text: str) -> StateRecord:
@@ -65,20 +65,12 @@ def loads(text: str) -> StateRecord:
 
 
 def write(state_dir: Path, record: StateRecord) -> None:
-    p = path(state_dir)
-    p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        json.dump(record.to_dict(), f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
+    confined.write_bytes(state_dir, STATE_FILE, (json.dumps(record.to_dict(), indent=1) + "\n").encode())
 
 
 def seed(state_dir: Path, meta: ReleaseMeta | None, release: str) -> None:
     """A new node's state starts at its release's state version."""
-    if meta is None or path(state_dir).is_file():
+    if meta is None or confined.is_file(state_dir, STATE_FILE):
         return
     write(state_dir, StateRecord(meta.state_version, [],
                                  [{"at": time.time(), "event": "seeded", "release": release,

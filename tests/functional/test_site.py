@@ -1,15 +1,21 @@
 """The local site with real nodes: namespaces, the image's init, SSH, HTTP (needs root)."""
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 import subprocess
+import sys
+import tarfile
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from imageupdate.images.manifest import FILE_INDEX, MANIFEST, ROOT_IMAGE, Manifest, describe_artifact, write_checksums
 from imageupdate.site import procs
 from imageupdate.site.site import LocalSite
 from tests.functional.conftest import imageupdate, live_processes_mentioning, mounts_mentioning
@@ -27,11 +33,11 @@ def health(addr: str) -> dict:  # type: ignore[type-arg]
     return json.loads(http(addr, "/health"))
 
 
-def ssh(site: Path, addr: str, *cmd: str) -> subprocess.CompletedProcess[str]:
+def ssh(site: Path, addr: str, *cmd: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["ssh", "-i", str(site / "key"), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
          "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR", f"root@{addr}", *cmd],
-        capture_output=True, text=True, timeout=30, check=False,
+        input=stdin, capture_output=True, text=True, timeout=30, check=False,
     )
 
 
@@ -144,6 +150,125 @@ def test_rebuild_killed_recovers_on_one_release(site: Path, store_dir: Path, ste
     assert LocalSite(site).node("node1").wait_ready() is None
     assert health(addr)["release"] == expected
     assert http(addr, "/kv/k") == b"before-crash"
+
+
+def crafted_release(store_dir: Path, base: str, name: str) -> None:
+    """``base``'s tree plus what the trust-boundary report got past the old check: behind a regular file
+    whose header has a garbage devmajor field (Python's tarfile stops reading there, GNU tar does not), a
+    world-writable character device. Signed off with a correct manifest and checksums."""
+    src, dst = store_dir / base, store_dir / name
+    shutil.copytree(src, dst)
+    raw = subprocess.run(["zstd", "-dc", str(src / ROOT_IMAGE)], capture_output=True, check=True).stdout
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as old, tarfile.open(fileobj=buf, mode="w",
+                                                                     format=tarfile.GNU_FORMAT) as new:
+        for m in old:
+            new.addfile(m, old.extractfile(m) if m.isreg() else None)
+        at = new.offset
+        bait = tarfile.TarInfo("etc/imageupdate-bait")
+        bait.size = 2
+        new.addfile(bait, io.BytesIO(b"hi"))
+        dev = tarfile.TarInfo("dev/mem-evil")
+        dev.type, dev.devmajor, dev.devminor, dev.mode = tarfile.CHRTYPE, 1, 1, 0o666
+        new.addfile(dev)
+    data = bytearray(buf.getvalue())
+    hdr = data[at:at + 512]
+    hdr[329:337] = b"zzzzzzz\0"
+    hdr[148:156] = b" " * 8
+    hdr[148:156] = b"%06o\0 " % sum(hdr)
+    data[at:at + 512] = hdr
+    (dst / ROOT_IMAGE).write_bytes(subprocess.run(["zstd", "-q", "-c"], input=bytes(data), capture_output=True,
+                                                  check=True).stdout)
+    m = Manifest.read(dst)
+    m.release = name
+    m.artifacts[ROOT_IMAGE] = describe_artifact(dst / ROOT_IMAGE, "tar+zstd")
+    m.write(dst)
+    write_checksums(dst, [ROOT_IMAGE, FILE_INDEX, MANIFEST])
+
+
+def test_a_crafted_image_writes_no_device_and_nodes_honour_none(site: Path, store_dir: Path) -> None:
+    """Trust boundary: the device node hidden behind a parser differential is refused before anything is
+    written; node roots and state are nodev; the site is closed to other host users."""
+    crafted_release(store_dir, "R1", "R-evil")
+    try:
+        proc = imageupdate("site", "rebuild", "node0", "R-evil", "--site", str(site), "--store", str(store_dir))
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        said = proc.stderr.strip().splitlines()
+        assert len(said) == 1 and "device node 'dev/mem-evil'" in said[0], proc.stderr
+        assert not (site / "releases/R-evil").exists()
+        assert not [p for p in (site / "releases").iterdir() if p.name.startswith(".R-evil")]
+        n = status(site, store_dir)["node0"]
+        assert (n["current"], n["running"]) == ("R1", True)
+    finally:
+        shutil.rmtree(store_dir / "R-evil", ignore_errors=True)
+    mounts = ssh(site, n["address"], "cat", "/proc/mounts").stdout.splitlines()
+    flags = {f[1]: f[3].split(",") for f in (line.split() for line in mounts)}
+    for where in ("/", "/mnt/state", "/run", "/tmp", "/dev/shm"):
+        assert "nodev" in flags[where], (where, flags[where])
+    assert os.stat(site).st_mode & 0o777 == 0o700
+
+
+ESCAPE = """
+import ctypes, os, sys
+site = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+def tried(what, rc):
+    print(what, "refused" if rc != 0 else "ALLOWED", os.strerror(ctypes.get_errno()) if rc != 0 else "")
+tried("mount", libc.mount(b"none", b"/mnt", b"tmpfs", 0, None))
+tried("mknod", libc.mknod(b"/tmp/mem", 0o20666, os.makedev(1, 1)))
+tried("init_module", libc.syscall(175, None, 0, b""))
+tried("pivot_root", libc.syscall(155, b"/", b"/"))
+os.makedirs("/tmp/cell", exist_ok=True)
+os.chroot("/tmp/cell")
+os.chdir("../../../../../..")
+os.chroot(".")
+print("double chroot", "ESCAPED" if os.path.exists(site) else "stayed in the node")
+print("proc", "ESCAPED" if os.path.exists("/proc/1/root" + site) else "stayed in the node")
+try:
+    with open("/proc/sys/kernel/core_pattern", "w") as f:
+        f.write("|/bin/true")
+    print("core_pattern ALLOWED")
+except OSError as e:
+    print("core_pattern refused", e)
+"""
+
+
+def test_root_in_a_node_cannot_leave_it(site: Path, store_dir: Path) -> None:
+    """Seen: root in a node mounted a tmpfs, created a character device and left its chroot with a second
+    chroot, then read the host's files. The node is entered with pivot_root and without the capabilities
+    to mount, create devices or load modules."""
+    addr = status(site, store_dir)["node0"]["address"]
+    out = ssh(site, addr, "python3", "-", str(site), stdin=ESCAPE)
+    said = out.stdout + out.stderr
+    for attempt in ("mount", "mknod", "init_module", "pivot_root", "core_pattern"):
+        assert f"{attempt} refused" in said, said
+    assert "double chroot stayed in the node" in said and "proc stayed in the node" in said, said
+    caps = ssh(site, addr, "grep", "CapBnd", "/proc/1/status").stdout.split()[-1]
+    # sys_admin, mknod, sys_module, dac_read_search (open_by_handle_at), net_raw (ARP spoofing on the bridge)
+    assert not int(caps, 16) & (1 << 21 | 1 << 27 | 1 << 16 | 1 << 2 | 1 << 13), caps
+
+
+def test_only_imageupdate_reaches_the_sites_heat(site: Path, store_dir: Path) -> None:
+    """Seen: any local user could signal SUCCESS for a failed gate (loopback Heat, noauth, port in a
+    world-readable file). Now a request without the site's secret gets 401, and other users cannot read it."""
+    imageupdate("heat", "start", "--site", str(site), "--store", str(store_dir), check=True)
+    env = json.loads(imageupdate("heat", "env", "--site", str(site), "--store", str(store_dir), "--json",
+                                 check=True).stdout)
+    signal = f"{env['OS_ENDPOINT']}/stacks/{env['IMAGEUPDATE_STACK']}/x/resources/gate_node0_r1/signal"
+    for token in (None, "guess"):
+        req = urllib.request.Request(signal, data=b'{"status": "SUCCESS"}', method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              **({"X-Auth-Token": token} if token else {})})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 401
+    other = subprocess.run(["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "cat",
+                            str(site / "heat/secret")], capture_output=True, text=True, check=False)
+    assert other.returncode != 0 and "Permission denied" in other.stderr
+    listed = subprocess.run([str(Path(sys.executable).parent / "openstack"), "stack", "list", "-f", "json"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, **env}, check=False)
+    assert listed.returncode == 0, listed.stderr[-500:]  # the operator's own client, through 'heat env'
+    imageupdate("heat", "stop", "--site", str(site), "--store", str(store_dir), check=True)
 
 
 def instances_of(site: Path, node: str) -> set[str]:

@@ -1,6 +1,7 @@
 """Units of the local site that need no root: unpack checks, addressing, records, procs."""
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -10,45 +11,137 @@ from pathlib import Path
 
 import pytest
 
-from imageupdate.errors import InputError
+from imageupdate.errors import InputError, IntegrityError
 from imageupdate.images.store import ImageStore
 from imageupdate.site import procs
 from imageupdate.site.network import MAX_NODES, SiteNet
 from imageupdate.site.node import Node, NodeRecord
 from imageupdate.site.site import LocalSite
-from imageupdate.site.unpack import unsafe_member
+from imageupdate.site.unpack import Member, check_archive, parse_listing, unsafe_member
 
 
-def member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.type, ti.linkname = kind, link
-    return ti
+def member(name: str, kind: str = "file", link: str = "", mode: str = "rw-r--r--") -> Member:
+    return Member(kind, mode, name, link)
 
 
 @pytest.mark.parametrize("m, seen, links, why", [
     (member("/etc/passwd"), set(), set(), "absolute path"),
     (member("usr/../../etc/shadow"), set(), set(), "'..'"),
-    (member("var/log/x"), set(), {"var/log"}, "below the symlink"),
-    (member("dev/sda", tarfile.BLKTYPE), set(), set(), "device node"),
-    (member("dev/null", tarfile.CHRTYPE), set(), set(), "device node"),
-    (member("usr/lib/evil", tarfile.SYMTYPE, "../../../root"), set(), set(), "leaves the tree"),
-    (member("usr/bin/x", tarfile.LNKTYPE, "/etc/shadow"), set(), set(), "outside the archive"),
-    (member("usr/bin/x", tarfile.LNKTYPE, "usr/bin/y"), set(), set(), "outside the archive"),
+    (member("var/log/x"), set(), {("var", "log")}, "below the symlink"),
+    (member("etc/./x/pwned"), set(), {("etc", "x")}, "below the symlink"),  # normalised before the check
+    (member("etc//x/pwned"), set(), {("etc", "x")}, "below the symlink"),
+    (member("./etc/x/pwned"), set(), {("etc", "x")}, "below the symlink"),
+    (member("dev/sda", "b"), set(), set(), "device node"),
+    (member("dev/null", "c"), set(), set(), "device node"),
+    (member("run/sock", "s"), set(), set(), "of type 's'"),
+    (member("usr/lib/evil", "symlink", "../../../root"), set(), set(), "leaves the tree"),
+    (member("usr/./lib/evil", "symlink", "../../../root"), set(), set(), "leaves the tree"),
+    (member("usr/bin/x", "hard link", "/etc/shadow"), set(), set(), "outside the archive"),
+    (member("usr/bin/x", "hard link", "usr/bin/y"), set(), set(), "outside the archive"),
+    (member(".", "file"), set(), set(), "names the tree itself"),
 ])
-def test_unsafe_members_are_named(m: tarfile.TarInfo, seen: set[str], links: set[str], why: str) -> None:
+def test_unsafe_members_are_named(m: Member, seen: set[tuple[str, ...]], links: set[tuple[str, ...]],
+                                  why: str) -> None:
     reason = unsafe_member(m, links, seen)
     assert reason is not None and why in reason
 
 
 @pytest.mark.parametrize("m, seen", [
     (member("usr/bin/python3"), set()),
-    (member("etc/machine-id", tarfile.SYMTYPE, "/mnt/state/identity/machine-id"), set()),  # resolved in the node
-    (member("usr/bin/python3", tarfile.SYMTYPE, "python3.11"), set()),
-    (member("usr/lib/os-release", tarfile.SYMTYPE, "../../etc/os-release"), set()),
-    (member("usr/bin/b", tarfile.LNKTYPE, "usr/bin/a"), {"usr/bin/a"}),
+    (member("./", "directory"), set()),
+    (member("usr/bin/su", mode="rwsr-xr-x"), set()),  # setuid files are a root image's own (su, passwd)
+    (member("etc/machine-id", "symlink", "/mnt/state/identity/machine-id"), set()),  # resolved in the node
+    (member("usr/bin/python3", "symlink", "python3.11"), set()),
+    (member("usr/lib/os-release", "symlink", "../../etc/os-release"), set()),
+    (member("usr/bin/b", "hard link", "./usr/bin/a"), {("usr", "bin", "a")}),
+    (member("run/initctl", "fifo"), set()),
 ])
-def test_normal_root_members_pass(m: tarfile.TarInfo, seen: set[str]) -> None:
+def test_normal_root_members_pass(m: Member, seen: set[tuple[str, ...]]) -> None:
     assert unsafe_member(m, set(), seen) is None
+
+
+@pytest.mark.parametrize("line, want", [
+    (b'-rw-r--r-- 0/0               2 1970-01-01 00:00 "etc/a"', Member("file", "rw-r--r--", "etc/a")),
+    (b'hrwsr-xr-x 0/0               0 2026-11-30 23:16 "./hard" link to "./f"',
+     Member("hard link", "rwsr-xr-x", "./hard", "./f")),
+    (b'lrwxrwxrwx 0/0               0 2026-11-30 23:16 "./d/sym" -> "../f"',
+     Member("symlink", "rwxrwxrwx", "./d/sym", "../f")),
+    (b'-rw-r--r-- 0/0               0 2026-11-30 23:16 "./we ird -> x"', Member("file", "rw-r--r--", "./we ird -> x")),
+    (b'-rw-r--r-- 0/0               1 2026-11-30 23:16 "./new\\nline \\"q\\" \\303\\251"',
+     Member("file", "rw-r--r--", './new\nline "q" \u00e9')),
+    (b'crw-rw-rw- 0/0             1,1 1970-01-01 00:00 "dev/mem"', Member("c", "rw-rw-rw-", "dev/mem")),
+])
+def test_gnu_tar_listing_lines_are_read_exactly(line: bytes, want: Member) -> None:
+    assert parse_listing(line) == want
+
+
+def test_an_unreadable_listing_line_is_refused() -> None:
+    with pytest.raises(ValueError, match="unreadable listing line"):
+        parse_listing(b"garbage")
+
+
+def _crafted(tmp_path: Path, *members: tuple[tarfile.TarInfo, bytes], garbage_devmajor: int | None = None) -> Path:
+    """A root.tar.zst of ``members``; ``garbage_devmajor``: the index of a member whose header gets a
+    non-octal devmajor field (Python's tarfile then ends the archive there; GNU tar reads on)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        offsets = []
+        for ti, data in members:
+            offsets.append(tf.offset)
+            ti.size = len(data) if ti.isreg() else 0
+            tf.addfile(ti, io.BytesIO(data) if ti.isreg() else None)
+    raw = bytearray(buf.getvalue())
+    if garbage_devmajor is not None:
+        at = offsets[garbage_devmajor]
+        hdr = raw[at:at + 512]
+        hdr[329:337] = b"zzzzzzz\0"
+        hdr[148:156] = b" " * 8
+        hdr[148:156] = b"%06o\0 " % sum(hdr)
+        raw[at:at + 512] = hdr
+    out = tmp_path / "root.tar.zst"
+    out.write_bytes(subprocess.run(["zstd", "-q", "-c"], input=bytes(raw), capture_output=True, check=True).stdout)
+    return out
+
+
+def _ti(name: str, kind: bytes = tarfile.REGTYPE, link: str = "", mode: int = 0o644) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.linkname, ti.mode = kind, link, mode
+    if kind == tarfile.CHRTYPE:
+        ti.devmajor, ti.devminor = 1, 1
+    return ti
+
+
+def test_a_parser_differential_cannot_hide_a_device_node(tmp_path: Path) -> None:
+    """Seen: a regular file with a garbage devmajor field ended the archive for Python's tarfile, and GNU tar
+    then extracted a world-writable /dev/mem after it. The check reads what GNU tar reads."""
+    image = _crafted(tmp_path, (_ti("etc/ok"), b"ok"), (_ti("etc/a"), b"hi"),
+                     (_ti("dev/mem", tarfile.CHRTYPE, mode=0o666), b""), garbage_devmajor=1)
+    with tarfile.open(fileobj=io.BytesIO(subprocess.run(["zstd", "-dc", str(image)], capture_output=True,
+                                                        check=True).stdout)) as tf:
+        assert [m.name for m in tf] == ["etc/ok"]  # what the old check saw
+    with pytest.raises(IntegrityError, match="device node 'dev/mem'"):
+        check_archive(image)
+
+
+def test_normalised_paths_below_a_symlink_are_refused_by_the_check(tmp_path: Path) -> None:
+    image = _crafted(tmp_path, (_ti("etc", tarfile.DIRTYPE, mode=0o755), b""),
+                     (_ti("etc/x", tarfile.SYMTYPE, "/etc"), b""), (_ti("etc/./x/pwned"), b"owned"))
+    with pytest.raises(IntegrityError, match="below the symlink 'etc/x'"):
+        check_archive(image)
+
+
+def test_an_archive_gnu_tar_cannot_read_is_one_error(tmp_path: Path) -> None:
+    image = tmp_path / "root.tar.zst"
+    image.write_bytes(subprocess.run(["zstd", "-q", "-c"], input=b"not a tar" * 100, capture_output=True,
+                                     check=True).stdout)
+    with pytest.raises(IntegrityError, match="GNU tar could not read it"):
+        check_archive(image)
+
+
+def test_a_sound_archive_counts_its_members(tmp_path: Path) -> None:
+    image = _crafted(tmp_path, (_ti("etc", tarfile.DIRTYPE, mode=0o755), b""), (_ti("etc/a"), b"a"),
+                     (_ti("etc/b", tarfile.LNKTYPE, "etc/a"), b""), (_ti("usr/bin/su", mode=0o4755), b"su"))
+    assert check_archive(image) == 4
 
 
 def test_addresses_and_names() -> None:
@@ -248,3 +341,38 @@ def test_subnet_picking_is_one_site_at_a_time(tmp_path: Path) -> None:
         order.append("first done")
     t.join(5)
     assert order == ["first done", "second"]
+
+
+def test_a_hard_link_to_a_symlink_is_refused(tmp_path: Path) -> None:
+    """A link d/e/a -> ../../etc stays in the tree where it is; a hard link to it at the top leaves it."""
+    image = _crafted(tmp_path, (_ti("d/e", tarfile.DIRTYPE, mode=0o755), b""),
+                     (_ti("d/e/a", tarfile.SYMTYPE, "../../etc"), b""), (_ti("h", tarfile.LNKTYPE, "d/e/a"), b""))
+    with pytest.raises(IntegrityError, match="links a symlink"):
+        check_archive(image)
+
+
+def test_the_listing_is_read_in_the_c_locale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A translated 'link to' must not turn a hard link's target into its name."""
+    monkeypatch.setenv("LANGUAGE", "de")
+    monkeypatch.setenv("LC_ALL", "de_DE.UTF-8")
+    image = _crafted(tmp_path, (_ti("f"), b"x"), (_ti("s", tarfile.SYMTYPE, "/etc"), b""),
+                     (_ti("s/evil", tarfile.LNKTYPE, "f"), b""))
+    with pytest.raises(IntegrityError, match="below the symlink 's'"):
+        check_archive(image)
+
+
+def test_a_member_warning_per_member_does_not_hang_the_check(tmp_path: Path) -> None:
+    """GNU tar warns once per member about an unknown pax keyword: that must not fill a pipe and hang."""
+    members = []
+    for i in range(3000):
+        ti = _ti(f"d{i}")
+        ti.pax_headers = {"LIBARCHIVE.creationtime": "1700000000"}
+        members.append((ti, b""))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for ti, data in members:
+            tf.addfile(ti, io.BytesIO(data))
+    image = tmp_path / "root.tar.zst"
+    image.write_bytes(subprocess.run(["zstd", "-q", "-c"], input=buf.getvalue(), capture_output=True,
+                                     check=True).stdout)
+    assert check_archive(image) == 3000
