@@ -115,3 +115,12 @@ class IntegrityError(OperationError):
 
 class StoreError(OperationError):
     """The image store is in a state imageupdate cannot work with."""
+
+
+class UntrustedRelease(InputError):
+    """A release whose manifest is not signed, or not by a key the site or cloud fleet trusts, or whose
+    signature does not match its manifest: refused before anything is unpacked, uploaded or rebuilt."""
+
+
+class SigningKeyError(InputError):
+    """The operator's signing key, or a key given to trust or revoke, is missing or not usable."""

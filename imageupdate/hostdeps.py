@@ -23,6 +23,7 @@ BUILD_TOOLS: dict[str, str] = {
     "setpriv": "apt-get install util-linux",
     "zstd": "apt-get install zstd",
     "tar": "apt-get install tar",
+    "ssh-keygen": "apt-get install openssh-client (it signs releases)",
 }
 
 

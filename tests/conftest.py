@@ -6,16 +6,19 @@ per session; a unit test never asks for them, so ``pytest tests/unit`` builds no
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from imageupdate.images import packer
+from imageupdate.images import packer, signing
 from imageupdate.images.manifest import (
     FILE_INDEX,
     MANIFEST,
@@ -27,6 +30,20 @@ from imageupdate.images.manifest import (
 from imageupdate.images.store import ImageStore
 from imageupdate.site import procs
 from tests.fakeroot_tar import make_root_tar
+
+
+def _test_signing_key() -> Path:
+    """One release key per test session, as the operator's key: every build and every synthetic release is
+    signed with it, and every site a test makes trusts it (never the host's own /etc/imageupdate key)."""
+    home = Path(tempfile.mkdtemp(prefix="imageupdate-test-keys-"))
+    atexit.register(shutil.rmtree, home, True)
+    key = home / "release_ed25519"
+    os.environ["IMAGEUPDATE_SIGNING_KEY"] = str(key)
+    signing.create_key(key, "imageupdate tests")
+    return key
+
+
+SIGNING_KEY = _test_signing_key()
 
 
 def staged_release(directory: Path, release: str, **tar_args: object) -> Manifest:
@@ -49,6 +66,7 @@ def staged_release(directory: Path, release: str, **tar_args: object) -> Manifes
     }
     m.write(directory)
     write_checksums(directory, [ROOT_IMAGE, FILE_INDEX, MANIFEST])
+    signing.sign(directory, SIGNING_KEY)
     return m
 
 

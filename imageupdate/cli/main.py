@@ -23,6 +23,7 @@ from imageupdate.cloud.fleet import DEFAULT_ROOT as DEFAULT_CLOUD_ROOT
 from imageupdate.cloud.fleet import CloudConfig, CloudFleet
 from imageupdate.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ImageUpdateError, InputError
 from imageupdate.heat.service import HeatProcess
+from imageupdate.images import signing
 from imageupdate.images.store import ImageStore
 from imageupdate.report.data import collect
 from imageupdate.report.html import render_page, write_page
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--os", dest="os_element", default=DEFAULT_OS_ELEMENT, metavar="ELEMENT",
                    help=f"operating-system element (default: {DEFAULT_OS_ELEMENT})")
     b.add_argument("--force", action="store_true", help="replace an existing release")
+    b.add_argument("--key", type=Path, metavar="FILE",
+                   help="sign the release with this OpenSSH private key (default: $IMAGEUPDATE_SIGNING_KEY or "
+                        f"{signing.DEFAULT_KEY}, made on first use)")
     b.set_defaults(func=cmd_build)
 
     images = sub.add_parser("images", parents=[common], help="inspect the image store")
@@ -84,12 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
     isub.add_parser("list", parents=[common], help="list releases").set_defaults(func=cmd_list)
     for name, func, text in (
         ("show", cmd_show, "show a release's manifest"),
-        ("verify", cmd_verify, "recompute a release's checksums"),
         ("delete", cmd_delete, "delete a release"),
     ):
         p = isub.add_parser(name, parents=[common], help=text)
         p.add_argument("release")
         p.set_defaults(func=func)
+    v = isub.add_parser("verify", parents=[common, site_opt],
+                        help="recompute a release's checksums and check its signature (against the keys the "
+                             "site, or --cloud fleet, trusts)")
+    v.add_argument("release")
+    v.set_defaults(func=cmd_verify)
+    sg = isub.add_parser("sign", parents=[common], help="sign a published release (after a key rotation)")
+    sg.add_argument("release")
+    sg.add_argument("--key", type=Path, metavar="FILE",
+                    help=f"OpenSSH private key (default: $IMAGEUPDATE_SIGNING_KEY or {signing.DEFAULT_KEY})")
+    sg.set_defaults(func=cmd_sign)
+    _add_key_commands(sub, common, site_opt)
     site = sub.add_parser("site", parents=[common], help="the local site: a fleet of namespace nodes")
     ssub = site.add_subparsers(dest="site_command", required=True, parser_class=_Parser)
     up = ssub.add_parser("up", parents=[common, site_opt], help="create the site, or bring it back up")
@@ -144,6 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("new")
     d.set_defaults(func=cmd_diff)
     return parser
+
+
+def _add_key_commands(sub: Any, common: _Parser, site_opt: _Parser) -> None:
+    keys = sub.add_parser("keys", parents=[common], help="release signing keys: yours, and those a fleet trusts")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    kc = ksub.add_parser("create", parents=[common], help="make a signing key (ed25519, OpenSSH format)")
+    kc.add_argument("--key", type=Path, metavar="FILE",
+                    help=f"where (default: $IMAGEUPDATE_SIGNING_KEY or {signing.DEFAULT_KEY}); FILE.pub beside it")
+    kc.set_defaults(func=cmd_keys_create)
+    ksub.add_parser("list", parents=[common, site_opt],
+                    help="the keys whose releases the site (or --cloud fleet) accepts").set_defaults(func=cmd_keys_list)
+    kt = ksub.add_parser("trust", parents=[common, site_opt], help="accept releases signed by this key")
+    kt.add_argument("public_key", type=Path, metavar="KEY.pub")
+    kt.add_argument("--name", default=None, help="a name for it (default: the file's name without .pub)")
+    kt.set_defaults(func=cmd_keys_trust)
+    kr = ksub.add_parser("revoke", parents=[common, site_opt], help="stop accepting releases signed by a key")
+    kr.add_argument("key", metavar="NAME|FINGERPRINT")
+    kr.set_defaults(func=cmd_keys_revoke)
 
 
 def _node_list(text: str) -> list[str]:
@@ -242,6 +274,7 @@ def cmd_build(args: argparse.Namespace, out: Output) -> int:
         elements_paths=args.elements_path,
         os_element=args.os_element,
         force=args.force,
+        signing_key=args.key,
     )
     with out.progress(f"building {args.release}") as progress:
 
@@ -293,16 +326,70 @@ def cmd_diff(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def _fleet_dir(args: argparse.Namespace) -> Path:
+    """The directory of the fleet --site/--cloud name (its history, its trusted keys)."""
+    cloud = _cloud_name(args)
+    if cloud is None:
+        return _site(args).path
+    return Path(getattr(args, "site", None) or DEFAULT_CLOUD_ROOT / cloud)
+
+
 def cmd_verify(args: argparse.Namespace, out: Output) -> int:
-    r = _store(args).verify(args.release)
-    out.result({"release": r.release, "ok": r.ok, "checked": r.checked, "problems": r.problems},
-               render.verify(r))
+    fleet: Path | None = _fleet_dir(args)
+    named = getattr(args, "site", None) is not None or _cloud_name(args) is not None
+    if not named and fleet is not None and not signing.trust_file(fleet).exists():
+        fleet = None  # no fleet named and the default site trusts nothing yet: the signature against itself
+    r = _store(args).verify(args.release, fleet)
+    out.result({"release": r.release, "ok": r.ok, "checked": r.checked, "problems": r.problems,
+                "signer": r.signer, "trusted_by": str(fleet) if fleet else None}, render.verify(r))
     if not r.ok:
-        out.fail(
-            f"release {r.release!r} failed verification; "
-            f"rebuild it with 'imageupdate build {r.release} --force'"
-        )
+        out.fail(f"release {r.release!r} failed verification: {'; '.join(r.problems)}"
+                 + ("" if r.signature_only else f"; rebuild it with 'imageupdate build {r.release} --force'"))
         return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_sign(args: argparse.Namespace, out: Output) -> int:
+    key = signing.require_private_key(args.key or signing.default_key(), create=False)
+    fingerprint = _store(args).sign(args.release, key)
+    out.result({"release": args.release, "key": str(key), "fingerprint": fingerprint},
+               f"signed {args.release} with {key} ({fingerprint})")
+    return EXIT_OK
+
+
+def cmd_keys_create(args: argparse.Namespace, out: Output) -> int:
+    path = args.key or signing.default_key()
+    key = signing.create_key(path)
+    out.result({"key": str(path), "public_key": f"{path}.pub", "fingerprint": key.fingerprint},
+               f"made {path} ({key.fingerprint}); keep it secret and back it up; "
+               f"sites trust it with 'imageupdate keys trust {path}.pub'")
+    return EXIT_OK
+
+
+def cmd_keys_list(args: argparse.Namespace, out: Output) -> int:
+    fleet = _fleet_dir(args)
+    keys = [{"name": k.name, "type": k.key_type, "fingerprint": signing.fingerprint_of(k)}
+            for k in signing.read_trusted(signing.trust_file(fleet))]
+    text = "\n".join(f"{k['name']} {k['type']} {k['fingerprint']}" for k in keys) or f"{fleet} trusts no key"
+    out.result({"fleet": str(fleet), "trusted": keys}, text)
+    return EXIT_OK
+
+
+def cmd_keys_trust(args: argparse.Namespace, out: Output) -> int:
+    fleet = _fleet_dir(args)
+    name = args.name or args.public_key.name.removesuffix(".pub")
+    key = signing.public_key(args.public_key, name)
+    added = signing.trust(fleet, key)
+    out.result({"fleet": str(fleet), "name": key.name, "fingerprint": key.fingerprint, "added": added},
+               f"{fleet} {'now trusts' if added else 'already trusted'} {key.name} ({key.fingerprint})")
+    return EXIT_OK
+
+
+def cmd_keys_revoke(args: argparse.Namespace, out: Output) -> int:
+    fleet = _fleet_dir(args)
+    key = signing.revoke(fleet, args.key)
+    out.result({"fleet": str(fleet), "name": key.name, "revoked": True},
+               f"{fleet} no longer trusts {key.name}; releases signed only by it are refused from now on")
     return EXIT_OK
 
 

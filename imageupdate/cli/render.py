@@ -131,7 +131,7 @@ def diff(d: ReleaseDiff, max_paths: int = 3) -> Group:
 
 def verify(r: VerifyResult) -> Text:
     if r.ok:
-        return Text(f"{r.release}: ok ({', '.join(sorted(r.checked))} match)")
+        return Text(f"{r.release}: ok ({', '.join(sorted(r.checked))} match; signed by {r.signer})")
     return Text(f"{r.release}: FAILED: " + "; ".join(r.problems))
 
 

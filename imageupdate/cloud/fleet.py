@@ -21,6 +21,7 @@ from imageupdate.errors import InputError, OperationError
 from imageupdate.heat import chain
 from imageupdate.heat.client import HeatClient, environment_files
 from imageupdate.history.db import History
+from imageupdate.images import signing
 from imageupdate.images.fileindex import FileEntry
 from imageupdate.images.store import ImageStore
 from imageupdate.resources import heat_templates_dir
@@ -208,7 +209,7 @@ class CloudFleet:
         return Expectation(release, manifest, self._indexes[release], sha if image is not None else None)
 
     def publish(self, release: str) -> str | None:
-        image, uploaded = images.publish(self.conn, self.store, release)
+        image, uploaded = images.publish(self.conn, self.store, release, self.path)
         return f"{'uploaded' if uploaded else 'reused'} Glance image {image.name} ({image.id})"
 
     def heat_status(self) -> tuple[dict[str, Any], HeatClient | None]:
@@ -219,7 +220,8 @@ class CloudFleet:
         """Create the fleet's stack: ``cfg.nodes`` servers on ``release`` (the 'adopt' operation of a cloud)."""
         if self.config_path.exists():
             raise InputError(f"{self.path} already holds the fleet {self.config().stack}; use it, or another --site")
-        self.store.manifest(release)
+        signing.trust_own_key(self.path)  # a fleet made here trusts this host's release key
+        self.store.require_trusted(release, self.path)
         self._cloud = cfg.cloud
         client, _ = self.connect()
         if client.stack(cfg.stack) is not None:

@@ -6,6 +6,7 @@ An image already uploaded with the same sha256 is reused (a second rollout uploa
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from imageupdate.errors import OperationError
@@ -32,9 +33,10 @@ def find(conn: Any, release: str, sha256: str) -> Any | None:
     return None
 
 
-def publish(conn: Any, store: ImageStore, release: str) -> tuple[Any, bool]:
-    """The release's Glance image, uploaded if no active image has its sha256; (image, uploaded)."""
-    manifest = store.require_verified(release)
+def publish(conn: Any, store: ImageStore, release: str, fleet_dir: Path) -> tuple[Any, bool]:
+    """The release's Glance image, uploaded if no active image has its sha256; (image, uploaded). Refused
+    unless a key the cloud fleet (``fleet_dir``) trusts signed it, whether uploaded already or not."""
+    manifest = store.require_verified(release, fleet_dir)
     sha = manifest.artifacts[ROOT_IMAGE].sha256
     image = find(conn, release, sha)
     if image is not None:

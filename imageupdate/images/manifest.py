@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,10 +80,10 @@ class Manifest:
 
     @classmethod
     def read(cls, directory: Path) -> Manifest:
-        with open(directory / MANIFEST, "rb") as f:
-            raw = f.read(MAX_MANIFEST + 1)
-        if len(raw) > MAX_MANIFEST:
-            raise ManifestInvalid(f"larger than {MAX_MANIFEST} bytes")
+        return cls.parse(read_raw(directory))
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Manifest:
         try:
             return cls.from_dict(json.loads(raw))
         except RecursionError:
@@ -94,6 +95,16 @@ class ManifestInvalid(ValueError):
 
 
 MAX_MANIFEST = 64 * 1024 * 1024  # bytes: a manifest lists packages and services, not files
+
+
+def read_raw(directory: Path) -> bytes:
+    """The manifest's bytes, bounded, not through a link (what is signed is what is parsed)."""
+    fd = os.open(directory / MANIFEST, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(MAX_MANIFEST + 1)
+    if len(raw) > MAX_MANIFEST:
+        raise ManifestInvalid(f"larger than {MAX_MANIFEST} bytes")
+    return raw
 
 
 def _short(value: Any) -> str:

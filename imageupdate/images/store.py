@@ -11,6 +11,7 @@ Layout::
         files.jsonl          one line per path: type, mode, owner, sha256, package
         manifest.json        what is inside (see imageupdate.images.manifest)
         SHA256SUMS           sha256sum-format checksums of the three above
+        manifest.json.sig    the builder's signature of the manifest (see imageupdate.images.signing)
 
 A release directory appears by one ``rename(2)`` of a staged, verified
 directory; ``--force`` swaps it with ``renameat2(RENAME_EXCHANGE)``, so a
@@ -40,7 +41,9 @@ from imageupdate.errors import (
     ReleaseNotFound,
     StoreError,
     StoreNotWritable,
+    UntrustedRelease,
 )
+from imageupdate.images import signing
 from imageupdate.images.diff import ReleaseDiff, diff_releases
 from imageupdate.images.fileindex import FileEntry, read_index
 from imageupdate.images.manifest import (
@@ -49,6 +52,7 @@ from imageupdate.images.manifest import (
     MANIFEST,
     Manifest,
     read_checksums,
+    read_raw,
     sha256_file,
 )
 
@@ -138,6 +142,13 @@ class VerifyResult:
     release: str
     checked: dict[str, str]
     problems: list[str]
+    signer: str | None = None
+    signature_problem: str | None = None
+
+    @property
+    def signature_only(self) -> bool:
+        """The one problem is the signature (rebuilding is not the fix: signing or trusting is)."""
+        return self.problems == [self.signature_problem]
 
     @property
     def ok(self) -> bool:
@@ -188,6 +199,10 @@ class ImageStore:
         return out
 
     def manifest(self, release: str) -> Manifest:
+        return self._load(release)[1]
+
+    def _load(self, release: str) -> tuple[bytes, Manifest]:
+        """The manifest's bytes as read once, and the manifest parsed from exactly those bytes."""
         path = self.path(release)
         if not (path / MANIFEST).is_file():
             known = ", ".join(self._names()) or "none"
@@ -197,10 +212,12 @@ class ImageStore:
                 release=release,
             )
         try:
-            m = Manifest.read(path)
+            raw = read_raw(path)
+            m = Manifest.parse(raw)
         except (OSError, ValueError) as exc:
+            said = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise StoreError(
-                f"manifest of release {release!r} is unreadable ({exc}); "
+                f"manifest of release {release!r} is unreadable ({said}); "
                 f"run 'imageupdate images verify {release}' or rebuild it with --force",
                 release=release,
             ) from None
@@ -208,6 +225,22 @@ class ImageStore:
             raise StoreError(f"manifest of release {release!r} says it is release {m.release!r}: a manifest "
                              f"copied or edited by hand; rebuild it with 'imageupdate build {release} --force'",
                              release=release)
+        return raw, m
+
+    def signer(self, release: str, fleet_dir: Path | None) -> str:
+        """Who signed ``release``: the name of the key ``fleet_dir`` trusts for it, or with no fleet the key's
+        fingerprint (checked against the manifest, not against any trust list). ``UntrustedRelease`` else."""
+        raw, _ = self._load(release)
+        sig = signing.read_signature(self.path(release), release)
+        if fleet_dir is None:
+            return signing.signed_by(raw, sig, release)
+        return signing.check(raw, sig, fleet_dir, release)
+
+    def require_trusted(self, release: str, fleet_dir: Path) -> Manifest:
+        """The manifest of ``release`` when a key ``fleet_dir`` trusts signed it (the artifacts are not
+        hashed here: see ``require_verified``)."""
+        raw, m = self._load(release)
+        signing.check(raw, signing.read_signature(self.path(release), release), fleet_dir, release)
         return m
 
     def file_index(self, release: str) -> dict[str, FileEntry]:
@@ -223,20 +256,31 @@ class ImageStore:
             self.manifest(old), self.manifest(new), self.file_index(old), self.file_index(new)
         )
 
-    def verify(self, release: str) -> VerifyResult:
-        """Recompute every checksum and compare with SHA256SUMS and the manifest."""
+    def verify(self, release: str, fleet_dir: Path | None = None) -> VerifyResult:
+        """Recompute every checksum and compare with SHA256SUMS and the manifest; check the signature (against
+        the keys ``fleet_dir`` trusts, or with no fleet only against the manifest)."""
         manifest = self.manifest(release)
         checked, problems = verify_directory(self.path(release), manifest)
+        signer = sig_problem = None
+        try:
+            signer = self.signer(release, fleet_dir)
+        except UntrustedRelease as e:
+            problems.append(e.message)
+            sig_problem = e.message
         try:
             read_index(self.path(release) / FILE_INDEX)
         except OSError as e:
             problems.append(f"{FILE_INDEX} cannot be read: {e.strerror}")
         except ValueError as e:
             problems.append(f"{FILE_INDEX}: {e}")
-        return VerifyResult(release=release, checked=checked, problems=problems)
+        return VerifyResult(release=release, checked=checked, problems=problems, signer=signer,
+                            signature_problem=sig_problem)
 
-    def require_verified(self, release: str) -> Manifest:
-        result = self.verify(release)
+    def require_verified(self, release: str, fleet_dir: Path) -> Manifest:
+        """The manifest of a release ``fleet_dir`` may use: signed by a key it trusts (checked first, before
+        hashing the artifacts), every checksum right. What the caller unpacks or uploads next."""
+        self.require_trusted(release, fleet_dir)
+        result = self.verify(release, fleet_dir)
         if not result.ok:
             raise IntegrityError(
                 f"release {release!r} failed verification: {'; '.join(result.problems)}; "
@@ -344,6 +388,15 @@ class ImageStore:
                     raise
                 _fsync_dir(self.root)
         return target
+
+    def sign(self, release: str, key: Path) -> str:
+        """Sign a published release with ``key`` (re-signing after a key rotation); its fingerprint."""
+        raw, _ = self._load(release)
+        self.ensure_writable()
+        with self.lock():
+            path = signing.sign(self.path(release), key)
+            _fsync_dir(path.parent)
+        return signing.signed_by(raw, signing.read_signature(self.path(release), release), release)
 
     def delete(self, release: str) -> None:
         target = self.path(release)

@@ -73,7 +73,7 @@ class Orchestrator:
 
     def rollout(self, release: str, opts: RolloutOptions) -> Outcome:
         opts.validate()
-        self.fleet.store.manifest(release)  # ReleaseNotFound: bad input, nothing started
+        self.fleet.store.require_trusted(release, self.fleet.path)  # not found, not signed: nothing started
         self._check_limit(opts)
         extras = Extras(self.fleet, self.history, self._say, opts)  # BadHooksDir: bad input, nothing started
         self.fleet.require_up()
@@ -102,7 +102,7 @@ class Orchestrator:
         ``to`` roll every (``--limit``) node to that release."""
         opts.validate()
         if to is not None:
-            self.fleet.store.manifest(to)
+            self.fleet.store.require_trusted(to, self.fleet.path)
         self._check_limit(opts)
         extras = Extras(self.fleet, self.history, self._say, RolloutOptions())
         self.fleet.require_exists()  # stopped nodes are fine: bringing them back is a rollback's job

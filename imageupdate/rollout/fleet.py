@@ -141,16 +141,16 @@ class LocalFleet:
                 copy_state(n.state_dir, dst)
 
         def run_step(step: Migration, state_dir: Path) -> sandbox.RunResult:
-            tree = ensure_release(self.store, step.release, self.path / "releases")
+            tree = ensure_release(self.store, step.release, self.path / "releases", self.path)
             return sandbox.run(tree, state_dir, [step.path], work / "sandbox", step_timeout)
 
         def prepare() -> None:
             for release in upgrade.releases:
-                ensure_release(self.store, release, self.path / "releases")
+                ensure_release(self.store, release, self.path / "releases", self.path)
 
         def digest_step(release: str, state_dir: Path) -> sandbox.RunResult | None:
             """The release's state digest, if its tree ships one (lexists: it may be a symlink into the tree)."""
-            tree = ensure_release(self.store, release, self.path / "releases")
+            tree = ensure_release(self.store, release, self.path / "releases", self.path)
             if not os.path.lexists(tree / STATE_DIGEST.lstrip("/")):
                 return None
             return sandbox.run(tree, state_dir, [STATE_DIGEST], work / "sandbox", STATE_DIGEST_TIMEOUT, split=True)

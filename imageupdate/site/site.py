@@ -39,6 +39,7 @@ from imageupdate.errors import ImageUpdateError, InputError, OperationError
 from imageupdate.heat.service import HeatService
 from imageupdate.history.db import History
 from imageupdate.hostdeps import require, require_root
+from imageupdate.images import signing
 from imageupdate.images.store import ImageStore, validate_release_id
 from imageupdate.site import procs
 from imageupdate.site.guard import refuse_while_open
@@ -223,6 +224,7 @@ class LocalSite:
                 # release trees keep their setuid files, nodes' state is private, the SSH key is secret:
                 # no other host user may walk in
                 os.chmod(self.path, 0o700)
+                signing.trust_own_key(self.path)  # a site made (or first brought up) here trusts this host's key
                 if self.exists():
                     return self._up_existing(nodes, release)
                 return self._up_new(nodes, release)
@@ -236,7 +238,7 @@ class LocalSite:
             raise InputError("a new site needs --nodes N and --release R")
         if not 1 <= nodes <= MAX_NODES:
             raise InputError(f"--nodes must be between 1 and {MAX_NODES}, not {nodes}")
-        self.store.manifest(release)  # ReleaseNotFound before anything is made
+        self.store.require_trusted(release, self.path)  # not found, not signed: before anything is made
         self._require_bootable(release)
         need, free = nodes * NODE_MEMORY_MB, _available_memory_mb()
         if need > free // 2:
@@ -257,7 +259,7 @@ class LocalSite:
                 self._write_config(cfg)
                 self.net().create_bridge()
             key = self._ensure_key()
-            ensure_release(self.store, release, self.path / "releases")
+            ensure_release(self.store, release, self.path / "releases", self.path)
             for node in self.nodes():
                 node.create(release, key)
             self._wait_ready()
@@ -421,7 +423,7 @@ class LocalSite:
 
     def _rebuild(self, node: Node, release: str) -> NodeStatus:
         self._require_bootable(release)
-        ensure_release(self.store, release, self.path / "releases")
+        ensure_release(self.store, release, self.path / "releases", self.path)
         change = StateChange()
         migrator = self.migrator(node)
         migrator.prefetch(node.record().current, release)

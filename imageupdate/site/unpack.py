@@ -142,8 +142,10 @@ def check_archive(image: Path) -> int:
     return len(seen)
 
 
-def ensure_release(store: ImageStore, release: str, releases_dir: Path) -> Path:
-    """The unpacked tree of ``release`` in ``releases_dir``, unpacking it if needed."""
+def ensure_release(store: ImageStore, release: str, releases_dir: Path, fleet_dir: Path) -> Path:
+    """The unpacked tree of ``release`` in ``releases_dir``, unpacking it if needed; refused unless a key
+    ``fleet_dir`` trusts signed it (checked on every use: a key revoked since the unpack counts)."""
+    store.require_trusted(release, fleet_dir)
     target = releases_dir / release
     if (target / "etc/imageupdate/release.json").is_file():
         return target
@@ -153,7 +155,7 @@ def ensure_release(store: ImageStore, release: str, releases_dir: Path) -> Path:
         fcntl.flock(fd, fcntl.LOCK_EX)  # nodes of one batch rebuilt at once: one unpacks, the others wait
         if (target / "etc/imageupdate/release.json").is_file():
             return target
-        return _unpack(store, release, releases_dir, target)
+        return _unpack(store, release, releases_dir, target, fleet_dir)
     finally:
         os.close(fd)
 
@@ -171,8 +173,8 @@ def unpacked_from(releases_dir: Path, release: str) -> str | None:
         return None
 
 
-def _unpack(store: ImageStore, release: str, releases_dir: Path, target: Path) -> Path:
-    manifest = store.require_verified(release)  # sha256 of the artifact against the manifest
+def _unpack(store: ImageStore, release: str, releases_dir: Path, target: Path, fleet_dir: Path) -> Path:
+    manifest = store.require_verified(release, fleet_dir)  # signed, and the artifact's sha256 as signed
     image = store.path(release) / ROOT_IMAGE
     check_archive(image)
     tmp = releases_dir / f".{release}.{os.getpid()}.tmp"

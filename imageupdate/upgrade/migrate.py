@@ -103,7 +103,7 @@ class Migrator:
             return []
         path = plan_path(catalog(self.store), current, version, target, self.preferred, str(self.store.root))
         for release in path.releases:
-            ensure_release(self.store, release, self.releases_dir)
+            ensure_release(self.store, release, self.releases_dir, self.site)
         return path.releases
 
     @staticmethod
@@ -150,7 +150,7 @@ class Migrator:
         record = state.StepRecord(step.release, step.name, step.state_version, step.kind, time.time())
         rec.steps.append(record)
         state.write(self.state_dir, rec)
-        tree = ensure_release(self.store, step.release, self.releases_dir)
+        tree = ensure_release(self.store, step.release, self.releases_dir, self.site)
         self._log(f"running {step.name} ({step.kind}, state version {step.state_version}) from {step.release}")
         result = sandbox.run(tree, self.state_dir, [step.path], self.site / "upgrade" / "sandbox",
                              self.step_timeout, on_start=lambda: crashpoint(f"migration:{step.name}"))

@@ -259,7 +259,8 @@ class FakeFleet:
         self.heat = heat
         self.history = History(path / "history.sqlite")
         self.known = releases
-        self.store = SimpleNamespace(manifest=self._manifest, root=path / "store")
+        self.store = SimpleNamespace(manifest=self._manifest, root=path / "store",
+                                     require_trusted=lambda release, _fleet: self._manifest(release))
         self.stack_name = "fleet"
         self.stopped: set[str] = set()
 
