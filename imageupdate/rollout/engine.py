@@ -121,6 +121,8 @@ class Orchestrator:
             elif (undo := self.history.undoable()) is not None:
                 parent = undo.id
                 targets = policy.rollback_targets(self.history, undo, selected)
+            for release in sorted(set(targets.values())):  # a key revoked since: say so before any node moves
+                self.fleet.store.require_trusted(release, self.fleet.path)
             states = self.fleet.states()
             ch = policy.change(states, nodes, targets, bring_back=selected,
                                unproven=policy.unproven(self.history, states))

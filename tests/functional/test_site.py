@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from imageupdate.images import signing
 from imageupdate.images.manifest import FILE_INDEX, MANIFEST, ROOT_IMAGE, Manifest, describe_artifact, write_checksums
 from imageupdate.site import procs
 from imageupdate.site.site import LocalSite
+from tests.conftest import SIGNING_KEY
 from tests.functional.conftest import imageupdate, live_processes_mentioning, mounts_mentioning
 
 pytestmark = pytest.mark.functional
@@ -184,6 +186,52 @@ def crafted_release(store_dir: Path, base: str, name: str) -> None:
     m.artifacts[ROOT_IMAGE] = describe_artifact(dst / ROOT_IMAGE, "tar+zstd")
     m.write(dst)
     write_checksums(dst, [ROOT_IMAGE, FILE_INDEX, MANIFEST])
+    signing.sign(dst, SIGNING_KEY)  # signed by the trusted key (a compromised build): the tar check must hold
+
+
+def copied_release(store_dir: Path, src: str, name: str, key: Path | None) -> None:
+    """``src`` under another id, signed by ``key`` (None: not signed at all)."""
+    dst = store_dir / name
+    shutil.copytree(store_dir / src, dst)
+    (dst / signing.SIGNATURE).unlink()
+    m = Manifest.read(dst)
+    m.release = name
+    m.write(dst)
+    write_checksums(dst, [ROOT_IMAGE, FILE_INDEX, MANIFEST])
+    if key is not None:
+        signing.sign(dst, key)
+
+
+def test_a_release_not_signed_by_a_trusted_key_never_reaches_a_node(site: Path, store_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """Trust boundary, point 1: an unsigned release, one signed by a key the site does not trust, and one
+    edited after signing are refused, one line each, before anything is unpacked or any node changes."""
+    stranger = tmp_path / "stranger_ed25519"
+    signing.create_key(stranger, "not the operator")
+    copied_release(store_dir, "R2", "R-unsigned", None)
+    copied_release(store_dir, "R2", "R-stranger", stranger)
+    copied_release(store_dir, "R2", "R-edited", SIGNING_KEY)
+    edited = store_dir / "R-edited" / MANIFEST
+    edited.write_text(edited.read_text().replace('"built_at": "', '"built_at": "1', 1))
+    try:
+        for release, why in (("R-unsigned", "is not signed"), ("R-stranger", "does not trust"),
+                             ("R-edited", "does not match its manifest")):
+            before = sorted(p.name for p in (site / "releases").iterdir())
+            for argv in (["site", "rebuild", "node0", release], ["rollout", release, "--no-rehearse"]):
+                proc = imageupdate(*argv, "--site", str(site), "--store", str(store_dir))
+                said = proc.stderr.strip().splitlines()
+                assert proc.returncode == 2 and len(said) == 1 and why in said[0], (argv, proc.stderr)
+                assert sorted(p.name for p in (site / "releases").iterdir()) == before, argv
+            assert {n["current"] for n in status(site, store_dir).values()} == {"R1"}
+        proc = imageupdate("keys", "trust", f"{stranger}.pub", "--name", "stranger", "--site", str(site))
+        assert proc.returncode == 0, proc.stderr
+        proc = imageupdate("site", "rebuild", "node0", "R-stranger", "--site", str(site), "--store", str(store_dir))
+        assert proc.returncode == 0, proc.stderr  # trusted now: the same release goes through
+        assert status(site, store_dir)["node0"]["current"] == "R-stranger"
+    finally:
+        imageupdate("site", "rebuild", "node0", "R1", "--site", str(site), "--store", str(store_dir))
+        for name in ("R-unsigned", "R-stranger", "R-edited"):
+            shutil.rmtree(store_dir / name, ignore_errors=True)
 
 
 def test_a_crafted_image_writes_no_device_and_nodes_honour_none(site: Path, store_dir: Path) -> None:
