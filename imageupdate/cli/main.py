@@ -152,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     cu.add_argument("--stack", help="stack name (default imageupdate-CLOUD)")
     cu.add_argument("--prefix", default="node", help="server names: PREFIX0, PREFIX1, ... (default node)")
     cu.set_defaults(func=cmd_cloud_up)
+    fk = csub.add_parser("forget-host-key", parents=[common, site_opt],
+                         help="drop a server's pinned SSH host key (a server replaced on purpose); the next "
+                              "connection learns it again from the server's console")
+    fk.add_argument("node")
+    fk.set_defaults(func=cmd_cloud_forget_host_key)
 
     d = isub.add_parser("diff", parents=[common], help="compare two releases")
     d.add_argument("old")
@@ -491,6 +496,17 @@ def cmd_cloud_up(args: argparse.Namespace, out: Output) -> int:
     said = fleet.up(cfg, args.release)
     out.result({"cloud": cloud, "stack": cfg.stack, "nodes": cfg.nodes, "release": args.release,
                 "directory": str(fleet.path)}, said)
+    return EXIT_OK
+
+
+def cmd_cloud_forget_host_key(args: argparse.Namespace, out: Output) -> int:
+    fleet = _fleet(args)
+    if not isinstance(fleet, CloudFleet):
+        raise InputError("forget-host-key is for a cloud fleet: give --cloud NAME (a local site pins nothing)")
+    forgotten = fleet.forget_host_key(args.node)
+    out.result({"node": args.node, "forgotten": forgotten},
+               f"{args.node}: {'pin dropped' if forgotten else 'no pin'}; the next connection reads its host key "
+               "from its console again")
     return EXIT_OK
 
 

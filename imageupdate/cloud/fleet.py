@@ -9,14 +9,17 @@ networks, SSH key and user) so later commands need only ``--cloud NAME``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imageupdate.cloud import images
+from imageupdate.cloud import hostkeys, images
 from imageupdate.cloud.connect import connect
+from imageupdate.cloud.hostkeys import HostKeyUnknown
 from imageupdate.errors import InputError, OperationError
 from imageupdate.heat import chain
 from imageupdate.heat.client import HeatClient, environment_files
@@ -195,9 +198,35 @@ class CloudFleet:
                     return str(a["addr"])
         return ""
 
+    @property
+    def known_hosts(self) -> Path:
+        return self.path / hostkeys.KNOWN_HOSTS
+
     def target(self, node: str) -> NodeTarget:
+        """How to reach ``node``, its SSH host key checked against the pin (learned now from its console if it
+        has none, e.g. a fleet made by an older imageupdate; a node that printed none is refused by SSH)."""
         cfg = self.config()
-        return NodeTarget(node, self._address(self._servers([node]).get(node)), Path(cfg.ssh_key), cfg.ssh_user)
+        server = self._servers([node]).get(node)
+        if server is not None and node not in hostkeys.read(self.known_hosts):
+            with contextlib.suppress(hostkeys.HostKeyUnknown):
+                hostkeys.learn(hostkeys.console_of(self.conn, server), node, self.known_hosts, timeout=0)
+        return NodeTarget(node, self._address(server), Path(cfg.ssh_key), cfg.ssh_user, self.known_hosts)
+
+    def learn_host_keys(self, nodes: list[str], sleep: Callable[[float], None] = time.sleep) -> None:
+        """Pin each new server's host keys from its console (it prints them on first boot)."""
+        servers = self._servers(nodes)
+        for node in nodes:
+            if servers.get(node) is None:
+                raise HostKeyUnknown(f"server {node} is not in the stack: no host key to learn", node=node,
+                                     step="host-key")
+            hostkeys.learn(hostkeys.console_of(self.conn, servers[node]), node, self.known_hosts, sleep)
+
+    def forget_host_key(self, node: str) -> bool:
+        self.config()
+        if node not in self.node_names():
+            raise InputError(f"{node} is not a node of the fleet {self.config().stack} (nodes: "
+                             f"{', '.join(self.node_names())})", node=node)
+        return hostkeys.forget(self.known_hosts, node)
 
     def expectation(self, release: str) -> Expectation:
         """What a node on ``release`` must look like; the artifact is the one its Glance image was uploaded from."""
@@ -231,7 +260,8 @@ class CloudFleet:
         current = {n: release for n in cfg.nodes}
         stack.adopt(self.history, client, cfg.stack, current, cfg.server_options(), self.environment(),
                     time.sleep, 2.0, target=release, timeout=60)
-        return f"{said}; stack {cfg.stack}: {len(cfg.nodes)} servers on {release}"
+        self.learn_host_keys(cfg.nodes)
+        return f"{said}; stack {cfg.stack}: {len(cfg.nodes)} servers on {release}, host keys pinned"
 
     # the state partition, over SSH -------------------------------------------------------------------------
 

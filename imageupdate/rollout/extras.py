@@ -33,9 +33,12 @@ class Extras:
             return None
         names = self.fleet.node_names()
         nodes = " ".join(f"{n}={self.fleet.target(n).address}" for n in names)
-        return ResourceHooks(Path(opts.resources), self.fleet.path / "resources" / "kv", opts.hook_timeout,
-                             env={"IMAGEUPDATE_SITE": str(self.fleet.path), "IMAGEUPDATE_NODES": nodes,
-                                  "IMAGEUPDATE_SSH_KEY": str(self.fleet.target(names[0]).key)})
+        first = self.fleet.target(names[0])
+        env = {"IMAGEUPDATE_SITE": str(self.fleet.path), "IMAGEUPDATE_NODES": nodes,
+               "IMAGEUPDATE_SSH_KEY": str(first.key)}
+        if first.known_hosts is not None:  # pinned host keys, under the alias imageupdate-NODE
+            env["IMAGEUPDATE_SSH_KNOWN_HOSTS"] = str(first.known_hosts)
+        return ResourceHooks(Path(opts.resources), self.fleet.path / "resources" / "kv", opts.hook_timeout, env=env)
 
     # resource hooks ------------------------------------------------------------------------------
 

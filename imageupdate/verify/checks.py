@@ -47,6 +47,7 @@ class NodeTarget:
     address: str
     key: Path
     user: str = "root"
+    known_hosts: Path | None = None  # pinned host keys (cloud fleets: imageupdate.cloud.hostkeys); None: not checked
 
 
 @dataclass(frozen=True)
@@ -107,21 +108,39 @@ def _control_path() -> str:
     return str(d / "%C")
 
 
+def _host_key_options(target: NodeTarget) -> list[str]:
+    """A pinned key is checked under the node's alias (its address may change); without a pin (a local site's
+    node, on a bridge only root on the host reaches) nothing is checked or remembered."""
+    if target.known_hosts is None:
+        return ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+    return ["-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={target.known_hosts}",
+            "-o", "GlobalKnownHostsFile=/dev/null", "-o", f"HostKeyAlias=imageupdate-{target.name}",
+            "-o", "UpdateHostKeys=no"]
+
+
 def _ssh_base(target: NodeTarget) -> list[str]:
-    return ["ssh", "-i", str(target.key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR",
+    return ["ssh", "-i", str(target.key), *_host_key_options(target), "-o", "BatchMode=yes",
+            "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR",
             "-o", f"ControlPath={_control_path()}", "-o", "ControlMaster=auto", "-o", "ControlPersist=15"]
+
+
+HOST_KEY_CHANGED = "the SSH host key"
 
 
 def ssh(target: NodeTarget, command: list[str], timeout: float,
         input: str | None = None) -> subprocess.CompletedProcess[str]:
     cmd = [*_ssh_base(target), f"{target.user}@{target.address}", "--", *command]
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
                               input=input if input is not None else "")
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         return subprocess.CompletedProcess(cmd, 124, out, f"timed out after {timeout:.0f} s")
+    if done.returncode == 255 and target.known_hosts is not None and "Host key verification failed" in done.stderr:
+        done.stderr = (f"{HOST_KEY_CHANGED} at {target.address} is not the one {target.name} printed at creation: "
+                       "someone else may be answering there; if it was replaced on purpose: imageupdate cloud "
+                       f"forget-host-key {target.name}\n")
+    return done
 
 
 def close_ssh(target: NodeTarget) -> None:
@@ -162,6 +181,8 @@ def _facts(target: NodeTarget, run: Runner) -> tuple[dict[str, Any] | None, Chec
     took = round(time.monotonic() - t0, 3)
     if p.returncode != 0:
         said = last_line(p.stderr, f"exit status {p.returncode}")
+        if p.returncode == 255 and said.startswith(HOST_KEY_CHANGED):
+            return None, CheckResult("host-key", False, took, said)
         if p.returncode == 255 or p.returncode == 124:
             return None, CheckResult("facts", False, took, f"node does not answer over SSH at {target.address}: "
                                                            f"{said}")

@@ -69,6 +69,7 @@ def test_a_cloud_rollout_rebuilds_the_servers_in_place_and_keeps_their_state(pla
     assert up.returncode == 0, up.stderr
     before = servers(plane)
     assert sorted(before) == ["node0", "node1", "node2"]
+    assert pinned(plane) == published(plane)  # host keys learned from each console, not from a connection
     assert {s["image"] for s in before.values()} == {"imageupdate-R1"}
     addrs = {n["name"]: n["address"] for n in json.loads(cloud(plane, "status").stdout)["nodes"]}
     for name, addr in addrs.items():
@@ -114,6 +115,42 @@ def test_a_second_run_reuses_the_glance_image(plane: dict[str, Any]) -> None:
     assert any(m.startswith("reused Glance image imageupdate-R2") for m in log)
     names = [i["Name"] for i in openstack(plane, "image", "list")]
     assert names.count("imageupdate-R2") == 1
+
+
+def pinned(p: dict[str, Any]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for line in (p["fleet"] / "known_hosts").read_text().splitlines():
+        if not line.startswith("#"):
+            alias, kind, key = line.split()
+            out.setdefault(alias.removeprefix("imageupdate-"), set()).add(f"{kind} {key}")
+    return out
+
+
+def published(p: dict[str, Any]) -> dict[str, set[str]]:
+    """The host keys each node holds on its state partition (what its sshd presents)."""
+    return {f"node{i}": {" ".join(k.read_text().split()[:2])
+                         for k in (p["site"] / f"nodes/node{i}/state/identity/ssh").glob("*.pub")} for i in range(3)}
+
+
+def test_a_server_answering_with_another_host_key_fails_its_gate(plane: dict[str, Any], tmp_path: Path) -> None:
+    """Trust boundary, point 4: whoever answers on a server's address with another host key decides nothing;
+    the gate fails and says why. A server replaced on purpose is re-learned from its console."""
+    known = plane["fleet"] / "known_hosts"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "impostor")], check=True)
+    impostor = (tmp_path / "impostor.pub").read_text().split()
+    good = known.read_text()
+    known.write_text("".join(f"imageupdate-node0 {impostor[0]} {impostor[1]}\n" if line.startswith("imageupdate-node0 ")
+                             else line + "\n" for line in good.splitlines()))
+    proc = cloud(plane, "check", "node0")
+    assert proc.returncode == 1
+    said = proc.stderr.strip().splitlines()
+    assert len(said) == 1 and "SSH host key" in said[0] and "forget-host-key node0" in said[0], proc.stderr
+    assert cloud(plane, "check", "node1").returncode == 0  # the others are still trusted
+    proc = cloud(plane, "cloud", "forget-host-key", "node0")
+    assert proc.returncode == 0, proc.stderr
+    proc = cloud(plane, "check", "node0")
+    assert proc.returncode == 0, proc.stderr
+    assert pinned(plane) == published(plane)
 
 
 def test_what_a_cloud_user_gets_wrong_is_said_in_one_line(plane: dict[str, Any], tmp_path: Path) -> None:

@@ -294,7 +294,7 @@ class FakeFleet:
         return {}, {}
 
     def target(self, node: str) -> Any:
-        return SimpleNamespace(name=node, address="10.0.0.1", key=self.path / "key")
+        return SimpleNamespace(name=node, address="10.0.0.1", key=self.path / "key", known_hosts=None)
 
     def expectation(self, release: str) -> Any:
         return release

@@ -105,6 +105,16 @@ class LocalSiteDriver(fake.FakeDriverWithoutFakeNodes):
         instance.save(expected_task_state=[task_states.REBUILDING])
         self._swap(context, instance, image_meta.id)
 
+    def get_console_output(self, context, instance):
+        """The node's console: what its init and node-firstboot printed (the host key block among it)."""
+        node = instance.hostname or instance.display_name
+        path = os.path.join(os.environ["IMAGEUPDATE_SITE"], "nodes", os.path.basename(node), "console.log")
+        try:
+            with open(path, "rb") as f:
+                return f.read(4 * 1024 * 1024)
+        except OSError:
+            raise exception.ConsoleNotAvailable() from None
+
     def destroy(self, context, instance, network_info, block_device_info=None, destroy_disks=True,
                 destroy_secrets=True):
         super().destroy(context, instance, network_info, block_device_info, destroy_disks, destroy_secrets)
