@@ -63,6 +63,19 @@ def _answers(port: int) -> bool:
         return False
 
 
+def _guarded(port: int) -> bool:
+    """Whether the Heat on ``port`` refuses a request without the site's secret. One started by an
+    imageupdate older than the secret answers anyone: it is not reused but replaced (stacks stay in its
+    database; an operation in flight survives a Heat restart)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/imageupdate/stacks", timeout=2):
+            return False
+    except urllib.error.HTTPError as e:
+        return e.code == 401
+    except (urllib.error.URLError, OSError):
+        return True  # not answering now: running() decides on the healthcheck
+
+
 class HeatService:
     def __init__(self, root: Path, sleep: Callable[[float], None] = time.sleep) -> None:
         self.paths = HeatPaths(Path(root))
@@ -75,7 +88,7 @@ class HeatService:
         except (OSError, ValueError):
             return None
         proc = HeatProcess(int(data["pid"]), int(data["port"]), float(data["started"]))
-        if procs.alive(proc.pid) and _answers(proc.port):
+        if procs.alive(proc.pid) and _answers(proc.port) and _guarded(proc.port):
             return proc
         return None
 
