@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 the operation failed, 2 bad input (nothing done).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -42,6 +43,18 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> Any:
         self.exit(EXIT_BAD_INPUT, f"imageupdate: error: {message}; see '{self.prog} --help'\n")
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds as an option: finite and not negative (argparse takes 'nan' and 'inf' as floats);
+    each option's own upper bound is checked where it is used."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite, non-negative number of seconds")
+    return value
 
 
 def _common() -> _Parser:
@@ -129,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     rb = ssub.add_parser("rebuild", parents=[common, site_opt], help="rebuild one node from a release")
     rb.add_argument("node")
     rb.add_argument("release")
-    rb.add_argument("--wait-lock", type=float, default=0.0, metavar="SECONDS",
+    rb.add_argument("--wait-lock", type=_seconds, default=0.0, metavar="SECONDS",
                     help="wait this long for another operation on the node or site to finish (default: fail at once)")
     rb.add_argument("--force", action="store_true",
                     help="even while a rollout is running, paused or interrupted: the node changes under it, "
@@ -205,10 +218,10 @@ def _add_rollout_commands(sub: Any, common: _Parser, site_opt: _Parser) -> None:
                    help="resource survival hooks: scripts run as SCRIPT create|verify_noapi|verify|destroy "
                         "(default: $IMAGEUPDATE_RESOURCES)")
     r.add_argument("--keep-resources", action="store_true", help="do not run the hooks' destroy phase at the end")
-    r.add_argument("--hook-timeout", type=float, default=60.0, metavar="SECONDS",
+    r.add_argument("--hook-timeout", type=_seconds, default=60.0, metavar="SECONDS",
                    help="bound on each hook run (default 60)")
     r.add_argument("--no-probe", action="store_true", help="do not probe the workload for downtime")
-    r.add_argument("--probe-interval", type=float, default=0.05, metavar="SECONDS",
+    r.add_argument("--probe-interval", type=_seconds, default=0.05, metavar="SECONDS",
                    help="seconds between probes of each node's workload (default 0.05)")
     r.set_defaults(func=cmd_rollout)
     rb = sub.add_parser("rollback", parents=[common, site_opt, gates],

@@ -55,7 +55,7 @@ class RolloutOptions:
         if self.gate_timeout > MAX_GATE_TIMEOUT:
             raise InputError(f"--gate-timeout must be at most {MAX_GATE_TIMEOUT} seconds (a day), "
                              f"not {self.gate_timeout}")
-        if self.hook_timeout <= 0:
+        if not self.hook_timeout > 0:  # written so that NaN is refused too
             raise InputError(f"--hook-timeout must be above 0 seconds, not {self.hook_timeout:g}")
         if self.hook_timeout > MAX_HOOK_TIMEOUT:
             raise InputError(f"--hook-timeout must be at most {MAX_HOOK_TIMEOUT} seconds, not {self.hook_timeout:g}")

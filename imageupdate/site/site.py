@@ -98,6 +98,9 @@ def _available_memory_mb() -> int:
     return 0
 
 
+MAX_LOCK_WAIT = 86400.0  # seconds a rebuild may wait for the site's or node's lock
+
+
 class LocalSite:
     """Construction touches nothing; every operation takes the site lock."""
 
@@ -400,6 +403,8 @@ class LocalSite:
         exists, no operation forbids this) are made once the locks are held: a rebuild may have waited
         for minutes, and the site may have been destroyed meanwhile."""
         require_root("rebuilding a node mounts in its namespaces")
+        if not 0 <= wait <= MAX_LOCK_WAIT:
+            raise InputError(f"--wait-lock must be between 0 and {MAX_LOCK_WAIT:.0f} seconds (a day), not {wait:g}")
         self.node(node_name)  # unknown node or no site: say so before waiting for anything
         validate_release_id(release)  # nor a path made of a hostile release id
         command = f"site rebuild {node_name} {release}"
