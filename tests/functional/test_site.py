@@ -256,6 +256,32 @@ def test_a_crafted_image_writes_no_device_and_nodes_honour_none(site: Path, stor
     assert os.stat(site).st_mode & 0o777 == 0o700
 
 
+@pytest.mark.parametrize("planted,command", [
+    ("etc/sample-workload/sample-workload.conf", ["check-config", "--to", "R2"]),
+    ("imageupdate/state.json", ["plan", "--to", "R2"]),
+])
+def test_the_host_does_not_follow_a_link_a_node_planted_in_its_state(site: Path, store_dir: Path, tmp_path: Path,
+                                                                     planted: str, command: list[str]) -> None:
+    """Seen: root on a node replaced its config on the state partition by a link to a host file, and
+    check-config on the host printed that file's sections and keys. Now: one line naming the link."""
+    secret = tmp_path / "host-secret.ini"
+    secret.write_text('[database]\nadmin_password = hunter2\n{"state_version": 1}\n')
+    target = site / "nodes/node0/state" / planted
+    assert target.is_file(), target
+    saved = target.read_bytes()
+    target.unlink()
+    target.symlink_to(secret)  # what root on node0 can do to its own state partition
+    try:
+        proc = imageupdate(*command, "--site", str(site), "--store", str(store_dir))
+        said = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(said) == 1 and "is a symlink" in said[0], proc.stderr
+        assert "database" not in proc.stdout + proc.stderr and "admin_password" not in proc.stdout + proc.stderr
+        assert secret.read_text().startswith("[database]")  # and nothing was written through the link
+    finally:
+        target.unlink()
+        target.write_bytes(saved)
+
+
 ESCAPE = """
 import ctypes, os, sys
 site = sys.argv[1]
