@@ -11,8 +11,15 @@ cd "$(dirname "$0")/.."
 export IMAGEUPDATE_STORE=${IMAGEUPDATE_STORE:-/var/lib/imageupdate/images}
 iu=.venv/bin/imageupdate
 
-build() {  # build RELEASE ELEMENT, reusing a release already in the store (if it has upgrade metadata)
-    if $iu images show "$1" --json 2>/dev/null | python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin).get("upgrade") else 1)'; then
+signed_here() {  # RELEASE: signed by this host's release key, the one the demo site trusts (OpenSSH alone)
+    local key=${IMAGEUPDATE_SIGNING_KEY:-/etc/imageupdate/release_ed25519}.pub dir=$IMAGEUPDATE_STORE/$1
+    [ -f "$key" ] && [ -f "$dir/manifest.json.sig" ] || return 1
+    ssh-keygen -Y verify -f <(printf 'operator namespaces="imageupdate-release" %s\n' "$(cut -d' ' -f1,2 "$key")") \
+        -I operator -n imageupdate-release -s "$dir/manifest.json.sig" < "$dir/manifest.json" >/dev/null 2>&1
+}
+
+build() {  # build RELEASE ELEMENT, reusing a release already in the store (signed here, with upgrade metadata)
+    if signed_here "$1" && $iu images show "$1" --json 2>/dev/null | python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin).get("upgrade") else 1)'; then
         echo "== $1 is already in $IMAGEUPDATE_STORE (imageupdate images delete $1 to rebuild)"
     else
         echo "== building $1 from $2"
@@ -28,8 +35,6 @@ build R4 sample-workload-v4
 echo
 $iu images list
 echo
-$iu images verify R4
-echo
 echo "== what changes from R1 to R2"
 $iu images diff R1 R2
 
@@ -38,6 +43,9 @@ echo "== a local site: 3 nodes on R1 (namespaces on the read-only R1 tree)"
 SITE=${IMAGEUPDATE_DEMO_SITE:-/var/lib/imageupdate/demo-site}
 $iu site destroy --force --site "$SITE" >/dev/null
 $iu site up --nodes 3 --release R1 --site "$SITE"
+echo "== the site accepts releases signed by: $($iu keys list --site "$SITE" --json | python3 -c \
+    'import json,sys; print(", ".join(k["name"] + " " + k["fingerprint"] for k in json.load(sys.stdin)["trusted"]))')"
+$iu images verify R4 --site "$SITE"
 addrs=$($iu site status --site "$SITE" --json | python3 -c \
     'import json,sys; print(" ".join(n["address"] for n in json.load(sys.stdin)["nodes"]))')
 on_node() {  # on_node ADDRESS COMMAND...: what an operator does over SSH

@@ -64,7 +64,7 @@ class BuildRequest:
 
 @dataclass
 class BuildEvent:
-    """Progress of a build: ``stage`` is prepare, dib, pack, verify or publish."""
+    """Progress of a build: ``stage`` is prepare, dib, pack, verify, sign or publish."""
 
     stage: str
     detail: str = ""
