@@ -164,6 +164,29 @@ def test_code_run_from_tmp_the_state_partition_and_dev_shm_fails_stale_code(site
     assert all(evidence[n]["ok"] for n in ("services", "health", "config", "test:20-data-roundtrip")), evidence
 
 
+INJECT = r"""
+import ctypes, os, struct, sys
+src, pid, target = sys.argv[1:]
+libc = ctypes.CDLL(None, use_errno=True)
+def ok(rc, what):
+    if rc < 0:
+        sys.exit(f"{what}: {os.strerror(ctypes.get_errno())}")
+    return rc
+fd = ok(libc.syscall(428, -100, src.encode(), 1 | 0x80000), "open_tree")  # OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC
+attr = struct.pack("QQQQ", 1, 0, 0, 0)  # struct mount_attr: attr_set = MOUNT_ATTR_RDONLY
+ok(libc.syscall(442, fd, b"", 0x1000, attr, len(attr)), "mount_setattr")  # AT_EMPTY_PATH
+ok(libc.setns(os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY), 0x00020000), "setns")  # CLONE_NEWNS
+ok(libc.syscall(429, fd, b"", -100, target.encode(), 4), "move_mount")  # MOVE_MOUNT_F_EMPTY_PATH
+"""
+
+
+def show_in_node(pid: int, source: Path, target: str) -> None:
+    """Mount the host's ``source`` (read-only) at ``target`` inside a node: the node's root was entered with
+    pivot_root and the host's detached, so no host path can be named from inside; a detached clone of the
+    host's tree is moved in instead (open_tree, then move_mount after setns)."""
+    subprocess.run([sys.executable, "-c", INJECT, str(source), str(pid), target], check=True)
+
+
 def test_a_process_left_on_the_old_release_is_flagged_as_stale(site: Path, store_dir: Path) -> None:
     node = json.loads((site / "nodes/node1/node.json").read_text())
     addr = {n["name"]: n["address"] for n in json.loads(cli(site, store_dir, "status").stdout)["nodes"]}["node1"]
@@ -171,8 +194,8 @@ def test_a_process_left_on_the_old_release_is_flagged_as_stale(site: Path, store
     old.mkdir()
     # R1's tree, still on the host, shown inside node1 (read-only) as /mnt/state/old-release
     mount = ["nsenter", "-t", str(node["pid"]), "-m", "--"]
-    target = str(site / "nodes/node1/root/mnt/state/old-release")
-    subprocess.run([*mount, "mount", "--bind", "-o", "ro", str(site / "releases/R1"), target], check=True)
+    target = "/mnt/state/old-release"
+    show_in_node(node["pid"], site / "releases/R1", target)
     try:
         started = ssh(site, addr, "setsid chroot /mnt/state/old-release /usr/bin/python3 -c "
                                   "'import time; time.sleep(600)' </dev/null >/dev/null 2>&1 & sleep 0.5; echo ok")
