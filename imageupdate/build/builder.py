@@ -133,8 +133,9 @@ class Builder:
             )
         require(BUILD_TOOLS)
         require_root("disk-image-create chroots and mounts")
-        if request.signing_key is not None:  # a key named but missing: bad input before an hour of DIB
-            signing.require_private_key(request.signing_key, create=False)
+        if request.signing_key is not None or signing.default_key().exists():  # a key that cannot sign (missing,
+            key = request.signing_key or signing.default_key()  # a passphrase): bad input before an hour of DIB
+            signing.sign_bytes(b"imageupdate: can this key sign?", signing.require_private_key(key, create=False))
         free, need = shutil.disk_usage(self.store.root).free, min_free_bytes()
         if free < need:
             raise BuildFailed(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -111,10 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "site, or --cloud fleet, trusts)")
     v.add_argument("release")
     v.set_defaults(func=cmd_verify)
-    sg = isub.add_parser("sign", parents=[common], help="sign a published release (after a key rotation)")
+    sg = isub.add_parser("sign", parents=[common, site_opt],
+                         help="sign again a release the site (or --cloud fleet) trusts, with another key (rotation)")
     sg.add_argument("release")
     sg.add_argument("--key", type=Path, metavar="FILE",
                     help=f"OpenSSH private key (default: $IMAGEUPDATE_SIGNING_KEY or {signing.DEFAULT_KEY})")
+    sg.add_argument("--adopt", action="store_true",
+                    help="sign a release that has no signature at all (built before imageupdate signed releases); "
+                         "its checksums are checked, its origin is yours to vouch for")
     sg.set_defaults(func=cmd_sign)
     _add_key_commands(sub, common, site_opt)
     site = sub.add_parser("site", parents=[common], help="the local site: a fleet of namespace nodes")
@@ -353,10 +358,8 @@ def _fleet_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_verify(args: argparse.Namespace, out: Output) -> int:
-    fleet: Path | None = _fleet_dir(args)
     named = getattr(args, "site", None) is not None or _cloud_name(args) is not None
-    if not named and fleet is not None and not signing.trust_file(fleet).exists():
-        fleet = None  # no fleet named and the default site trusts nothing yet: the signature against itself
+    fleet = _fleet_dir(args) if named else None  # else: against this host's own release key
     r = _store(args).verify(args.release, fleet)
     out.result({"release": r.release, "ok": r.ok, "checked": r.checked, "problems": r.problems,
                 "signer": r.signer, "trusted_by": str(fleet) if fleet else None}, render.verify(r))
@@ -369,7 +372,7 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_sign(args: argparse.Namespace, out: Output) -> int:
     key = signing.require_private_key(args.key or signing.default_key(), create=False)
-    fingerprint = _store(args).sign(args.release, key)
+    fingerprint = _store(args).sign(args.release, key, _fleet_dir(args), adopt=args.adopt)
     out.result({"release": args.release, "key": str(key), "fingerprint": fingerprint},
                f"signed {args.release} with {key} ({fingerprint})")
     return EXIT_OK
@@ -492,12 +495,18 @@ def _orchestrator(args: argparse.Namespace, out: Output) -> Orchestrator:
     return Orchestrator(_fleet(args), on_event=out.event)
 
 
+MAX_CLOUD_NODES = 1000  # servers one fleet's stack holds
+
+
 def cmd_cloud_up(args: argparse.Namespace, out: Output) -> int:
     cloud = _cloud_name(args)
     if cloud is None:
         raise InputError("cloud up needs --cloud NAME (a cloud of clouds.yaml) or $OS_CLOUD")
-    if args.nodes < 1:
-        raise InputError(f"--nodes must be at least 1, not {args.nodes}")
+    if not 1 <= args.nodes <= MAX_CLOUD_NODES:
+        raise InputError(f"--nodes must be between 1 and {MAX_CLOUD_NODES}, not {args.nodes}")
+    if not re.fullmatch(r"[a-z][a-z0-9-]{0,40}", args.prefix):
+        raise InputError(f"--prefix {args.prefix!r} is not allowed: a lower-case letter, then up to 40 of a-z 0-9 -"
+                         " (server names, host key aliases)")
     if not Path(args.ssh_key).is_file():
         raise InputError(f"--ssh-key {args.ssh_key} is not a file: the private key the servers accept")
     networks = None if args.network is None else (

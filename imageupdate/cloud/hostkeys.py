@@ -77,13 +77,17 @@ def read(path: Path) -> dict[str, list[tuple[str, str]]]:
 
 def _write(path: Path, pins: dict[str, list[tuple[str, str]]]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write("# SSH host keys of this fleet's servers, as each printed them on its console at first boot\n")
-        for node in sorted(pins):
-            f.writelines(f"{alias(node)} {t} {k}\n" for t, k in pins[node])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp.unlink(missing_ok=True)
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "w") as f:
+            f.write("# SSH host keys of this fleet's servers, as each printed them on its console at boot\n")
+            for node in sorted(pins):
+                f.writelines(f"{alias(node)} {t} {k}\n" for t, k in pins[node])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def pin(path: Path, node: str, keys: list[tuple[str, str]]) -> None:
@@ -120,6 +124,9 @@ def learn(console: Callable[[], str], node: str, path: Path, sleep: Callable[[fl
 
 def console_of(conn: Any, server: Any) -> Callable[[], str]:
     def fetch() -> str:
-        out = conn.compute.get_server_console_output(server)
+        try:
+            out = conn.compute.get_server_console_output(server)
+        except Exception:  # noqa: BLE001 - sdk/keystoneauth errors: not there yet, asked again until the bound
+            return ""
         return str((out or {}).get("output") or "")[:MAX_CONSOLE]
     return fetch

@@ -88,7 +88,8 @@ class HeatService:
         except (OSError, ValueError):
             return None
         proc = HeatProcess(int(data["pid"]), int(data["port"]), float(data["started"]))
-        if procs.alive(proc.pid) and _answers(proc.port) and _guarded(proc.port):
+        if procs.alive(proc.pid) and "imageupdate.heat.server" in procs.cmdline(proc.pid) \
+                and _answers(proc.port) and _guarded(proc.port):
             return proc
         return None
 

@@ -34,6 +34,7 @@ TRUSTED = "trusted_signers"
 DEFAULT_KEY = Path("/etc/imageupdate/release_ed25519")
 MAX_SIGNATURE = 64 * 1024  # bytes: an SSH signature is well under 1 KiB
 MAX_TRUSTED = 1024 * 1024
+SSH_KEYGEN_TIMEOUT = 30.0  # seconds
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")
 _KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "ssh-rsa",
               "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com")
@@ -63,11 +64,17 @@ class Signer:
 
 
 def _run(args: list[str], data: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    """ssh-keygen, never waiting on a terminal (stdin is the data or nothing: a key with a passphrase fails
+    at once instead of asking) and bounded in time."""
     try:
-        return subprocess.run(["ssh-keygen", *args], input=data, capture_output=True, env=_ENV, timeout=60,
-                               check=False)
+        return subprocess.run(["ssh-keygen", *args], input=data if data is not None else b"", capture_output=True,
+                              env=_ENV, timeout=SSH_KEYGEN_TIMEOUT, check=False)
     except FileNotFoundError:
         raise SigningKeyError("ssh-keygen is missing: apt-get install openssh-client") from None
+    except subprocess.TimeoutExpired:
+        raise SigningKeyError(f"ssh-keygen {args[0]} {args[1] if len(args) > 1 else ''} did not finish within "
+                              f"{SSH_KEYGEN_TIMEOUT:.0f} s (a key with a passphrase? imageupdate signs unattended)"
+                              ) from None
 
 
 def _said(done: subprocess.CompletedProcess[bytes]) -> str:
@@ -122,23 +129,34 @@ def require_private_key(path: Path, *, create: bool) -> Path:
     return path
 
 
-def sign(directory: Path, key: Path) -> Path:
-    """Sign ``directory``/manifest.json with ``key``; the signature lands beside it atomically."""
-    manifest = directory / "manifest.json"
-    tmp = Path(tempfile.mkdtemp(prefix=".sign-", dir=directory))
+def sign_bytes(manifest: bytes, key: Path) -> bytes:
+    """The signature of exactly ``manifest`` (given on stdin: nothing is read again by path)."""
+    done = _run(["-Y", "sign", "-q", "-f", str(key.absolute()), "-n", NAMESPACE], manifest)
+    if done.returncode != 0 or not done.stdout.startswith(b"-----BEGIN SSH SIGNATURE-----"):
+        raise SigningKeyError(f"ssh-keygen could not sign with {key}: {_said(done)} (a key with a passphrase "
+                              "cannot be used: imageupdate signs unattended)")
+    return done.stdout
+
+
+def write_signature(directory: Path, signature: bytes) -> Path:
+    """``signature`` as ``directory``/manifest.json.sig, replaced atomically (never through a link)."""
+    tmp = directory / f".{SIGNATURE}.{os.getpid()}.tmp"
     try:
-        staged = tmp / "manifest.json"
-        staged.write_bytes(manifest.read_bytes())
-        done = _run(["-Y", "sign", "-q", "-f", str(key), "-n", NAMESPACE, str(staged)])
-        if done.returncode != 0:
-            raise SigningKeyError(f"ssh-keygen could not sign with {key}: {_said(done)} (a key with a "
-                                  "passphrase needs ssh-agent; imageupdate signs unattended)")
-        os.replace(tmp / "manifest.json.sig", directory / SIGNATURE)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(signature)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / SIGNATURE)
     finally:
-        for p in tmp.iterdir():
-            p.unlink()
-        tmp.rmdir()
+        tmp.unlink(missing_ok=True)
     return directory / SIGNATURE
+
+
+def sign(directory: Path, key: Path) -> Path:
+    """Sign ``directory``/manifest.json with ``key`` (a staged build's own manifest)."""
+    with open(directory / "manifest.json", "rb") as f:
+        return write_signature(directory, sign_bytes(f.read(), key))
 
 
 # what a fleet trusts -------------------------------------------------------------------------------------
@@ -155,12 +173,16 @@ def read_trusted(path: Path) -> list[Signer]:
         raw = f.read(MAX_TRUSTED + 1)
     if len(raw) > MAX_TRUSTED:
         raise SigningKeyError(f"{path} is larger than {MAX_TRUSTED} bytes: not a list of keys")
+    bad = next((i for i, b in enumerate(raw) if not (32 <= b < 127 or b == 10)), None)
+    if bad is not None:  # ssh-keygen splits lines only at \n, Python at more: one reading for both
+        raise SigningKeyError(f"{path} has a byte that is not printable ASCII (offset {bad}): a list of keys has "
+                              "none; rewrite it with 'imageupdate keys trust' and 'keys revoke'")
     out = []
-    for n, line in enumerate(raw.decode("ascii", errors="replace").splitlines(), 1):
+    for n, line in enumerate(raw.decode("ascii").split("\n"), 1):
         if not line.strip() or line.startswith("#"):
             continue
         m = re.fullmatch(r'(\S+) namespaces="' + re.escape(NAMESPACE) + r'" (\S+) ([A-Za-z0-9+/=]+)', line)
-        if not m or not _NAME.fullmatch(m.group(1)) or m.group(2) not in _KEY_TYPES:
+        if not m or not _NAME.fullmatch(m.group(1)) or m.group(2) not in _KEY_TYPES or m.group(1).startswith("#"):
             raise SigningKeyError(f"{path} line {n} is not a trusted key of imageupdate; fix it with "
                                   "'imageupdate keys revoke' and 'keys trust', or by hand")
         out.append(Signer(m.group(1), m.group(2), m.group(3), ""))
@@ -170,13 +192,17 @@ def read_trusted(path: Path) -> list[Signer]:
 def _write_trusted(path: Path, signers: list[Signer]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write("# keys whose release signatures this fleet accepts (imageupdate keys trust / revoke)\n")
-        f.writelines(s.line() for s in signers)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp.unlink(missing_ok=True)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write("# keys whose release signatures this fleet accepts (imageupdate keys trust / revoke)\n")
+            f.writelines(s.line() for s in signers)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def trust(fleet_dir: Path, key: Signer) -> bool:
@@ -249,10 +275,10 @@ def read_signature(directory: Path, release: str) -> bytes:
 def signed_by(manifest: bytes, signature: bytes, release: str) -> str:
     """The fingerprint of the key that made ``signature`` over ``manifest``, checked cryptographically
     but against no trust list; ``UntrustedRelease`` when it does not match."""
-    with tempfile.NamedTemporaryFile(prefix="imageupdate-sig-") as sig:
-        sig.write(signature)
-        sig.flush()
-        done = _run(["-Y", "check-novalidate", "-n", NAMESPACE, "-s", sig.name], manifest)
+    with tempfile.TemporaryDirectory(prefix="imageupdate-sig-") as tmp:
+        sig = Path(tmp) / "manifest.json.sig"
+        sig.write_bytes(signature)
+        done = _run(["-Y", "check-novalidate", "-n", NAMESPACE, "-s", str(sig)], manifest)
     found = _FINGERPRINT.search(done.stdout.decode(errors="replace"))
     if done.returncode != 0 or not found:
         raise UntrustedRelease(f"the signature of release {release!r} does not match its manifest ({_said(done)}):"
@@ -262,24 +288,37 @@ def signed_by(manifest: bytes, signature: bytes, release: str) -> str:
 
 
 def check(manifest: bytes, signature: bytes, fleet_dir: Path, release: str) -> str:
-    """The name of the trusted key that signed ``manifest``; ``UntrustedRelease`` otherwise."""
-    fingerprint = signed_by(manifest, signature, release)
-    path = trust_file(fleet_dir)
-    trusted = read_trusted(path)
+    """The name of the key ``fleet_dir`` trusts that signed ``manifest``; ``UntrustedRelease`` otherwise."""
+    trusted = read_trusted(trust_file(fleet_dir))
     if not trusted:
+        signed_by(manifest, signature, release)  # a broken signature says so first
         raise UntrustedRelease(f"{fleet_dir} trusts no release key yet: trust the key that builds its releases "
                                f"with 'imageupdate keys trust KEY.pub' (this host's is {default_key()}.pub)",
                                release=release, step="signature")
-    with tempfile.NamedTemporaryFile(prefix="imageupdate-sig-") as sig:
-        sig.write(signature)
-        sig.flush()
-        found = _run(["-Y", "find-principals", "-s", sig.name, "-f", str(path), "-n", NAMESPACE])
-        names = found.stdout.decode(errors="replace").split()
+    return check_signers(manifest, signature, trusted, str(fleet_dir), release)
+
+
+def own_key() -> list[Signer]:
+    """This host's release key as a one-key trust list (what 'images verify' uses without a fleet)."""
+    pub = default_key().with_name(default_key().name + ".pub")
+    return [public_key(pub, "this-host")] if pub.is_file() else []
+
+
+def check_signers(manifest: bytes, signature: bytes, signers: list[Signer], who: str, release: str) -> str:
+    """The name of the key among ``signers`` that signed ``manifest``. ssh-keygen reads a list rendered from
+    the parsed keys (never the file as given: what it accepts is exactly what ``keys list`` shows)."""
+    fingerprint = signed_by(manifest, signature, release)
+    with tempfile.TemporaryDirectory(prefix="imageupdate-sig-") as tmp:
+        sig, allowed = Path(tmp) / "manifest.json.sig", Path(tmp) / "allowed_signers"
+        sig.write_bytes(signature)
+        allowed.write_text("".join(s.line() for s in signers))
+        found = _run(["-Y", "find-principals", "-s", str(sig), "-f", str(allowed), "-n", NAMESPACE])
+        names = [n for n in found.stdout.decode(errors="replace").split() if n in {s.name for s in signers}]
         if found.returncode != 0 or not names:
-            raise UntrustedRelease(f"release {release!r} is signed by key {fingerprint}, which {fleet_dir} does "
+            raise UntrustedRelease(f"release {release!r} is signed by key {fingerprint}, which {who} does "
                                    f"not trust: 'imageupdate keys trust KEY.pub' if it is yours", release=release,
                                    step="signature")
-        done = _run(["-Y", "verify", "-f", str(path), "-I", names[0], "-n", NAMESPACE, "-s", sig.name], manifest)
+        done = _run(["-Y", "verify", "-f", str(allowed), "-I", names[0], "-n", NAMESPACE, "-s", str(sig)], manifest)
     if done.returncode != 0:
         raise UntrustedRelease(f"the signature of release {release!r} by {names[0]!r} does not verify: "
                                f"{_said(done)}", release=release, step="signature")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import secrets
@@ -228,13 +229,19 @@ class ImageStore:
         return raw, m
 
     def signer(self, release: str, fleet_dir: Path | None) -> str:
-        """Who signed ``release``: the name of the key ``fleet_dir`` trusts for it, or with no fleet the key's
-        fingerprint (checked against the manifest, not against any trust list). ``UntrustedRelease`` else."""
+        """Who signed ``release``: the name of the key ``fleet_dir`` trusts for it, or with no fleet
+        ``this-host`` when this host's own release key did. ``UntrustedRelease`` otherwise."""
         raw, _ = self._load(release)
         sig = signing.read_signature(self.path(release), release)
-        if fleet_dir is None:
-            return signing.signed_by(raw, sig, release)
-        return signing.check(raw, sig, fleet_dir, release)
+        if fleet_dir is not None:
+            return signing.check(raw, sig, fleet_dir, release)
+        own = signing.own_key()
+        if not own:
+            signing.signed_by(raw, sig, release)
+            raise UntrustedRelease(f"release {release!r} has a valid signature, but there is no trust list to check "
+                                   f"it against: name the fleet (--site DIR or --cloud NAME), or make this host's "
+                                   f"key ({signing.default_key()})", release=release, step="signature")
+        return signing.check_signers(raw, sig, own, f"this host's key {signing.default_key()}", release)
 
     def require_trusted(self, release: str, fleet_dir: Path) -> Manifest:
         """The manifest of ``release`` when a key ``fleet_dir`` trusts signed it (the artifacts are not
@@ -277,18 +284,51 @@ class ImageStore:
                             signature_problem=sig_problem)
 
     def require_verified(self, release: str, fleet_dir: Path) -> Manifest:
-        """The manifest of a release ``fleet_dir`` may use: signed by a key it trusts (checked first, before
-        hashing the artifacts), every checksum right. What the caller unpacks or uploads next."""
-        self.require_trusted(release, fleet_dir)
-        result = self.verify(release, fleet_dir)
-        if not result.ok:
+        """The manifest of a release ``fleet_dir`` may use: read once, its signature by a key the fleet trusts
+        checked on those bytes (before hashing the artifacts), every checksum right against that same parsed
+        manifest. Whoever uses an artifact next copies it with ``private_copy`` and hashes the copy again:
+        a store writer cannot swap it after this check."""
+        raw, manifest = self._load(release)
+        signing.check(raw, signing.read_signature(self.path(release), release), fleet_dir, release)
+        _checked, problems = verify_directory(self.path(release), manifest)
+        try:
+            read_index(self.path(release) / FILE_INDEX)
+        except (OSError, ValueError) as e:
+            problems.append(f"{FILE_INDEX}: {getattr(e, 'strerror', None) or e}")
+        if problems:
             raise IntegrityError(
-                f"release {release!r} failed verification: {'; '.join(result.problems)}; "
+                f"release {release!r} failed verification: {'; '.join(problems)}; "
                 f"rebuild it with 'imageupdate build {release} --force'",
                 release=release,
                 step="verify",
             )
-        return self.manifest(release)
+        return manifest
+
+    def private_copy(self, release: str, manifest: Manifest, name: str, directory: Path) -> Path:
+        """Artifact ``name`` copied (0600, not through a link) into ``directory`` and hashed as it is copied;
+        ``IntegrityError`` unless the copy is what ``manifest`` (checked by the caller) records. What is then
+        unpacked or uploaded is this copy: nothing a store writer does afterwards reaches it."""
+        want = manifest.artifacts[name]
+        dest = directory / f".{release}.{name}.{os.getpid()}.{secrets.token_hex(4)}"
+        h = hashlib.sha256()
+        try:
+            src = os.open(self.path(release) / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(src, "rb") as f, open(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                                                 "wb") as out:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+                    out.write(chunk)
+        except OSError as e:
+            dest.unlink(missing_ok=True)
+            raise IntegrityError(f"{name} of release {release!r} cannot be read ({e.strerror})", release=release,
+                                 step="verify") from None
+        if h.hexdigest() != want.sha256:
+            dest.unlink(missing_ok=True)
+            raise IntegrityError(f"{name} of release {release!r} changed after it was verified (sha256 "
+                                 f"{h.hexdigest()[:12]}... is not the signed {want.sha256[:12]}...): the store is "
+                                 "being written under imageupdate; nothing was used", release=release,
+                                 step="verify")
+        return dest
 
     # Writing -----------------------------------------------------------------
 
@@ -389,14 +429,34 @@ class ImageStore:
                 _fsync_dir(self.root)
         return target
 
-    def sign(self, release: str, key: Path) -> str:
-        """Sign a published release with ``key`` (re-signing after a key rotation); its fingerprint."""
-        raw, _ = self._load(release)
+    def sign(self, release: str, key: Path, fleet_dir: Path, *, adopt: bool = False) -> str:
+        """Sign a published release with ``key`` (a key rotation): only a release ``fleet_dir`` already trusts,
+        every checksum right, and exactly the manifest bytes that were checked. ``adopt``: a release with no
+        signature at all (built before imageupdate signed), its checksums checked. Returns the fingerprint."""
+        raw, manifest = self._load(release)
+        path = self.path(release)
+        if adopt:
+            if (path / signing.SIGNATURE).exists() or (path / signing.SIGNATURE).is_symlink():
+                raise UntrustedRelease(f"release {release!r} is already signed: --adopt is only for releases "
+                                       "built before imageupdate signed them", release=release, step="signature")
+        else:
+            try:
+                signing.check(raw, signing.read_signature(path, release), fleet_dir, release)
+            except UntrustedRelease as e:
+                hint = " (built before releases were signed? --adopt signs it after checking its checksums)" \
+                    if not (path / signing.SIGNATURE).exists() else ""
+                raise UntrustedRelease(f"{e.message}; a release is signed again only if {fleet_dir} trusts "
+                                       f"it already{hint}", release=release, step="signature") from None
+        _checked, problems = verify_directory(path, manifest)
+        if problems:
+            raise IntegrityError(f"release {release!r} failed verification: {'; '.join(problems)}; not signed",
+                                 release=release, step="verify")
+        signature = signing.sign_bytes(raw, key)
         self.ensure_writable()
         with self.lock():
-            path = signing.sign(self.path(release), key)
-            _fsync_dir(path.parent)
-        return signing.signed_by(raw, signing.read_signature(self.path(release), release), release)
+            signing.write_signature(path, signature)
+            _fsync_dir(path)
+        return signing.signed_by(raw, signature, release)
 
     def delete(self, release: str) -> None:
         target = self.path(release)

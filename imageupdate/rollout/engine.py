@@ -24,9 +24,17 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 from imageupdate.crashpoints import crashpoint
-from imageupdate.errors import ImageUpdateError, InputError, OperationError
+from imageupdate.errors import (
+    ImageUpdateError,
+    InputError,
+    OperationError,
+    ReleaseNotFound,
+    StoreError,
+    UntrustedRelease,
+)
 from imageupdate.heat import chain
 from imageupdate.heat.client import HeatClient, HeatError
 from imageupdate.history.db import RolloutRow
@@ -87,6 +95,8 @@ class Orchestrator:
             unproven = policy.unproven(self.history, states) & selected  # not gated on what it runs
             ch = policy.change(states, nodes, {n: release for n in selected}, bring_back=unproven,
                                unproven=unproven)
+            if opts.rollback:  # the way back must be usable too: say so now, not after a failed gate
+                self._require_way_back(states, ch.changing)
             upgrade = plan_fleet(self.fleet, release, ch.changing)  # a downgrade or a blocked path: bad input
             findings = check_config(self.fleet, upgrade)
             config.raise_errors(findings)  # an option the path removes: bad input, nothing started
@@ -96,6 +106,17 @@ class Orchestrator:
             for f in findings:
                 self._say(row, None, "info", f"config {f}")
             return extras.end(self._run(client, heat, stack_id, row, opts, extras, upgrade), opts)
+
+    def _require_way_back(self, states: dict[str, Any], nodes: list[str]) -> None:
+        for back in sorted({states[n].release for n in nodes} - {"?", ""}):
+            try:
+                self.fleet.store.require_trusted(back, self.fleet.path)
+            except (ReleaseNotFound, StoreError):
+                continue  # gone or damaged: that is the rollback's own failure to report, as before
+            except UntrustedRelease as e:
+                raise UntrustedRelease(f"a failed gate would roll back to {back}, which the fleet would refuse: "
+                                       f"{e.message}; or roll out with --no-rollback", release=back,
+                                       step="signature") from None
 
     def rollback(self, to: str | None, opts: RolloutOptions) -> Outcome:
         """Undo the newest rollout (the nodes it touched go back to the release each ran before it), or with

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imageupdate.errors import IntegrityError
-from imageupdate.images.manifest import ROOT_IMAGE
+from imageupdate.images.manifest import ROOT_IMAGE, Manifest
 from imageupdate.images.store import ImageStore
 
 
@@ -175,7 +175,14 @@ def unpacked_from(releases_dir: Path, release: str) -> str | None:
 
 def _unpack(store: ImageStore, release: str, releases_dir: Path, target: Path, fleet_dir: Path) -> Path:
     manifest = store.require_verified(release, fleet_dir)  # signed, and the artifact's sha256 as signed
-    image = store.path(release) / ROOT_IMAGE
+    image = store.private_copy(release, manifest, ROOT_IMAGE, releases_dir)  # checked and unpacked: this copy
+    try:
+        return _unpack_copy(image, manifest, release, releases_dir, target)
+    finally:
+        image.unlink(missing_ok=True)
+
+
+def _unpack_copy(image: Path, manifest: Manifest, release: str, releases_dir: Path, target: Path) -> Path:
     check_archive(image)
     tmp = releases_dir / f".{release}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

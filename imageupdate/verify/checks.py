@@ -108,12 +108,25 @@ def _control_path() -> str:
     return str(d / "%C")
 
 
+def _pinned(target: NodeTarget) -> bool:
+    try:
+        text = target.known_hosts.read_text(errors="replace") if target.known_hosts else ""
+    except OSError:
+        return False
+    return any(line.startswith(f"imageupdate-{target.name} ") for line in text.splitlines())
+
+
+def _quoted(path: Path) -> str:
+    """A path as one ssh_config argument: ssh expands % tokens and splits at spaces."""
+    return '"' + str(path).replace("%", "%%") + '"'
+
+
 def _host_key_options(target: NodeTarget) -> list[str]:
     """A pinned key is checked under the node's alias (its address may change); without a pin (a local site's
     node, on a bridge only root on the host reaches) nothing is checked or remembered."""
     if target.known_hosts is None:
         return ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
-    return ["-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={target.known_hosts}",
+    return ["-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={_quoted(target.known_hosts)}",
             "-o", "GlobalKnownHostsFile=/dev/null", "-o", f"HostKeyAlias=imageupdate-{target.name}",
             "-o", "UpdateHostKeys=no"]
 
@@ -137,6 +150,11 @@ def ssh(target: NodeTarget, command: list[str], timeout: float,
         out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         return subprocess.CompletedProcess(cmd, 124, out, f"timed out after {timeout:.0f} s")
     if done.returncode == 255 and target.known_hosts is not None and "Host key verification failed" in done.stderr:
+        if not _pinned(target):
+            done.stderr = (f"{HOST_KEY_CHANGED} of {target.name} is not known: it printed none on its console that "
+                           "imageupdate could read when it was created, so no answer from it counts; reboot it (it "
+                           f"prints its keys at boot) or see {target.known_hosts}\n")
+            return done
         done.stderr = (f"{HOST_KEY_CHANGED} at {target.address} is not the one {target.name} printed at creation: "
                        "someone else may be answering there; if it was replaced on purpose: imageupdate cloud "
                        f"forget-host-key {target.name}\n")

@@ -393,3 +393,23 @@ def test_a_rollback_run_again_gates_a_node_its_killed_rebuild_left_on_the_target
     gates = {s.node: s.status for s in fleet.history.steps(out.rollout.id) if s.step == "gate"}
     assert gates.get("node0") == "succeeded"
     assert fleet.history.last_verdict("node0") == ("R1", True)
+
+
+def test_a_rollout_whose_way_back_is_not_trusted_starts_nothing(tmp_path: Path) -> None:
+    """Seen in review: a fleet on R1, built before releases were signed, rolled out R2; R2 failed its gate and
+    the automatic rollback to R1 was refused node by node, leaving the fleet mixed. Now: refused up front."""
+    from imageupdate.errors import UntrustedRelease
+
+    h, fleet, orch = make(tmp_path, failing={"node1"})
+
+    def trusted(release: str, _fleet: Path) -> Any:
+        if release == "R1":
+            raise UntrustedRelease(f"release {release!r} is not signed", release=release)
+        return fleet._manifest(release)
+
+    fleet.store.require_trusted = trusted
+    with pytest.raises(UntrustedRelease, match="a failed gate would roll back to R1"):
+        orch.rollout("R2", RolloutOptions(probe=False))
+    assert h.releases == {n: "R1" for n in NODES} and fleet.history.active() is None
+    out = orch.rollout("R2", RolloutOptions(probe=False, rollback=False))  # asked not to roll back: allowed
+    assert out.status == "failed"

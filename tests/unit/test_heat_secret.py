@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -55,7 +57,15 @@ def test_a_heat_that_answers_without_the_secret_is_not_reused(tmp_path: Path,
     port, code = fake_heat
     service = HeatService(tmp_path / "heat")
     service.paths.root.mkdir(parents=True)
-    service.paths.state.write_text(json.dumps({"pid": os.getpid(), "port": port, "started": time.time()}))
-    assert service.running() is not None  # 401 without the secret: ours
-    code["api"] = 200
-    assert service.running() is None  # answers anyone: replaced by the next ensure()
+    heat = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "imageupdate.heat.server"])
+    try:
+        service.paths.state.write_text(json.dumps({"pid": heat.pid, "port": port, "started": time.time()}))
+        assert service.running() is not None  # 401 without the secret: ours
+        code["api"] = 200
+        assert service.running() is None  # answers anyone: replaced by the next ensure()
+        code["api"] = 401
+        service.paths.state.write_text(json.dumps({"pid": os.getpid(), "port": port, "started": time.time()}))
+        assert service.running() is None  # a process that is not our Heat, answering 401, gets no secret
+    finally:
+        heat.kill()
+        heat.wait()

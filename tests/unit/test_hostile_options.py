@@ -23,6 +23,10 @@ CASES = [
     (["site", "rebuild", "node0", "R1", "--wait-lock", "1e300"], "--wait-lock"),
     (["site", "up", "--nodes", "100000", "--release", "R1"], "--nodes"),
     (["site", "up", "--nodes", "-3", "--release", "R1"], "--nodes"),
+    (["cloud", "up", "--cloud", "x", "--nodes", "100000", "--release", "R1", "--flavor", "f", "--ssh-key", "/dev/null"],
+     "--nodes"),
+    (["cloud", "up", "--cloud", "x", "--nodes", "1", "--prefix", "a b", "--release", "R1", "--flavor", "f",
+      "--ssh-key", "/dev/null"], "--prefix"),
 ]
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from imageupdate.cloud import hostkeys
-from imageupdate.verify.checks import NodeTarget, _ssh_base
+from imageupdate.verify.checks import NodeTarget, _pinned, _quoted, _ssh_base
 
 ED = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMx1B5sB0cW1Cq0wQv1f6o8q0Yk5m3d1b0wq9yS8ZQ0a root@node0"
 EC = ("ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBEc2VYz6O3Y0X8M7b9xg6Y3Fq1C8k"
@@ -72,7 +72,18 @@ def test_a_server_that_prints_no_keys_is_refused_in_one_line(tmp_path: Path) -> 
 
 def test_ssh_checks_a_pinned_key_strictly_under_the_nodes_alias(tmp_path: Path) -> None:
     pinned = _ssh_base(NodeTarget("node0", "192.0.2.7", tmp_path / "key", known_hosts=tmp_path / "known_hosts"))
-    assert "StrictHostKeyChecking=yes" in pinned and f"UserKnownHostsFile={tmp_path / 'known_hosts'}" in pinned
+    assert "StrictHostKeyChecking=yes" in pinned and f'UserKnownHostsFile="{tmp_path / "known_hosts"}"' in pinned
     assert "HostKeyAlias=imageupdate-node0" in pinned and "StrictHostKeyChecking=no" not in pinned
     local = _ssh_base(NodeTarget("node0", "10.0.0.2", tmp_path / "key"))
     assert "StrictHostKeyChecking=no" in local  # a local site's node: the bridge only root on the host reaches
+
+
+def test_a_fleet_path_reaches_ssh_as_one_argument_and_an_unpinned_node_is_told_apart(tmp_path: Path) -> None:
+    """Seen in review: ssh expands % in UserKnownHostsFile and splits it at spaces; a node with no pin was
+    reported as 'someone else may be answering'."""
+    assert _quoted(Path("/var/lib/x 1/100%d/known_hosts")) == '"/var/lib/x 1/100%%d/known_hosts"'
+    known = tmp_path / "known_hosts"
+    hostkeys.pin(known, "node1", [tuple(ED.split()[:2])])  # type: ignore[list-item]
+    assert _pinned(NodeTarget("node1", "a", tmp_path / "k", known_hosts=known))
+    assert not _pinned(NodeTarget("node0", "a", tmp_path / "k", known_hosts=known))
+    assert not _pinned(NodeTarget("node", "a", tmp_path / "k", known_hosts=known))  # a prefix is not a name

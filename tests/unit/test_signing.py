@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from imageupdate.errors import SigningKeyError, UntrustedRelease
+from imageupdate.errors import IntegrityError, SigningKeyError, UntrustedRelease
 from imageupdate.images import signing
 from imageupdate.images.manifest import MANIFEST
 from imageupdate.images.store import ImageStore
@@ -50,7 +50,7 @@ def test_a_release_signed_by_a_trusted_key_is_accepted(store: ImageStore, publis
     publish("R1")
     assert store.require_trusted("R1", fleet).release == "R1"
     assert store.signer("R1", fleet) == "operator"
-    assert store.signer("R1", None).startswith("SHA256:")
+    assert store.signer("R1", None) == "this-host"  # no fleet named: this host's own release key
     assert store.verify("R1", fleet).ok
 
 
@@ -95,8 +95,10 @@ def test_a_damaged_signature_is_refused(store: ImageStore, publish: Any, fleet: 
     publish("R1")
     sig = store.path("R1") / signing.SIGNATURE
     sig.unlink()
-    if how == "symlink":
-        sig.symlink_to(SIGNING_KEY)  # a store is input: never read through a link
+    if how == "symlink":  # a valid signature of this very manifest, kept outside: still never read through a link
+        outside = store.root.parent / "outside.sig"
+        outside.write_bytes(signing.sign_bytes((store.path("R1") / MANIFEST).read_bytes(), SIGNING_KEY))
+        sig.symlink_to(outside)
     elif how == "huge":
         sig.write_bytes(b"x" * (signing.MAX_SIGNATURE + 1))
     elif how == "garbage":
@@ -120,10 +122,11 @@ def test_revoking_a_key_refuses_its_releases_and_rotation_brings_them_back(
     new = signing.public_key(other_key, "ops-2027")
     assert signing.trust(fleet, new) is True
     assert signing.trust(fleet, new) is False  # already there: no duplicate line
+    store.sign("R1", other_key, fleet)  # re-signed with the new key while the old one is still trusted
     signing.revoke(fleet, "operator")
-    assert "does not trust" in _refused(store, fleet, "R1")
-    store.sign("R1", other_key)  # re-sign with the new key: accepted again
     assert store.signer("R1", fleet) == "ops-2027"
+    publish("R2")  # signed by the old key only: refused once it is revoked
+    assert "does not trust" in _refused(store, fleet, "R2")
     signing.revoke(fleet, new.fingerprint)  # by fingerprint too
     assert signing.read_trusted(signing.trust_file(fleet)) == []
 
@@ -169,15 +172,16 @@ def test_key_commands_and_verify_are_one_line_each(
     assert [k["name"] for k in json.loads(out)["trusted"]] == ["operator", "ops_ed25519"]
     rc, out, err = run(capsys, "images", "verify", "R1", "--site", str(fleet), *root, "--json")
     assert rc == 0 and json.loads(out)["signer"] == "operator", err
-    rc, out, err = run(capsys, "keys", "revoke", "operator", "--site", str(fleet))
+    rc, out, err = run(capsys, "images", "sign", "R1", "--key", str(key), "--site", str(fleet), *root)
     assert rc == 0, err
-    rc, out, err = run(capsys, "images", "verify", "R1", "--site", str(fleet), *root)
-    assert rc == 1 and "does not trust" in err and "Traceback" not in err
-    rc, out, err = run(capsys, "images", "sign", "R1", "--key", str(key), *root)
+    rc, out, err = run(capsys, "keys", "revoke", "operator", "--site", str(fleet))
     assert rc == 0, err
     rc, out, err = run(capsys, "images", "verify", "R1", "--site", str(fleet), *root, "--json")
     assert rc == 0 and json.loads(out)["signer"] == "ops_ed25519", err
-    rc, out, err = run(capsys, "images", "sign", "R1", "--key", str(tmp_path / "missing"), *root)
+    rc, out, err = run(capsys, "images", "verify", "R1", *root)  # no fleet named: this host's key, not ops
+    assert rc == 1 and "this host's key" in err and "Traceback" not in err, err
+    rc, out, err = run(capsys, "images", "sign", "R1", "--key", str(tmp_path / "missing"), "--site", str(fleet),
+                       *root)
     assert rc == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
     rc, out, err = run(capsys, "keys", "trust", str(tmp_path / "missing.pub"), "--site", str(fleet))
     assert rc == 2 and "not a readable" in err and len(err.strip().splitlines()) == 1
@@ -192,3 +196,63 @@ def test_the_signature_is_what_openssh_checks_by_itself(store: ImageStore, publi
                                "-n", signing.NAMESPACE, "-s", str(path / signing.SIGNATURE)], stdin=manifest,
                               capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_key_hidden_from_keys_list_is_refused_not_trusted(store: ImageStore, publish: Any, fleet: Path,
+                                                            other_key: Path) -> None:
+    """Seen in review: a vertical tab splits a line for Python but not for ssh-keygen, so a key hidden from
+    'keys list' was trusted by the check."""
+    publish("R1")
+    signing.sign(store.path("R1"), other_key)
+    stranger = signing.public_key(other_key, "x")
+    with open(signing.trust_file(fleet), "ab") as f:
+        f.write(f'\x0b#,* namespaces="imageupdate-release" {stranger.key_type} {stranger.key}\n'.encode())
+    with pytest.raises(SigningKeyError, match="not printable ASCII"):
+        ensure_release(store, "R1", fleet / "releases", fleet)
+
+
+def test_an_artifact_swapped_after_the_check_is_never_used(store: ImageStore, publish: Any, fleet: Path) -> None:
+    """Seen in review: the archive was hashed by path, then opened again to check and unpack it; a store writer
+    could swap it in between. What is unpacked is a private copy, hashed as it is copied."""
+    publish("R1")
+    publish("R2")
+    manifest = store.require_verified("R1", fleet)
+    os.replace(store.path("R2") / "root.tar.zst", store.path("R1") / "root.tar.zst")  # the swap, after the check
+    with pytest.raises(IntegrityError, match="changed after it was verified"):
+        store.private_copy("R1", manifest, "root.tar.zst", fleet)
+    assert [p.name for p in fleet.iterdir()] == [signing.TRUSTED]  # no copy left behind
+
+
+def test_sign_refuses_what_the_fleet_does_not_already_trust(store: ImageStore, publish: Any, fleet: Path,
+                                                            other_key: Path) -> None:
+    """Seen in review: 'images sign' signed whatever was in the store with the new key."""
+    publish("R1")
+    path = store.path("R1") / MANIFEST
+    path.write_text(path.read_text().replace('"built_at": "', '"built_at": "9', 1))  # edited by a store writer
+    with pytest.raises(UntrustedRelease, match="does not match its manifest"):
+        store.sign("R1", other_key, fleet)
+    publish("R2")
+    (store.path("R2") / signing.SIGNATURE).unlink()  # built before releases were signed
+    with pytest.raises(UntrustedRelease, match="--adopt"):
+        store.sign("R2", other_key, fleet)
+    with open(store.path("R2") / "files.jsonl", "ab") as f:
+        f.write(b"\n")  # and damaged since
+    with pytest.raises(IntegrityError, match="files.jsonl"):
+        store.sign("R2", other_key, fleet, adopt=True)
+
+
+def test_adopting_an_unsigned_release_signs_exactly_what_was_checked(store: ImageStore, publish: Any,
+                                                                     fleet: Path) -> None:
+    publish("R1")
+    (store.path("R1") / signing.SIGNATURE).unlink()
+    store.sign("R1", SIGNING_KEY, fleet, adopt=True)
+    assert store.signer("R1", fleet) == "operator"
+    with pytest.raises(UntrustedRelease, match="already signed"):
+        store.sign("R1", SIGNING_KEY, fleet, adopt=True)
+
+
+def test_a_key_with_a_passphrase_fails_at_once(tmp_path: Path) -> None:
+    key = tmp_path / "locked"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(key)], check=True)
+    with pytest.raises(SigningKeyError, match="passphrase"):
+        signing.sign_bytes(b"manifest", key)
