@@ -51,6 +51,13 @@ def min_free_bytes() -> int:
     return (int(value) if value.isdigit() else DEFAULT_MIN_FREE_MB) * 2**20
 
 
+# a machine image (TripleO's overcloud-full trio): artifact -> format, and how it boots
+MACHINE_FORMATS = {"root.qcow2": "qcow2", "vmlinuz": "linux-kernel", "initrd": "initramfs"}
+DEFAULT_ROOT_LABEL = "cloudimg-rootfs"  # DIB's default filesystem label for the root
+VM_INIT = "/usr/lib/imageupdate/vm-init"  # PID 1 of a booted node (elements/imageupdate-debian-machine)
+STATE_LABEL = "iu-state"  # the state disk's ext4 label (16 bytes at most)
+
+
 @dataclass
 class BuildRequest:
     release: str
@@ -203,6 +210,8 @@ class Builder:
         out.mkdir()
         epoch = source_date_epoch(selection.search_path)
         facts = packer.pack(dib_result.tar, out, epoch)
+        for name, made in (dib_result.machine or {}).items():
+            os.replace(made, out / name)  # the same filesystem: the staging directory
         shutil.rmtree(stage / "dib", ignore_errors=True)
         pack_seconds = time.monotonic() - pack_start
         stamped = (facts.release_stamp or {}).get("release")
@@ -258,10 +267,17 @@ class Builder:
             ROOT_IMAGE: describe_artifact(out / ROOT_IMAGE, "tar+zstd"),
             FILE_INDEX: describe_artifact(out / FILE_INDEX, "jsonl"),
         }
+        if dib_result.machine:
+            if facts.kernel is None:
+                raise BuildFailed(f"release {release} was built as a machine image but has no kernel in /boot",
+                                  release=release, step="pack")
+            manifest.artifacts |= {name: describe_artifact(out / name, fmt) for name, fmt in MACHINE_FORMATS.items()}
+            manifest.boot = {"root_label": dib_result.environment.get("DIB_ROOT_LABEL", DEFAULT_ROOT_LABEL),
+                             "init": VM_INIT, "state_label": STATE_LABEL}
         manifest.build_seconds = round(time.monotonic() - start, 2)
         manifest.write(out)
         write_checksums(
-            out, [ROOT_IMAGE, FILE_INDEX, MANIFEST], {k: a.sha256 for k, a in manifest.artifacts.items()}
+            out, [*manifest.artifacts, MANIFEST], {k: a.sha256 for k, a in manifest.artifacts.items()}
         )
 
         notify(BuildEvent("verify", "recomputing checksums"))

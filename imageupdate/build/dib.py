@@ -53,6 +53,11 @@ class DibResult:
     expanded_elements: list[str]
     seconds: float
     environment: dict[str, str] = field(default_factory=dict)
+    machine: dict[str, Path] | None = None  # a machine build: MACHINE_OUTPUTS name -> the file DIB wrote
+
+
+# what a machine build (-t qcow2,tar with the baremetal element) writes beside the tar: store name -> suffix
+MACHINE_OUTPUTS = {"root.qcow2": ".qcow2", "vmlinuz": ".vmlinuz", "initrd": ".initrd"}
 
 
 def host_mirrors(sources: Iterable[Path] | None = None) -> tuple[str | None, str | None]:
@@ -199,8 +204,9 @@ class DibBuild:
             "setpriv", "--pdeathsig", "KILL", "--",
             "unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
             "--propagation", "private", "--",
-            "disk-image-create", "-n", "-t", "tar", "-o", str(self.output_base),
-            *self.selection.requested,
+            # a machine build: one run, the same tree twice (-u: an uncompressed qcow2 boots without inflating)
+            "disk-image-create", "-n", *(["-u", "-t", "qcow2,tar"] if self.selection.machine else ["-t", "tar"]),
+            "-o", str(self.output_base), *self.selection.requested,
         ]  # fmt: skip
 
     def recorded_environment(self, env: dict[str, str]) -> dict[str, str]:
@@ -265,7 +271,18 @@ class DibBuild:
                 release=self.release,
                 step="dib",
             )
-        return DibResult(self.tar_path, expanded, seconds, self.recorded_environment(env))
+        machine = None
+        if self.selection.machine:
+            machine = {name: self.output_base.with_suffix(suffix) for name, suffix in MACHINE_OUTPUTS.items()}
+            missing = [p.name for p in machine.values() if not p.is_file()]
+            if missing:
+                raise BuildFailed(
+                    f"disk-image-create finished but wrote no {', '.join(missing)} for a machine image (is the "
+                    f"'baremetal' element in the build and a kernel installed?); full log: {self.log_path}",
+                    release=self.release,
+                    step="dib",
+                )
+        return DibResult(self.tar_path, expanded, seconds, self.recorded_environment(env), machine)
 
 
 def dib_version() -> str:

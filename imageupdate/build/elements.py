@@ -19,6 +19,8 @@ from imageupdate.resources import elements_dir
 
 NODE_ELEMENT = "imageupdate-node"
 DEFAULT_OS_ELEMENT = "imageupdate-debian-slim"
+MACHINE_OS_ELEMENT = "imageupdate-debian-machine"
+MACHINE_MARKER = "machine-image"  # an empty file in an element's directory: the release boots a kernel
 
 
 def dib_elements_dir() -> Path | None:
@@ -35,6 +37,7 @@ class ElementSelection:
     os_element: str
     elements: tuple[str, ...]
     search_path: tuple[Path, ...]  # what goes into ELEMENTS_PATH
+    machine: bool = False  # a requested element carries MACHINE_MARKER: DIB also writes qcow2, kernel, initrd
 
     @property
     def requested(self) -> list[str]:
@@ -68,12 +71,15 @@ def select(
     if bundled is not None:
         lookup.append(bundled)
     selection = ElementSelection(os_element, tuple(elements), tuple(paths))
+    machine = False
     for name in selection.requested:
-        if not name or "/" in name or not any((d / name).is_dir() for d in lookup):
+        found = [d / name for d in lookup if name and "/" not in name and (d / name).is_dir()]
+        if not found:
             where = ", ".join(str(d) for d in lookup)
             raise UnknownElement(
                 f"unknown element {name!r}: not found in {where}; "
                 "check the name or add its directory with --elements-path",
                 step="elements",
             )
-    return selection
+        machine = machine or (found[0] / MACHINE_MARKER).is_file()  # the first on the path is what DIB uses
+    return ElementSelection(os_element, tuple(elements), tuple(paths), machine)

@@ -49,6 +49,7 @@ class Manifest:
     files: dict[str, int]
     artifacts: dict[str, Artifact] = field(default_factory=dict)
     upgrade: dict[str, Any] | None = None  # upgrade.json: version, state_version, min_from, migrations, config
+    boot: dict[str, str] | None = None  # a machine image: root_label, init, state_label (None: a tree only)
     format: int = MANIFEST_FORMAT
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,6 +162,7 @@ SCHEMA: dict[str, Any] = {
     "packages": _packages, "kernel": lambda v: v is None or _str(v), "services": _named, "tests": _objects,
     "migrations": _objects, "state_paths": _strs, "files": _counts, "artifacts": _artifacts,
     "upgrade": lambda v: v is None or isinstance(v, dict), "format": _int,
+    "boot": lambda v: v is None or _str_map(v),
 }
 DESCRIBED = {
     "release": "a string", "built_at": "a string", "build_seconds": "a number of seconds",
@@ -170,9 +172,9 @@ DESCRIBED = {
     "services": "a list of objects with a name", "tests": "a list of objects", "migrations": "a list of objects",
     "state_paths": "a list of strings", "files": "a map of counts",
     "artifacts": "a map of name to {sha256 (64 hex digits), size, format}", "upgrade": "an object or null",
-    "format": "an integer",
+    "format": "an integer", "boot": "a map of strings or null",
 }
-OPTIONAL = {"artifacts", "upgrade", "format"}
+OPTIONAL = {"artifacts", "upgrade", "format", "boot"}
 
 
 def sha256_file(path: Path) -> str:

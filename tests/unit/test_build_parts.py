@@ -9,7 +9,7 @@ import pytest
 from imageupdate.build import cache
 from imageupdate.build.builder import source_date_epoch
 from imageupdate.build.dib import _EXPANDED, _RUN_PARTS, DibBuild, FailureWitness, host_mirrors
-from imageupdate.build.elements import NODE_ELEMENT, select
+from imageupdate.build.elements import MACHINE_MARKER, MACHINE_OS_ELEMENT, NODE_ELEMENT, select
 from imageupdate.errors import BuildFailed, ElementsPathMissing, MissingHostDependency, UnknownElement
 from imageupdate.hostdeps import require
 from imageupdate.resources import elements_dir
@@ -191,3 +191,33 @@ def test_source_date_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert source_date_epoch((tmp_path / "e",)) == 1_650_000_000
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1600000000")
     assert source_date_epoch((tmp_path / "e",)) == 1_600_000_000
+
+
+def test_a_machine_os_element_asks_dib_for_the_qcow2_and_the_kernel(tmp_path: Path) -> None:
+    """Issue 16: one DIB run gives the tree (namespace nodes) and TripleO's trio (root.qcow2, vmlinuz, initrd)."""
+    tree = select(["sample-workload-v1"], [])
+    assert not tree.machine
+    assert DibBuild(tree, "R1", tmp_path, tmp_path, tmp_path / "log").command().count("tar") == 1
+    machine = select(["sample-workload-v1"], [], os_element=MACHINE_OS_ELEMENT)
+    assert machine.machine
+    cmd = DibBuild(machine, "R1", tmp_path, tmp_path, tmp_path / "log").command()
+    dib = cmd[cmd.index("disk-image-create"):]
+    assert dib[dib.index("-t") + 1] == "qcow2,tar" and "-u" in dib
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / MACHINE_MARKER).touch()  # an operator's element can carry the marker too
+    assert select(["mine"], [tmp_path]).machine
+
+
+def test_a_machine_build_that_wrote_no_kernel_fails_naming_what_is_missing(tmp_path: Path) -> None:
+    sel = select([], [], os_element=MACHINE_OS_ELEMENT)
+    dib = DibBuild(sel, "R1", tmp_path, tmp_path / "cache", tmp_path / "log")
+    dib.output_base.with_suffix(".tar").write_bytes(b"")
+    dib.output_base.with_suffix(".qcow2").write_bytes(b"")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for tool in ("setpriv", "unshare", "disk-image-create"):
+        (fake / tool).write_text("#!/bin/sh\nexit 0\n")
+        (fake / tool).chmod(0o755)
+    dib.command = lambda: [str(fake / "disk-image-create")]  # type: ignore[method-assign]
+    with pytest.raises(BuildFailed, match="wrote no image.vmlinuz, image.initrd for a machine image"):
+        dib.run()

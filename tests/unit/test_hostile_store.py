@@ -37,6 +37,7 @@ DAMAGE = {
     "services without names": lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "services": [{}]})),
     "bad artifact digest": lambda p: p.write_text(json.dumps(
         {**json.loads(p.read_text()), "artifacts": {"root.tar.zst": {"sha256": "x", "size": 1, "format": "t"}}})),
+    "boot not a map of strings": lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "boot": {"x": 1}})),
     "another release's": lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "release": "R1"})),
     "deeply nested": lambda p: p.write_text("[" * 100000 + "]" * 100000),
 }
