@@ -1,0 +1,119 @@
+"""A machine node's VM, without booting one: the QEMU command, the state disk, QMP and the stop ladder."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imageupdate.site import vm
+
+
+def spec(tmp_path: Path) -> vm.VmSpec:
+    boot = vm.Boot(tmp_path / "vmlinuz", tmp_path / "initrd", tmp_path / "root.qcow2", "cloudimg-rootfs",
+                   "/usr/lib/imageupdate/vm-init")
+    return vm.VmSpec("node0", boot, tmp_path / "state.img", "iu-tap0", vm.mac_for(0), "10.250.0.2", "10.250.0.1",
+                     24, tmp_path)
+
+
+def test_the_qemu_command_boots_the_releases_kernel_on_a_read_only_root(tmp_path: Path) -> None:
+    cmd = vm.qemu_command(spec(tmp_path))
+    assert cmd[0] == "qemu-system-x86_64" and cmd[cmd.index("-accel") + 1] == "tcg,tb-size=64"
+    assert cmd.count("-accel") == 1  # a second -accel is silently ignored by QEMU
+    append = cmd[cmd.index("-append") + 1].split()
+    assert "root=LABEL=cloudimg-rootfs" in append and "ro" in append and "net.ifnames=0" in append
+    assert "ip=10.250.0.2::10.250.0.1:255.255.255.0:node0:eth0:off" in append
+    assert "init=/usr/lib/imageupdate/vm-init" in append
+    drives = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-drive"]
+    assert drives[0].endswith(",if=virtio,format=qcow2,readonly=on") and "state.img" in drives[1]
+    assert f"file:{tmp_path / 'console.log'}" in cmd and "-no-reboot" in cmd
+
+
+@pytest.mark.parametrize("prefix,mask", [(24, "255.255.255.0"), (16, "255.255.0.0"), (28, "255.255.255.240")])
+def test_netmask(prefix: int, mask: str) -> None:
+    assert vm.netmask(prefix) == mask
+
+
+def test_macs_are_stable_and_distinct() -> None:
+    assert vm.mac_for(3) == vm.mac_for(3) != vm.mac_for(4)
+    assert int(vm.mac_for(0).split(":")[0], 16) & 2  # locally administered
+
+
+def test_a_state_disk_is_labelled_and_seeded_without_a_mount(tmp_path: Path) -> None:
+    seed = tmp_path / "seed"
+    (seed / "identity").mkdir(parents=True)
+    (seed / "identity" / "authorized_keys").write_text("ssh-ed25519 AAAA test\n")
+    disk = tmp_path / "state.img"
+    vm.make_state_disk(disk, seed, size=64 << 20)
+    label = subprocess.run(["e2label", str(disk)], capture_output=True, text=True, check=True).stdout.strip()
+    assert label == vm.STATE_LABEL
+    listed = subprocess.run(["debugfs", "-R", "cat /identity/authorized_keys", str(disk)], capture_output=True,
+                            text=True, check=True).stdout
+    assert "ssh-ed25519 AAAA test" in listed
+    assert disk.stat().st_blocks * 512 < 16 << 20  # sparse
+
+
+@pytest.fixture
+def qmp_server(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
+    """A socket speaking QMP's greeting, capabilities negotiation and an event before each answer."""
+    path = tmp_path / "qmp.sock"
+    asked: list[str] = []
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(4)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rwb") as f:
+                f.write(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+                f.flush()
+                for line in f:
+                    asked.append(json.loads(line)["execute"])
+                    f.write(b'{"event": "POWERDOWN"}\n{"return": {}}\n')
+                    f.flush()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield path, asked
+    server.close()
+
+
+def test_qmp_negotiates_then_sends_the_command(qmp_server: tuple[Path, list[str]]) -> None:
+    path, asked = qmp_server
+    assert vm.Qmp(path).command("system_powerdown") == {"return": {}}
+    assert asked == ["qmp_capabilities", "system_powerdown"]
+
+
+def test_stop_powers_down_first_then_quits_then_kills(qmp_server: tuple[Path, list[str]]) -> None:
+    path, asked = qmp_server
+    lives = iter([True, True, False])
+    said = vm.stop(2**22 + 1, vm.Qmp(path), alive=lambda _p: next(lives, False), grace=30, sleep=lambda _s: None)
+    assert said == "powered off" and asked[-1] == "system_powerdown"
+    asked.clear()
+    stubborn = subprocess.Popen(["sleep", "60"])  # a real process of ours: the last rung kills it
+    try:
+        said = vm.stop(stubborn.pid, vm.Qmp(path), alive=lambda p: stubborn.poll() is None, grace=0.2,
+                       quit_grace=0.2)
+    finally:
+        stubborn.kill()
+        stubborn.wait()
+    assert asked == ["qmp_capabilities", "system_powerdown", "qmp_capabilities", "quit"]
+    assert said == "killed (QMP did not stop it)"
+
+
+def test_stop_without_a_qmp_socket_kills(tmp_path: Path) -> None:
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        said = vm.stop(proc.pid, vm.Qmp(tmp_path / "none.sock"), alive=lambda p: proc.poll() is None,
+                       quit_grace=1.0)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert said == "killed (QMP did not stop it)"
