@@ -33,8 +33,11 @@ from imageupdate.hostdeps import BUILD_TOOLS, require, require_root
 from imageupdate.images import packer, signing
 from imageupdate.images.manifest import (
     FILE_INDEX,
+    MACHINE_ARTIFACTS,
     MANIFEST,
     ROOT_IMAGE,
+    STATE_LABEL,
+    VM_INIT,
     Manifest,
     describe_artifact,
     write_checksums,
@@ -51,11 +54,7 @@ def min_free_bytes() -> int:
     return (int(value) if value.isdigit() else DEFAULT_MIN_FREE_MB) * 2**20
 
 
-# a machine image (TripleO's overcloud-full trio): artifact -> format, and how it boots
-MACHINE_FORMATS = {"root.qcow2": "qcow2", "vmlinuz": "linux-kernel", "initrd": "initramfs"}
-DEFAULT_ROOT_LABEL = "cloudimg-rootfs"  # DIB's default filesystem label for the root
-VM_INIT = "/usr/lib/imageupdate/vm-init"  # PID 1 of a booted node (elements/imageupdate-debian-machine)
-STATE_LABEL = "iu-state"  # the state disk's ext4 label (16 bytes at most)
+DEFAULT_ROOT_LABEL = "cloudimg-rootfs"  # DIB's default filesystem label for a machine image's root
 
 
 @dataclass
@@ -271,7 +270,7 @@ class Builder:
             if facts.kernel is None:
                 raise BuildFailed(f"release {release} was built as a machine image but has no kernel in /boot",
                                   release=release, step="pack")
-            manifest.artifacts |= {name: describe_artifact(out / name, fmt) for name, fmt in MACHINE_FORMATS.items()}
+            manifest.artifacts |= {name: describe_artifact(out / name, fmt) for name, fmt in MACHINE_ARTIFACTS.items()}
             manifest.boot = {"root_label": dib_result.environment.get("DIB_ROOT_LABEL", DEFAULT_ROOT_LABEL),
                              "init": VM_INIT, "state_label": STATE_LABEL}
         manifest.build_seconds = round(time.monotonic() - start, 2)

@@ -22,6 +22,7 @@ from pathlib import Path
 from imageupdate.build.elements import ElementSelection
 from imageupdate.errors import BuildFailed
 from imageupdate.hostdeps import search_path
+from imageupdate.images.manifest import INITRD, KERNEL, ROOT_QCOW2
 
 _RUN_PARTS = re.compile(r"dib-run-parts Running \S*/([a-z0-9-]+\.d)/([^/\s]+)\s*$")
 _EXPANDED = re.compile(r"Expanded element dependencies to: (.*)$")
@@ -57,7 +58,7 @@ class DibResult:
 
 
 # what a machine build (-t qcow2,tar with the baremetal element) writes beside the tar: store name -> suffix
-MACHINE_OUTPUTS = {"root.qcow2": ".qcow2", "vmlinuz": ".vmlinuz", "initrd": ".initrd"}
+MACHINE_OUTPUTS = {ROOT_QCOW2: ".qcow2", KERNEL: ".vmlinuz", INITRD: ".initrd"}
 
 
 def host_mirrors(sources: Iterable[Path] | None = None) -> tuple[str | None, str | None]:

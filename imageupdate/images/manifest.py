@@ -19,6 +19,11 @@ MANIFEST = "manifest.json"
 CHECKSUMS = "SHA256SUMS"
 ROOT_IMAGE = "root.tar.zst"
 FILE_INDEX = "files.jsonl"
+# a machine image (TripleO's overcloud-full trio), beside the tree: artifact -> format
+ROOT_QCOW2, KERNEL, INITRD = "root.qcow2", "vmlinuz", "initrd"
+MACHINE_ARTIFACTS = {ROOT_QCOW2: "qcow2", KERNEL: "linux-kernel", INITRD: "initramfs"}
+STATE_LABEL = "iu-state"  # a machine node's state disk: ext4 labels hold 16 bytes ("imageupdate-state" is 17)
+VM_INIT = "/usr/lib/imageupdate/vm-init"  # PID 1 of a booted node (elements/imageupdate-debian-machine)
 MANIFEST_FORMAT = 1
 
 

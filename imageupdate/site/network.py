@@ -127,6 +127,26 @@ class SiteNet:
         ip("-n", ns, "link", "set", "eth0", "up")
         ip("-n", ns, "route", "add", "default", "via", self.gateway)
 
+    def tap(self) -> str:
+        return "tap0"  # inside the node's own namespace: the same name in every node
+
+    def create_vm_node(self, node: str, index: int) -> None:
+        """A machine node's namespace: the veth's inner end and the VM's tap on a bridge in it, no address
+        there (the guest holds the node's address). QEMU runs in this namespace: the VM reaches only what
+        a namespace node reaches, and ``ip netns pids`` finds it like any node's processes."""
+        ns, veth = self.netns(node), self.veth(index)
+        if self.netns_exists(node):
+            self.delete_node(node, index)
+        ip("netns", "add", ns)
+        ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        ip("link", "set", veth, "master", self.bridge, "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+        ip("-n", ns, "link", "add", "br0", "type", "bridge")
+        ip("-n", ns, "tuntap", "add", "dev", self.tap(), "mode", "tap")
+        for link in ("eth0", self.tap()):
+            ip("-n", ns, "link", "set", link, "master", "br0", "up")
+        ip("-n", ns, "link", "set", "br0", "up")
+
     def delete_node(self, node: str, index: int) -> None:
         ip("link", "del", self.veth(index), check=False)
         if self.netns_exists(node):

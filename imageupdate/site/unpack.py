@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageupdate.errors import IntegrityError
-from imageupdate.images.manifest import ROOT_IMAGE, Manifest
+from imageupdate.errors import InputError, IntegrityError
+from imageupdate.images.manifest import MACHINE_ARTIFACTS, ROOT_IMAGE, ROOT_QCOW2, Manifest
 from imageupdate.images.store import ImageStore
 
 
@@ -221,3 +221,54 @@ def _devices(tree: Path) -> str | None:
             if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
                 return os.path.relpath(os.path.join(top, name), tree)
     return None
+
+
+def machine_dir(releases_dir: Path, release: str) -> Path:
+    return releases_dir / f"{release}.machine"
+
+
+def ensure_machine(store: ImageStore, release: str, releases_dir: Path, fleet_dir: Path) -> Path:
+    """The directory holding ``release``'s root.qcow2, vmlinuz and initrd for the site's VMs: private copies
+    (each hashed as it is copied, against the manifest a key ``fleet_dir`` trusts signed), made once. A
+    release built without a kernel is refused before anything stops (``InputError``)."""
+    manifest = store.require_trusted(release, fleet_dir)
+    if manifest.boot is None or not set(MACHINE_ARTIFACTS) <= set(manifest.artifacts):
+        raise InputError(f"release {release} has no kernel to boot (built as a tree only): a VM site needs a "
+                         f"machine image, 'imageupdate build {release} --os imageupdate-debian-machine ...'",
+                         release=release, step="boot")
+    target = machine_dir(releases_dir, release)
+    sha = manifest.artifacts[ROOT_QCOW2].sha256
+    if _machine_record(target) == sha:
+        return target
+    releases_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(releases_dir / ".unpack.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if _machine_record(target) == sha:
+            return target
+        manifest = store.require_verified(release, fleet_dir)
+        tmp = releases_dir / f".{release}.machine.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            for name in MACHINE_ARTIFACTS:
+                os.replace(store.private_copy(release, manifest, name, tmp), tmp / name)
+            (tmp / "artifact").write_text(manifest.artifacts[ROOT_QCOW2].sha256 + "\n")
+            old = releases_dir / f".{release}.machine.old.{os.getpid()}"
+            if target.exists():
+                os.rename(target, old)  # a release rebuilt under the same id: the new one replaces it
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+    finally:
+        os.close(fd)
+
+
+def _machine_record(target: Path) -> str | None:
+    try:
+        return (target / "artifact").read_text().strip() or None
+    except OSError:
+        return None

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imageupdate.errors import InputError, OperationError
+from imageupdate.images.manifest import STATE_LABEL
 
-STATE_LABEL = "iu-state"  # ext4 labels hold 16 bytes: "imageupdate-state" would be cut
 STATE_SIZE = 1 << 30  # bytes: a sparse raw image; what the node writes is what it takes
 MEMORY_MB = 512
 POWERDOWN_GRACE = 30.0  # seconds vm-init gets to stop the services, sync and power off
