@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     up = ssub.add_parser("up", parents=[common, site_opt], help="create the site, or bring it back up")
     up.add_argument("--nodes", type=int, metavar="N", help="number of nodes (new site)")
     up.add_argument("--release", metavar="R", help="release the nodes start on (new site)")
+    up.add_argument("--kind", choices=["namespace", "vm"], default=None,
+                    help="new site: namespace nodes (default, fast) or vm nodes (QEMU booting each release's "
+                         "kernel; releases built with --os imageupdate-debian-machine)")
     up.set_defaults(func=cmd_site_up)
     for name, func, text in (
         ("status", cmd_site_status, "which node runs what"),
@@ -431,7 +434,7 @@ def _site_result(out: Output, status: SiteStatus) -> None:
 def cmd_site_up(args: argparse.Namespace, out: Output) -> int:
     site = _site(args)
     with out.progress(f"bringing the site up in {site.path}"):
-        status = site.up(args.nodes, args.release)
+        status = site.up(args.nodes, args.release, args.kind)
     _site_result(out, status)
     return EXIT_OK
 

@@ -328,8 +328,8 @@ class Orchestrator:
         if upgrade is not None and upgrade.migrates and opts.rehearse:
             first = row.plan["batches"][0][0]
             if not self.fleet.can_rehearse:
-                self._say(row, None, "info", "no rehearsal: this fleet's state lives on its servers (rehearse on a "
-                          "local site with the same releases)")
+                self._say(row, None, "info", "no rehearsal: this fleet's state lives on its machines' own disks "
+                          "(rehearse on a local site of namespace nodes with the same releases)")
             elif upgrade.nodes.get(first) is not None and upgrade.nodes[first].steps \
                     and not recording.rehearsed(self.history, row):
                 self.history.update(row.id, stage="rehearsing")

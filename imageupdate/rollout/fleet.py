@@ -22,12 +22,13 @@ from imageupdate.resources import heat_templates_dir
 from imageupdate.site import procs
 from imageupdate.site.site import LocalSite
 from imageupdate.site.unpack import ensure_release, unpacked_from
+from imageupdate.site.vmnode import VmNode
 from imageupdate.upgrade import sandbox, state
 from imageupdate.upgrade.meta import STATE_DIGEST, Migration, from_manifest
 from imageupdate.upgrade.plan import UpgradePlan
 from imageupdate.upgrade.rehearse import STATE_DIGEST_TIMEOUT, Rehearsal, copy_state, rehearse
 from imageupdate.verify.builtin import Expectation
-from imageupdate.verify.checks import NodeTarget
+from imageupdate.verify.checks import NodeTarget, ssh
 
 STEP_TIMEOUT = 600.0
 
@@ -47,7 +48,6 @@ class NodeState:
 
 
 class LocalFleet:
-    can_rehearse = True
 
     def __init__(self, site: LocalSite) -> None:
         self.site = site
@@ -58,6 +58,11 @@ class LocalFleet:
     @property
     def path(self) -> Path:
         return self.site.path
+
+    @property
+    def can_rehearse(self) -> bool:
+        """A VM node's state is its VM's disk while it runs: no consistent copy can be taken beside it."""
+        return self.site.kind != "vm"
 
     @property
     def store(self) -> ImageStore:
@@ -118,18 +123,37 @@ class LocalFleet:
 
     def state_record(self, node: str) -> state.StateRecord:
         """The node's state version and migration journal, as kept on its state partition."""
-        return state.read(self.site.node(node).state_dir)
+        n = self.site.node(node)
+        if isinstance(n, VmNode):
+            text = self._vm_state_file(n, state.STATE_FILE)
+            return state.loads(text) if text else state.StateRecord()
+        return state.read(n.state_dir)
 
     def state_file(self, node: str, path: str) -> str | None:
         """A file of the node's state partition, by its path on the node (a registered state path)."""
-        release = self.site.node(node).record().current
+        n = self.site.node(node)
+        release = n.record().current
         state_paths = self.store.manifest(release).state_paths
         if not any(path == p or path.startswith(p.rstrip("/") + "/") for p in state_paths):
             return None
+        if isinstance(n, VmNode):
+            return self._vm_state_file(n, path.lstrip("/"))
         try:  # the node controls that tree: a link it planted there is refused (confined.Escape), not followed
-            return confined.read_text(self.site.node(node).state_dir, path.lstrip("/"))
+            return confined.read_text(n.state_dir, path.lstrip("/"))
         except OSError:
             return None
+
+    def _vm_state_file(self, n: VmNode, rel: str) -> str | None:
+        """A VM node's state file: over SSH while it runs (the disk is the VM's), else from its disk mounted
+        here; either way resolved inside the node's tree."""
+        if n.status().running:
+            proc = ssh(self.target(n.name), ["cat", "--", f"/mnt/state/{rel}"], timeout=60)
+            return proc.stdout if proc.returncode == 0 else None
+        with n.state_mounted():
+            try:
+                return confined.read_text(n.state_dir, rel)
+            except OSError:
+                return None
 
     def rehearse(self, node: str, upgrade: UpgradePlan, step_timeout: float = STEP_TIMEOUT) -> Rehearsal:
         """``upgrade``'s migrations on a copy of ``node``'s state (taken with the node frozen for the copy)."""
@@ -176,7 +200,8 @@ class Fleet(Protocol):
     """What the orchestrator, status, checks and planning need of a fleet: ``LocalFleet`` (the local site) or
     ``imageupdate.cloud.fleet.CloudFleet`` (Nova servers in a Heat stack on a cloud)."""
 
-    can_rehearse: bool
+    @property
+    def can_rehearse(self) -> bool: ...
     history: History
 
     @property

@@ -45,10 +45,12 @@ from imageupdate.site import procs
 from imageupdate.site.guard import refuse_while_open
 from imageupdate.site.network import MAX_NODES, SiteNet, ip, netns_pids, pick_subnet, picking
 from imageupdate.site.node import READY_TIMEOUT, Node, NodeStatus
-from imageupdate.site.unpack import ensure_release
+from imageupdate.site.unpack import ensure_machine, ensure_release
+from imageupdate.site.vmnode import VmNode
 from imageupdate.upgrade.migrate import Migrator, StateChange
 
 DEFAULT_SITE = Path("/var/lib/imageupdate/site")
+VM_MEMORY_MB = 600  # a TCG VM of 512 MiB measured 290 MB of QEMU RSS with tb-size=64; the guest may use it all
 NODE_MEMORY_MB = 48  # an idle sample node measured 17 MiB PSS (bench_site.py); RSS and growth margin
 SITE_TOOLS = {
     "ip": "apt-get install iproute2",
@@ -56,6 +58,11 @@ SITE_TOOLS = {
     "ssh-keygen": "apt-get install openssh-client",
     "zstd": "apt-get install zstd",
     "tar": "apt-get install tar",
+}
+VM_TOOLS = {  # a site of VM nodes, on top of SITE_TOOLS
+    "qemu-system-x86_64": "apt-get install qemu-system-x86",
+    "mkfs.ext4": "apt-get install e2fsprogs",
+    "mount": "apt-get install mount",
 }
 TOMBSTONE = "site.json.destroying"  # site.json renamed: the site is being destroyed (or its destroy was interrupted)
 NETNS_DIR = Path("/run/netns")
@@ -166,7 +173,8 @@ class LocalSite:
 
     def _nodes_of(self, cfg: dict[str, object]) -> list[Node]:
         net = self._net_of(cfg)
-        return [Node(self.path / "nodes" / n["name"], net, self.path / "releases", n["name"], n["index"])
+        kind = VmNode if cfg.get("kind") == "vm" else Node
+        return [kind(self.path / "nodes" / n["name"], net, self.path / "releases", n["name"], n["index"])
                 for n in cfg["nodes"]]  # type: ignore[attr-defined]
 
     def node(self, name: str) -> Node:
@@ -216,7 +224,7 @@ class LocalSite:
 
     # operations --------------------------------------------------------------
 
-    def up(self, nodes: int | None = None, release: str | None = None) -> SiteStatus:
+    def up(self, nodes: int | None = None, release: str | None = None, kind: str | None = None) -> SiteStatus:
         require_root("local nodes are Linux namespaces, which need root to create")
         require(SITE_TOOLS)
         fresh = not self.path.exists()
@@ -229,27 +237,32 @@ class LocalSite:
                 os.chmod(self.path, 0o700)
                 signing.trust_own_key(self.path)  # a site made (or first brought up) here trusts this host's key
                 if self.exists():
+                    if kind is not None and kind != self.kind:
+                        raise InputError(f"site {self.path} has {self.kind} nodes; 'site destroy' it to start over "
+                                         f"with {kind} nodes")
                     return self._up_existing(nodes, release)
-                return self._up_new(nodes, release)
+                return self._up_new(nodes, release, kind or "namespace")
         except InputError:
             if fresh:  # bad input leaves no directory behind either
                 shutil.rmtree(self.path, ignore_errors=True)
             raise
 
-    def _up_new(self, nodes: int | None, release: str | None) -> SiteStatus:
+    def _up_new(self, nodes: int | None, release: str | None, kind: str = "namespace") -> SiteStatus:
         if nodes is None or release is None:
             raise InputError("a new site needs --nodes N and --release R")
         if not 1 <= nodes <= MAX_NODES:
             raise InputError(f"--nodes must be between 1 and {MAX_NODES}, not {nodes}")
+        if kind == "vm":
+            require(VM_TOOLS)
         self.store.require_trusted(release, self.path)  # not found, not signed: before anything is made
-        self._require_bootable(release)
-        need, free = nodes * NODE_MEMORY_MB, _available_memory_mb()
+        self._require_bootable(release, kind)
+        need, free = nodes * (VM_MEMORY_MB if kind == "vm" else NODE_MEMORY_MB), _available_memory_mb()
         if need > free // 2:
             raise InputError(f"{nodes} nodes need about {need} MiB and only {free} MiB are available; "
                              "ask for fewer nodes")
-        return self._create(nodes, release)
+        return self._create(nodes, release, kind)
 
-    def _create(self, count: int, release: str) -> SiteStatus:
+    def _create(self, count: int, release: str, kind: str = "namespace") -> SiteStatus:
         (self.path / "releases").mkdir(parents=True, exist_ok=True)
         try:
             with picking():
@@ -257,12 +270,13 @@ class LocalSite:
                     "id": secrets.token_hex(3),
                     "subnet": pick_subnet(),
                     "store": str(self.store.root),
+                    "kind": kind,
                     "nodes": [{"name": f"node{i}", "index": i} for i in range(count)],
                 }
                 self._write_config(cfg)
                 self.net().create_bridge()
             key = self._ensure_key()
-            ensure_release(self.store, release, self.path / "releases", self.path)
+            self._unpack(release)
             for node in self.nodes():
                 node.create(release, key)
             self._wait_ready()
@@ -302,8 +316,23 @@ class LocalSite:
             raise OperationError(f"site up, but {'; '.join(stopped)}", node=stopped[0].split()[0], step="start")
         return self._status()
 
-    def _require_bootable(self, release: str) -> None:
+    @property
+    def kind(self) -> str:
+        """``namespace`` or ``vm``: what the site's nodes are (a site made before VM nodes: namespace)."""
+        return str(self.config().get("kind", "namespace"))
+
+    def _unpack(self, release: str) -> None:
+        """What a node of this site needs of ``release``: its tree (services, migrations, the namespace node's
+        root) and, on a VM site, its kernel, initrd and root image."""
+        ensure_release(self.store, release, self.path / "releases", self.path)
+        if self.kind == "vm":
+            ensure_machine(self.store, release, self.path / "releases", self.path)
+
+    def _require_bootable(self, release: str, kind: str = "namespace") -> None:
         """A release whose image has no node init cannot run as a node: say so before anything starts."""
+        if kind == "vm" and self.store.manifest(release).boot is None:
+            raise InputError(f"release {release!r} has no kernel to boot (built as a tree only): a VM site needs "
+                             f"'imageupdate build {release} --os imageupdate-debian-machine ...'", release=release)
         if (self.path / "releases" / release / "usr/lib/imageupdate/init").is_file():
             return  # unpacked already: no need to read the 2 MB file index on every rebuild
         if "usr/lib/imageupdate/init" not in self.store.file_index(release):
@@ -427,8 +456,8 @@ class LocalSite:
                 return self._rebuild(node, release)
 
     def _rebuild(self, node: Node, release: str) -> NodeStatus:
-        self._require_bootable(release)
-        ensure_release(self.store, release, self.path / "releases", self.path)
+        self._require_bootable(release, self.kind)
+        self._unpack(release)
         change = StateChange()
         migrator = self.migrator(node)
         migrator.prefetch(node.record().current, release)
