@@ -127,10 +127,11 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("store")
 
 
-def build_all(store_dir: Path, *pairs: tuple[str, str]) -> dict[str, dict]:  # type: ignore[type-arg]
+def build_all(store_dir: Path, *pairs: tuple[str, str], os_element: str | None = None) -> dict[str, dict]:  # type: ignore[type-arg]
     """Build each (release, element) with the real disk-image-create; each build's JSON result by release."""
-    return {release: json.loads(imageupdate("build", release, "-e", element, "--store", str(store_dir), "--json",
-                                            check=True).stdout)
+    os_args = ["--os", os_element] if os_element else []
+    return {release: json.loads(imageupdate("build", release, "-e", element, *os_args, "--store", str(store_dir),
+                                            "--json", check=True).stdout)
             for release, element in pairs}
 
 
@@ -161,3 +162,11 @@ def pg_releases(store_dir: Path) -> dict[str, dict]:  # type: ignore[type-arg]
     PG3 (contract migration) and PG2-rerun (PG2 whose migration inserts a row on every run)."""
     return build_all(store_dir, ("PG1", "pgweb-v1"), ("PG2", "pgweb-v2"), ("PG3", "pgweb-v3"),
                      ("PG2-rerun", "pgweb-rerun-insert"))
+
+
+@pytest.fixture(scope="session")
+def machine_releases(store_dir: Path) -> dict[str, dict]:  # type: ignore[type-arg]
+    """M1 and M2: the sample workload's v1 and v2 as machine images (root.qcow2, vmlinuz, initrd beside the
+    tree), and M-broken (its test fails), for VM nodes."""
+    return build_all(store_dir, ("M1", "sample-workload-v1"), ("M2", "sample-workload-v2"),
+                     ("M-broken", "sample-workload-broken"), os_element="imageupdate-debian-machine")

@@ -82,6 +82,7 @@ class Orchestrator:
     def rollout(self, release: str, opts: RolloutOptions) -> Outcome:
         opts.validate()
         self.fleet.store.require_trusted(release, self.fleet.path)  # not found, not signed: nothing started
+        self.fleet.require_runnable(release)  # e.g. no kernel for a VM site: nothing started
         self._check_limit(opts)
         extras = Extras(self.fleet, self.history, self._say, opts)  # BadHooksDir: bad input, nothing started
         self.fleet.require_up()
@@ -124,6 +125,7 @@ class Orchestrator:
         opts.validate()
         if to is not None:
             self.fleet.store.require_trusted(to, self.fleet.path)
+            self.fleet.require_runnable(to)
         self._check_limit(opts)
         extras = Extras(self.fleet, self.history, self._say, RolloutOptions())
         self.fleet.require_exists()  # stopped nodes are fine: bringing them back is a rollback's job

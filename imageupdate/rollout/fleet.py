@@ -59,6 +59,9 @@ class LocalFleet:
     def path(self) -> Path:
         return self.site.path
 
+    def require_runnable(self, release: str) -> None:
+        self.site.require_runnable(release)
+
     @property
     def can_rehearse(self) -> bool:
         """A VM node's state is its VM's disk while it runs: no consistent copy can be taken beside it."""
@@ -218,6 +221,8 @@ class Fleet(Protocol):
     def states(self) -> dict[str, NodeState]: ...
 
     def require_up(self) -> None: ...
+
+    def require_runnable(self, release: str) -> None: ...
 
     def require_exists(self) -> None: ...
 

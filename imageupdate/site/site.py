@@ -321,6 +321,10 @@ class LocalSite:
         """``namespace`` or ``vm``: what the site's nodes are (a site made before VM nodes: namespace)."""
         return str(self.config().get("kind", "namespace"))
 
+    def require_runnable(self, release: str) -> None:
+        """``release`` can run on this site's nodes (a node init; on a VM site, a kernel): else bad input."""
+        self._require_bootable(release, self.kind)
+
     def _unpack(self, release: str) -> None:
         """What a node of this site needs of ``release``: its tree (services, migrations, the namespace node's
         root) and, on a VM site, its kernel, initrd and root image."""

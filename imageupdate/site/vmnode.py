@@ -106,6 +106,7 @@ class VmNode(Node):
         if not (tree / "etc/imageupdate/release.json").is_file() or not (boot / ROOT_QCOW2).is_file():
             raise OperationError(f"release {rec.current} is not unpacked for a VM in {self.releases_dir}",
                                  node=self.name, release=rec.current, step="start")
+        self._unmount_state()  # left mounted by a rebuild killed while migrating: the VM's from here on
         with self.state_mounted():  # and unmounted before the VM mounts it
             why = state_version.incompatible(state_version.read(self.state_dir), rec.current, from_tree(tree))
         if why:

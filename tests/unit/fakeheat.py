@@ -274,6 +274,9 @@ class FakeFleet:
     def node_names(self) -> list[str]:
         return list(self.heat.releases)
 
+    def require_runnable(self, release: str) -> None:
+        pass
+
     def states(self) -> dict[str, NodeState]:
         return {n: NodeState(n, f"10.0.0.{k}", r, n not in self.stopped)
                 for k, (n, r) in enumerate(self.heat.releases.items())}
