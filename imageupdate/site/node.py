@@ -106,13 +106,22 @@ def listening_ports(pid: int) -> set[int]:
     ports: set[int] = set()
     for table in ("tcp", "tcp6"):
         try:
-            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+            ports |= listening_in(Path(f"/proc/{pid}/net/{table}").read_text())
         except OSError:
             continue
-        for line in lines:
-            parts = line.split()
-            if len(parts) > 3 and parts[3] == "0A":
+    return ports
+
+
+def listening_in(table: str) -> set[int]:
+    """The ports in LISTEN in the text of ``/proc/net/tcp`` or ``tcp6`` (headers are skipped)."""
+    ports: set[int] = set()
+    for line in table.splitlines():
+        parts = line.split()
+        if len(parts) > 3 and parts[3] == "0A" and ":" in parts[1]:
+            try:
                 ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+            except ValueError:
+                continue
     return ports
 
 

@@ -30,7 +30,16 @@ from imageupdate.crashpoints import crashpoint
 from imageupdate.errors import OperationError
 from imageupdate.images.manifest import INITRD, KERNEL, ROOT_QCOW2, VM_INIT
 from imageupdate.site import procs, vm
-from imageupdate.site.node import Node, NodeRecord, NodeStatus, declared_services, stop_grace, tcp_open
+from imageupdate.site.node import (
+    Node,
+    NodeRecord,
+    NodeStatus,
+    declared_ports,
+    declared_services,
+    listening_in,
+    stop_grace,
+    tcp_open,
+)
 from imageupdate.site.unpack import machine_dir
 from imageupdate.upgrade import state as state_version
 from imageupdate.upgrade.meta import from_tree
@@ -133,19 +142,33 @@ class VmNode(Node):
         self._save(rec, f"started on {rec.current} (VM)")
 
     def wait_ready(self, timeout: float = BOOT_TIMEOUT) -> str | None:
-        """SSH answers on the node's address (the ports services listen on are the gate's to check: the
-        VM's sockets are not in a namespace the host can read)."""
+        """Wait until SSH answers on the node's address and every declared port listens inside the VM (on any
+        address: read from the guest's own /proc/net over SSH, the VM's sockets being in no namespace of the
+        host's); None when ready, else what is missing."""
+        ports = declared_ports(self.services())
         missing: list[str] = []
 
         def ready() -> bool:
             if not procs.alive(self.record().pid):
                 missing[:] = ["running VM (QEMU exited)"]
                 return True
-            missing[:] = [] if tcp_open(self.address, 22) else [f"SSH on {self.address}:22"]
+            if not tcp_open(self.address, 22):
+                missing[:] = [f"SSH on {self.address}:22"]
+                return False
+            listening = self._guest_listening()
+            missing[:] = [f"port {p}" for p in ports if p not in listening]
             return not missing
 
         procs.wait_until(ready, timeout, interval=0.5)
         return ", ".join(missing) or None
+
+    def _guest_listening(self) -> set[int]:
+        key = self.dir.parent.parent / "key"  # the site's key (LocalSite._ensure_key)
+        done = subprocess.run(["ssh", "-i", str(key), "-o", "StrictHostKeyChecking=no", "-o",
+                               "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "ConnectTimeout=3",
+                               "-o", "LogLevel=ERROR", f"root@{self.address}", "cat", "/proc/net/tcp",
+                               "/proc/net/tcp6"], capture_output=True, text=True, timeout=20, check=False)
+        return listening_in(done.stdout) if done.returncode == 0 else set()
 
     def stop(self, grace: float | None = None, wanted: str = "stopped") -> str:
         rec = self.record()
