@@ -265,7 +265,7 @@ class ImageStore:
 
     def verify(self, release: str, fleet_dir: Path | None = None) -> VerifyResult:
         """Recompute every checksum and compare with SHA256SUMS and the manifest; check the signature (against
-        the keys ``fleet_dir`` trusts, or with no fleet only against the manifest)."""
+        the keys ``fleet_dir`` trusts, or with no fleet against this host's own release key)."""
         manifest = self.manifest(release)
         checked, problems = verify_directory(self.path(release), manifest)
         signer = sig_problem = None
