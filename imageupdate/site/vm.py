@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -95,6 +96,24 @@ def command_line(spec: VmSpec) -> str:
     ip = f"{spec.address}::{spec.gateway}:{netmask(spec.prefix)}:{spec.name}:eth0:off"
     return " ".join([f"root=LABEL={spec.boot.root_label}", "ro", "console=ttyS0", "net.ifnames=0", "panic=1",
                      f"ip={ip}", f"init={spec.boot.init}", f"imageupdate.state={STATE_LABEL}"])
+
+
+def console_tail(path: Path, lines: int = 3, width: int = 160) -> str:
+    """The last ``lines`` non-empty lines of a guest's console, as one line: what a node that did not boot said
+    last (a kernel panic, a missing root). The guest wrote it: bounded, control characters and escape
+    sequences dropped."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 8192))
+            raw = f.read(8192)
+    except OSError:
+        return ""
+    text = _ESCAPES.sub("", raw.decode("utf-8", "replace"))
+    kept = ["".join(c for c in line if c.isprintable()).strip()[:width] for line in text.splitlines()]
+    return " | ".join([line for line in kept if line][-lines:])
+
+
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b.")
 
 
 def qemu_command(spec: VmSpec) -> list[str]:

@@ -160,7 +160,10 @@ class VmNode(Node):
             return not missing
 
         procs.wait_until(ready, timeout, interval=0.5)
-        return ", ".join(missing) or None
+        if not missing:
+            return None
+        tail = vm.console_tail(self.spec(self.record().current).console)
+        return ", ".join(missing) + (f" (console ends: {tail})" if tail else "")
 
     def _guest_listening(self) -> set[int]:
         key = self.dir.parent.parent / "key"  # the site's key (LocalSite._ensure_key)

@@ -117,3 +117,16 @@ def test_stop_without_a_qmp_socket_kills(tmp_path: Path) -> None:
         proc.kill()
         proc.wait()
     assert said == "killed (QMP did not stop it)"
+
+
+def test_the_console_tail_is_the_last_printable_lines_bounded(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    assert vm.console_tail(console) == ""  # no console yet
+    console.write_bytes(b"x" * 20000 + b"\n[    1.2] Loading, please wait...\n\n\x1b[1;31m[    2.0] VFS: Cannot open "
+                        b"root device \"LABEL=cloudimg-rootfs\"\x1b[0m\r\n[    2.1] Kernel panic - not syncing: "
+                        b"VFS: Unable to mount root fs\x07\x00 on unknown-block(0,0)\n" + b"y" * 500 + b"\n")
+    tail = vm.console_tail(console)
+    assert tail.startswith('[    2.0] VFS: Cannot open root device "LABEL=cloudimg-rootfs" | [    2.1] Kernel panic')
+    assert "\x1b" not in tail and "\x07" not in tail and "\x00" not in tail and "Loading" not in tail
+    assert tail.endswith(" | " + "y" * 160)  # each line cut to its width
+    assert "\n" not in tail
