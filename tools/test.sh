@@ -9,12 +9,15 @@ bash tools/install.sh
 # the cloud path's tests start a real OpenStack control plane: MariaDB, RabbitMQ, keystone, glance, nova,
 # placement (heat is already in the venv)
 bash tools/openstack/install.sh
-# chromium: the functional test that renders the HTML report in a headless browser.
-if ! dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q "ok installed"; then
-    echo "installing Debian packages for the tests: chromium"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null \
-        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
-fi
+# chromium: the functional test that renders the HTML report in a headless browser; qemu-system-x86: the VM
+# nodes' tests (tests/functional/test_vm.py; sites of --kind vm need it, namespace sites do not).
+for pkg in chromium qemu-system-x86; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed"; then
+        echo "installing Debian packages for the tests: $pkg"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null \
+            || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null; }
+    fi
+done
 .venv/bin/ruff check imageupdate tests bench tools/openstack
 .venv/bin/mypy
 # pytest exits 5 when it collects nothing: that fails here, as it should.

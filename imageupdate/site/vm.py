@@ -101,7 +101,7 @@ def command_line(spec: VmSpec) -> str:
 def console_tail(path: Path, lines: int = 3, width: int = 160) -> str:
     """The last ``lines`` non-empty lines of a guest's console, as one line: what a node that did not boot said
     last (a kernel panic, a missing root). The guest wrote it: bounded, control characters and escape
-    sequences dropped."""
+    sequences dropped. A kernel panic's own line is kept though a stack trace came after it."""
     try:
         with open(path, "rb") as f:
             f.seek(max(0, os.fstat(f.fileno()).st_size - 8192))
@@ -109,8 +109,13 @@ def console_tail(path: Path, lines: int = 3, width: int = 160) -> str:
     except OSError:
         return ""
     text = _ESCAPES.sub("", raw.decode("utf-8", "replace"))
-    kept = ["".join(c for c in line if c.isprintable()).strip()[:width] for line in text.splitlines()]
-    return " | ".join([line for line in kept if line][-lines:])
+    kept = [line for line in ("".join(c for c in raw_line if c.isprintable()).strip()[:width]
+                              for raw_line in text.splitlines()) if line]
+    last = kept[-lines:]
+    panics = [line for line in kept if "Kernel panic" in line]
+    if panics and panics[-1] not in last:  # its stack trace follows: the reason first, then how it ended
+        last = [panics[-1], *last[-(lines - 1):]] if lines > 1 else [panics[-1]]
+    return " | ".join(last)
 
 
 _ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b.")

@@ -130,3 +130,11 @@ def test_the_console_tail_is_the_last_printable_lines_bounded(tmp_path: Path) ->
     assert "\x1b" not in tail and "\x07" not in tail and "\x00" not in tail and "Loading" not in tail
     assert tail.endswith(" | " + "y" * 160)  # each line cut to its width
     assert "\n" not in tail
+
+
+def test_the_console_tail_keeps_a_kernel_panic_above_its_stack_trace(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    console.write_text("[ 2.1] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)\n"
+                       + "".join(f"[ 2.2] frame {i}\n" for i in range(30)) + "[ 2.4] Rebooting in 1 seconds..\n")
+    assert vm.console_tail(console) == ("[ 2.1] Kernel panic - not syncing: VFS: Unable to mount root fs on "
+                                        "unknown-block(0,0) | [ 2.2] frame 29 | [ 2.4] Rebooting in 1 seconds..")
