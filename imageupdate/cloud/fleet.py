@@ -236,13 +236,16 @@ class CloudFleet:
         if release not in self._indexes:
             self._indexes[release] = self.store.file_index(release)
         manifest = self.store.manifest(release)
-        sha = manifest.artifacts["root.tar.zst"].sha256
-        image = images.find(self.conn, release, sha)
-        return Expectation(release, manifest, self._indexes[release], sha if image is not None else None)
+        role = images.root_role(manifest)
+        sha = manifest.artifacts[role.artifact].sha256
+        image = images.find(self.conn, release, sha, role)
+        return Expectation(release, manifest, self._indexes[release], sha if image is not None else None,
+                           artifact_name=role.artifact)
 
     def publish(self, release: str) -> str | None:
         image, uploaded = images.publish(self.conn, self.store, release, self.path)
-        return f"{'uploaded' if uploaded else 'reused'} Glance image {image.name} ({image.id})"
+        said = f"uploaded {', '.join(uploaded)}" if uploaded else "reused"
+        return f"{said}: Glance image {image.name} ({image.id})"
 
     def heat_status(self) -> tuple[dict[str, Any], HeatClient | None]:
         client, heat = self.connect()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,13 @@ MACHINE_ARTIFACTS = {ROOT_QCOW2: "qcow2", KERNEL: "linux-kernel", INITRD: "initr
 STATE_LABEL = "iu-state"  # a machine node's state disk: ext4 labels hold 16 bytes ("imageupdate-state" is 17)
 VM_INIT = "/usr/lib/imageupdate/vm-init"  # PID 1 of a booted node (elements/imageupdate-debian-machine)
 MANIFEST_FORMAT = 1
+
+
+def boot_command_line(root_label: str, init: str = VM_INIT) -> str:
+    """The kernel command line a machine image boots with, wherever it runs; the platform adds the network
+    (``ip=`` on the local site; a cloud's guest reads its config drive)."""
+    return " ".join([f"root=LABEL={root_label}", "ro", "console=ttyS0", "net.ifnames=0", "panic=1", f"init={init}",
+                     f"imageupdate.state={STATE_LABEL}"])
 
 
 @dataclass
@@ -154,6 +162,17 @@ def _counts(v: Any) -> bool:
     return isinstance(v, dict) and all(_int(x) for x in v.values())
 
 
+_LABEL = re.compile(r"[A-Za-z0-9._-]{1,16}")  # an ext4 label, and nothing a kernel command line would split
+_INIT = re.compile(r"/[A-Za-z0-9._/-]{1,200}")
+
+
+def _boot(v: Any) -> bool:
+    return v is None or (isinstance(v, dict) and set(v) == {"root_label", "init", "state_label"}
+                         and all(isinstance(x, str) for x in v.values()) and bool(_LABEL.fullmatch(v["root_label"]))
+                         and bool(_INIT.fullmatch(v["init"])) and ".." not in v["init"].split("/")
+                         and v["state_label"] == STATE_LABEL)
+
+
 def _artifacts(v: Any) -> bool:
     return isinstance(v, dict) and all(
         isinstance(a, dict) and set(a) == {"sha256", "size", "format"} and isinstance(a["sha256"], str)
@@ -167,7 +186,7 @@ SCHEMA: dict[str, Any] = {
     "packages": _packages, "kernel": lambda v: v is None or _str(v), "services": _named, "tests": _objects,
     "migrations": _objects, "state_paths": _strs, "files": _counts, "artifacts": _artifacts,
     "upgrade": lambda v: v is None or isinstance(v, dict), "format": _int,
-    "boot": lambda v: v is None or _str_map(v),
+    "boot": _boot,
 }
 DESCRIBED = {
     "release": "a string", "built_at": "a string", "build_seconds": "a number of seconds",
@@ -177,7 +196,8 @@ DESCRIBED = {
     "services": "a list of objects with a name", "tests": "a list of objects", "migrations": "a list of objects",
     "state_paths": "a list of strings", "files": "a map of counts",
     "artifacts": "a map of name to {sha256 (64 hex digits), size, format}", "upgrade": "an object or null",
-    "format": "an integer", "boot": "a map of strings or null",
+    "format": "an integer",
+    "boot": f"null or {{root_label (an ext4 label), init (an absolute path), state_label ({STATE_LABEL})}}",
 }
 OPTIONAL = {"artifacts", "upgrade", "format", "boot"}
 

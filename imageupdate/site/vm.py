@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imageupdate.errors import InputError, OperationError
-from imageupdate.images.manifest import STATE_LABEL
+from imageupdate.images.manifest import STATE_LABEL, boot_command_line
 
 STATE_SIZE = 1 << 30  # bytes: a sparse raw image; what the node writes is what it takes
 MEMORY_MB = 512
@@ -94,8 +94,7 @@ def mac_for(index: int) -> str:
 
 def command_line(spec: VmSpec) -> str:
     ip = f"{spec.address}::{spec.gateway}:{netmask(spec.prefix)}:{spec.name}:eth0:off"
-    return " ".join([f"root=LABEL={spec.boot.root_label}", "ro", "console=ttyS0", "net.ifnames=0", "panic=1",
-                     f"ip={ip}", f"init={spec.boot.init}", f"imageupdate.state={STATE_LABEL}"])
+    return f"{boot_command_line(spec.boot.root_label, spec.boot.init)} ip={ip}"
 
 
 def console_tail(path: Path, lines: int = 3, width: int = 160) -> str:

@@ -52,10 +52,11 @@ class Expectation:
     manifest: Manifest
     index: dict[str, FileEntry]  # path without leading slash -> entry
     artifact: str | None  # sha256 of the artifact the node's tree came from, if the fleet knows it
+    artifact_name: str = ROOT_IMAGE  # which one: the root tree, or a machine's root filesystem image
 
     @property
     def artifact_sha256(self) -> str | None:
-        art = self.manifest.artifacts.get(ROOT_IMAGE)
+        art = self.manifest.artifacts.get(self.artifact_name)
         return art.sha256 if art else None
 
 

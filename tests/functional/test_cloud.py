@@ -90,7 +90,7 @@ def test_a_cloud_rollout_rebuilds_the_servers_in_place_and_keeps_their_state(pla
     assert ("node2", "test:20-data-roundtrip", 1) in [tuple(c) for c in checks]
     log = [r["message"] for r in query(plane["fleet"], "SELECT message FROM log WHERE rollout = ?",
                                        result["rollout"]["id"])]
-    assert any(m.startswith("uploaded Glance image imageupdate-R2") for m in log)
+    assert any(m.startswith("uploaded root: Glance image imageupdate-R2") for m in log)
 
 
 def test_the_broken_release_fails_its_first_gate_and_the_servers_come_back(plane: dict[str, Any]) -> None:
@@ -112,7 +112,7 @@ def test_a_second_run_reuses_the_glance_image(plane: dict[str, Any]) -> None:
     assert again.returncode == 0, again.stderr
     rid = json.loads(again.stdout)["rollout"]["id"]
     log = [r["message"] for r in query(plane["fleet"], "SELECT message FROM log WHERE rollout = ?", rid)]
-    assert any(m.startswith("reused Glance image imageupdate-R2") for m in log)
+    assert any(m.startswith("reused: Glance image imageupdate-R2") for m in log)
     names = [i["Name"] for i in openstack(plane, "image", "list")]
     assert names.count("imageupdate-R2") == 1
 
