@@ -61,6 +61,8 @@ class VmSpec:
     run_dir: Path  # console.log, qmp.sock, qemu.pid
     memory_mb: int = MEMORY_MB
     accel: str = "tcg"
+    cmdline: str | None = None  # the kernel command line as given (a cloud image's os_command_line); None: ip=
+    extra_drives: tuple[str, ...] = ()  # more -drive values: a cloud's config drive
 
     @property
     def console(self) -> Path:
@@ -125,15 +127,35 @@ def qemu_command(spec: VmSpec) -> list[str]:
     return [
         "qemu-system-x86_64", "-name", spec.name, "-accel", accel_opt, "-m", f"{spec.memory_mb}M", "-smp", "1",
         "-nodefaults", "-display", "none", "-no-reboot",
-        "-kernel", str(spec.boot.kernel), "-initrd", str(spec.boot.initrd), "-append", command_line(spec),
+        "-kernel", str(spec.boot.kernel), "-initrd", str(spec.boot.initrd),
+        "-append", spec.cmdline if spec.cmdline is not None else command_line(spec),
         "-drive", f"file={spec.boot.root},if=virtio,format=qcow2,readonly=on",
         "-drive", f"file={spec.state_disk},if=virtio,format=raw,cache=writeback",
+        *(arg for drive in spec.extra_drives for arg in ("-drive", drive)),
         "-netdev", f"tap,id=n0,ifname={spec.tap},script=no,downscript=no",
         "-device", f"virtio-net-pci,netdev=n0,mac={spec.mac}",
         "-serial", f"file:{spec.console}",
         "-qmp", f"unix:{spec.qmp},server=on,wait=off",
         "-pidfile", str(spec.pidfile),
     ]  # fmt: skip
+
+
+def launch(spec: VmSpec, netns: str, log: Path, wait: float = 10.0) -> int:
+    """Start QEMU for ``spec`` inside the network namespace ``netns`` (its tap is there), detached, output to
+    ``log``; its pid (``ip netns exec`` execs QEMU: the same process) once its pid file is written."""
+    spec.pidfile.unlink(missing_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(["ip", "netns", "exec", netns, *qemu_command(spec)], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + wait
+    while not spec.pidfile.is_file() and proc.poll() is None:
+        if time.monotonic() >= deadline:
+            proc.kill()
+            raise OperationError(f"the VM {spec.name} did not start within {wait:.0f} s (see {log})", step="start")
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        raise OperationError(f"QEMU exited at once for {spec.name} (see {log})", step="start")
+    return proc.pid
 
 
 def make_state_disk(path: Path, seed: Path | None = None, size: int = STATE_SIZE) -> None:

@@ -124,21 +124,12 @@ class VmNode(Node):
         if not self.net.netns_exists(self.name):
             self.net.create_vm_node(self.name, self.index)
         self._kill_strays()
-        spec = self.spec(rec.current)
-        spec.pidfile.unlink(missing_ok=True)
-        with open(self.dir / "qemu.log", "ab") as log:
-            proc = subprocess.Popen(["ip", "netns", "exec", self.net.netns(self.name), *vm.qemu_command(spec)],
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
-        crashpoint("in-start", node=self.name)
-        if not procs.wait_until(lambda: spec.pidfile.is_file() or proc.poll() is not None, 10):
-            proc.kill()
-            raise OperationError(f"the VM of node {self.name} did not start (see {self.dir / 'qemu.log'})",
-                                 node=self.name, release=rec.current, step="start")
-        if proc.poll() is not None:
-            raise OperationError(f"QEMU exited at once for node {self.name} (see {self.dir / 'qemu.log'})",
-                                 node=self.name, release=rec.current, step="start")
-        rec.pid, rec.wanted = proc.pid, "running"  # ip netns exec execs QEMU: the same process
+        try:
+            pid = vm.launch(self.spec(rec.current), self.net.netns(self.name), self.dir / "qemu.log")
+        except OperationError as e:
+            raise OperationError(f"node {self.name}: {e}", node=self.name, release=rec.current, step="start") from None
+        crashpoint("in-start", node=self.name)  # QEMU runs, the record does not say so yet
+        rec.pid, rec.wanted = pid, "running"
         self._save(rec, f"started on {rec.current} (VM)")
 
     def wait_ready(self, timeout: float = BOOT_TIMEOUT) -> str | None:

@@ -138,3 +138,21 @@ def test_the_console_tail_keeps_a_kernel_panic_above_its_stack_trace(tmp_path: P
                        + "".join(f"[ 2.2] frame {i}\n" for i in range(30)) + "[ 2.4] Rebooting in 1 seconds..\n")
     assert vm.console_tail(console) == ("[ 2.1] Kernel panic - not syncing: VFS: Unable to mount root fs on "
                                         "unknown-block(0,0) | [ 2.2] frame 29 | [ 2.4] Rebooting in 1 seconds..")
+
+
+def test_a_cloud_vm_boots_its_images_command_line_and_gets_its_config_drive(tmp_path: Path) -> None:
+    from dataclasses import replace
+    cloud = replace(spec(tmp_path), cmdline="root=LABEL=cloudimg-rootfs ro init=/usr/lib/imageupdate/vm-init",
+                    extra_drives=(f"file={tmp_path / 'disk.config'},if=virtio,format=raw,readonly=on",))
+    cmd = vm.qemu_command(cloud)
+    assert cmd[cmd.index("-append") + 1] == "root=LABEL=cloudimg-rootfs ro init=/usr/lib/imageupdate/vm-init"
+    drives = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-drive"]
+    assert len(drives) == 3 and drives[2].startswith(f"file={tmp_path / 'disk.config'},")
+
+
+def test_launch_says_when_qemu_exits_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vm, "qemu_command", lambda s: ["false"])  # stands for a QEMU that refuses its options
+    popen = subprocess.Popen
+    monkeypatch.setattr(vm.subprocess, "Popen", lambda args, **kw: popen(args[4:], **kw))  # no netns
+    with pytest.raises(vm.OperationError, match="QEMU exited at once for node0"):
+        vm.launch(spec(tmp_path), "iu-x-node0", tmp_path / "qemu.log")
