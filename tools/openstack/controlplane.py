@@ -47,9 +47,10 @@ def wait_port(port: int, what: str, timeout: float = 180) -> None:
 
 
 class Plane:
-    def __init__(self, root: Path, site: str = "", store: str = "") -> None:
+    def __init__(self, root: Path, site: str = "", store: str = "", vm: bool = False) -> None:
         self.root = root.resolve()
         self.site, self.store = site, store
+        self.vm = vm  # servers are QEMU machines booting what Glance holds (imageupdate_node.VmDriver)
         self.logs = self.root / "logs"
         self.conf = self.root / "conf"
         self.state_file = self.root / "processes.json"
@@ -89,7 +90,7 @@ class Plane:
                   self.root / "nova", self.root / "lock"):
             d.mkdir(parents=True, exist_ok=True)
         ports = {n: free_port() for n in ("mysql", "rabbit", *SERVICES)}
-        self.state = {"ports": ports, "groups": {}, "started": time.time()}
+        self.state = {"ports": ports, "groups": {}, "started": time.time(), "vm": self.vm}
         self.save()
         self.mariadb(ports["mysql"])
         self.rabbitmq(ports["rabbit"])
@@ -107,7 +108,8 @@ class Plane:
         self.install_driver()
         for svc in ("conductor", "scheduler", "compute"):
             self.spawn(f"nova-{svc}", [str(VENV / f"nova-{svc}"), "--config-file", nova_conf],
-                       {"IMAGEUPDATE_SITE": self.site, "IMAGEUPDATE_STORE": self.store} if svc == "compute" else None)
+                       {"IMAGEUPDATE_SITE": self.site, "IMAGEUPDATE_STORE": self.store}
+                       if svc == "compute" and not self.vm else None)  # a VM compute host is given no store
         self.spawn("heat-engine", [str(VENV / "heat-engine"), "--config-file", str(self.conf / "heat" / "heat.conf")])
         for svc in ("glance", "placement", "nova", "heat", "neutron"):
             wait_port(ports[svc], svc)
@@ -195,7 +197,10 @@ class Plane:
                 f"[placement_database]\nconnection = {self.db('placement')}\n[api]\nauth_strategy = keystone\n"
                 + authtoken("placement")),
             "nova/nova.conf": (
-                f"[DEFAULT]\ntransport_url = {transport}\ncompute_driver = imageupdate_node.LocalSiteDriver\n"
+                f"[DEFAULT]\ntransport_url = {transport}\ncompute_driver = imageupdate_node."
+                f"{'VmDriver' if self.vm else 'LocalSiteDriver'}\n"
+                + ("mkisofs_cmd = genisoimage\nconfig_drive_format = iso9660\nforce_config_drive = true\n"
+                   if self.vm else "") +
                 f"state_path = {self.root / 'nova'}\ninstances_path = {self.root / 'nova' / 'instances'}\n"
                 "host = imageupdate-compute\nlog_dir = " + str(self.logs) + "\n"
                 f"[api_database]\nconnection = {self.db('nova_api')}\n[database]\nconnection = {self.db('nova')}\n"
@@ -281,8 +286,10 @@ class Plane:
                 ident.create_endpoint(service_id=svc.id, interface=interface, url=url, region_id=REGION)
 
     def flavor(self) -> None:
-        """``imageupdate-node``: what the tests' servers use; the ephemeral disk stands for the state partition."""
-        self.admin().compute.create_flavor(name="imageupdate-node", vcpus=1, ram=64, disk=1, ephemeral=1)
+        """``imageupdate-node``: what the tests' servers use; the ephemeral disk stands for the state partition
+        (a VM's state disk: sparse). A VM gets the flavor's memory; its root image must fit the flavor's disk."""
+        ram, disk = (384, 2) if self.vm else (64, 1)
+        self.admin().compute.create_flavor(name="imageupdate-node", vcpus=1, ram=ram, disk=disk, ephemeral=1)
 
     def discover_hosts(self) -> None:
         n = str(self.conf / "nova" / "nova.conf")
@@ -328,6 +335,7 @@ class Plane:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         subprocess.run(["epmd", "-kill"], capture_output=True, check=False)
+        self.delete_vm_network()
         time.sleep(0.5)
         left = [n for n, g in groups.items() if _group_alive(g)] + [f"pid {p}" for p in self.stragglers()]
         self.state["groups"] = {}
@@ -336,6 +344,22 @@ class Plane:
             raise SystemExit(f"controlplane: processes of {', '.join(left)} survived")
         print(f"control plane in {self.root} stopped; nothing left running")
 
+
+    def delete_vm_network(self) -> None:
+        """The VM driver's namespaces, veths and bridge (its QEMUs are stragglers: their command lines name
+        this plane's directory)."""
+        net_file = self.root / "nova" / "imageupdate-net.json"
+        if not net_file.exists():
+            return
+        from imageupdate.site import network
+
+        net = network.SiteNet(**json.loads(net_file.read_text()))
+        for ns in network.ip("netns", "list").stdout.split():
+            if ns.startswith(net.netns("vm")):
+                index = int(ns[len(net.netns("vm")):])
+                net.delete_node(f"vm{index}", index)
+        net.delete_bridge()
+        net_file.unlink()
 
     def stragglers(self) -> list[int]:
         """Live processes whose command line names this plane's directory, and RabbitMQ's (its environment
@@ -370,9 +394,10 @@ def _group_alive(pgid: int) -> bool:
 
 
 def main() -> None:
-    if len(sys.argv) not in (3, 5) or sys.argv[1] not in ("start", "stop", "status"):
-        raise SystemExit("usage: controlplane.py start DIR SITE STORE | stop DIR | status DIR")
-    plane = Plane(Path(sys.argv[2]), *sys.argv[3:5])
+    vm = sys.argv[3:] == ["--vm"]
+    if not (len(sys.argv) in (3, 5) or vm) or sys.argv[1] not in ("start", "stop", "status"):
+        raise SystemExit("usage: controlplane.py start DIR SITE STORE | start DIR --vm | stop DIR | status DIR")
+    plane = Plane(Path(sys.argv[2]), vm=True) if vm else Plane(Path(sys.argv[2]), *sys.argv[3:5])
     if sys.argv[1] == "start":
         if plane.state.get("groups"):
             raise SystemExit(f"controlplane: {plane.root} already runs; stop it first")
