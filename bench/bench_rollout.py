@@ -15,16 +15,18 @@ The CLI as a user runs it (``.venv/bin/imageupdate rollout R --site DIR --batch-
   before the first rollout and after the last.
 
 One site per node count: created once, one untimed warm-up rollout R1 -> R2 (it creates the stack, the
-'adopt' operation, starts Heat and unpacks R2), then the measured rollouts alternate R2 -> R1 -> R2 ... for
-every batch size. The site is destroyed at the end, whatever happens. A breakdown of the overhead follows
-the table: CLI start-up, planning and sending, Heat starting the first rebuild, gaps inside and between
-batches, finishing, and exit.
+'adopt' operation, starts Heat and unpacks R2), then the measured rollouts alternate R2 -> R2b -> R2 ... for
+every batch size (R2b: sample-workload-v2 built under another id, so no rollout migrates or downgrades the
+state: R2 -> R1 would need R2's contract migration undone, which a rollout refuses). The site is destroyed at
+the end, whatever happens. A breakdown of the overhead follows the table: CLI start-up, planning and sending,
+Heat starting the first rebuild, gaps inside and between batches, finishing, and exit.
 
 It prints the code under test (git HEAD and uncommitted changes) and warns if the package's files change
 during the run. A rollout that takes longer than ``--timeout`` is stopped; on any failure Heat's log, the
 history and the site's status are copied to /tmp/iu-bench-rollout-logs-* before the site is destroyed.
 
-Run as root from the checkout: ``.venv/bin/python bench/bench_rollout.py``. R1 and R2 must be in the store.
+Run as root from the checkout: ``.venv/bin/python bench/bench_rollout.py``. R1 and R2 must be in the store;
+R2b is built into it if missing (about a minute).
 Figures are printed, never asserted.
 """
 
@@ -363,7 +365,7 @@ def bench_site(cli: Path, store: Path, nodes: int, batch_sizes: list[int], repea
         current = "R2"
         for batch_size in batch_sizes:
             for i in range(repeat):
-                release = "R1" if current == "R2" else "R2"
+                release = TWIN if current == "R2" else "R2"
                 say(f"{nodes} nodes, batch {batch_size}, run {i + 1}/{repeat}: rollout {current} -> {release} ...")
                 cpu0, host0 = cpu_seconds(pid), host_cpu()
                 rid, started, wall = rollout(cli, site, store, release, batch_size, timeout)
@@ -493,6 +495,9 @@ def report(runs: list[Run], memory: list[SiteMemory], repeat: int) -> None:
               f"{m.warmup_seconds:.1f} s)")
 
 
+TWIN = "R2b"  # the measured rollouts alternate R2 and this: the same workload and state version
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", type=Path, default=Path("/var/lib/imageupdate/images"))
@@ -512,6 +517,12 @@ def main() -> None:
         sys.exit(f"bench_rollout.py: {', '.join(missing)} not in {args.store}; build them first "
                  "(bench/bench_site.py does)")
     cli = cli_path()
+    if not store.exists(TWIN):
+        say(f"building {TWIN} (sample-workload-v2 under another id) ...")
+        try:
+            checked(cli, "build", TWIN, "--element", "sample-workload-v2", "--store", str(args.store))
+        except BenchError as e:
+            sys.exit(f"bench_rollout.py: {e}")
     code, fingerprint = code_state()
     print(f"code under test: {code}")
     runs: list[Run] = []
