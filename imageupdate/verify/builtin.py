@@ -302,6 +302,10 @@ def check_filesystems(facts: dict[str, Any], want: Expectation) -> Finding:
 
 
 def check_state_version(facts: dict[str, Any], want: Expectation) -> Finding:
+    blocked = facts.get("blocked")
+    if isinstance(blocked, str) and blocked.strip():  # a booted machine's own migrations refused or failed
+        said = " ".join("".join(c for c in blocked if c.isprintable() or c.isspace()).split())[:300]
+        return False, f"the node's migrations at boot blocked its services: {said}"
     meta = upgrade_meta.from_manifest(want.manifest.upgrade)
     if meta is None:
         return True, f"{want.release} declares no state version"

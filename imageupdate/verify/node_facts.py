@@ -544,6 +544,7 @@ def main() -> None:
         "etc": etc_tree(),
         "tests": tests(),
         "state_version": read("/mnt/state/imageupdate/state.json"),
+        "blocked": (read("/run/imageupdate/blocked") or "")[:2000] or None,  # node-migrate's refusal (a VM)
     }
     doc["health"] = health.join()
     json.dump(doc, sys.stdout)

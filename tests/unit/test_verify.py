@@ -557,6 +557,17 @@ def test_the_state_version_must_be_one_the_release_runs_on() -> None:
     assert not run("state-version", facts, versioned())[0]
 
 
+def test_a_machine_whose_migrations_blocked_it_at_boot_fails_with_the_reason() -> None:
+    facts = healthy()
+    facts["state_version"] = state_json(3, ("0003-add", 3, "expand", True))
+    facts["blocked"] = "migration 0003-add of R2 (expand) failed: disk full\x1b[31m; the state stays at version 2\n"
+    ok, said = run("state-version", facts, versioned())
+    assert not ok and said == ("the node's migrations at boot blocked its services: migration 0003-add of R2 "
+                               "(expand) failed: disk full[31m; the state stays at version 2")
+    facts["blocked"] = None
+    assert run("state-version", facts, versioned())[0]
+
+
 def test_a_check_that_cannot_read_odd_facts_fails_alone() -> None:
     """A node's root may rewrite the init's status file: odd facts fail one check, the others still report."""
     from imageupdate.verify.builtin import check_services
