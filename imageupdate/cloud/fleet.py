@@ -30,11 +30,12 @@ from imageupdate.images.store import ImageStore
 from imageupdate.resources import heat_templates_dir
 from imageupdate.rollout import stack
 from imageupdate.rollout.fleet import NodeState
+from imageupdate.site import vm
 from imageupdate.upgrade import state
 from imageupdate.upgrade.plan import UpgradePlan
 from imageupdate.upgrade.rehearse import Rehearsal
 from imageupdate.verify.builtin import Expectation
-from imageupdate.verify.checks import NodeTarget, ssh
+from imageupdate.verify.checks import HOST_KEY_CHANGED, NodeTarget, ssh
 
 DEFAULT_ROOT = Path("/var/lib/imageupdate/clouds")
 STACK_TAG = "imageupdate chain"  # every chain template's description starts with it
@@ -77,6 +78,10 @@ class CloudHeat:
     @property
     def instance(self) -> str:
         return self.endpoint
+
+
+BOOTED = "/run/imageupdate/services.json"  # the node's init wrote its services' status
+BLOCKED = "/run/imageupdate/blocked"  # node-migrate refused: the init starts sshd only
 
 
 class CloudFleet:
@@ -214,6 +219,29 @@ class CloudFleet:
             with contextlib.suppress(hostkeys.HostKeyUnknown):
                 hostkeys.learn(hostkeys.console_of(self.conn, server), node, self.known_hosts, timeout=0)
         return NodeTarget(node, self._address(server), Path(cfg.ssh_key), cfg.ssh_user, self.known_hosts)
+
+    def wait_booted(self, node: str, timeout: float, sleep: Callable[[float], None] = time.sleep,
+                    clock: Callable[[], float] = time.monotonic) -> str | None:
+        """Nova says ACTIVE when the machine starts, not when it has booted: wait until its init wrote its
+        services' status (or node-migrate's reason for starting none), over SSH with the pinned key. An
+        answer with another key is not waited out: the gate's checks say what it is."""
+        deadline = clock() + timeout
+        said = "no answer"
+        while True:
+            target = self.target(node)
+            if target.address:
+                proc = ssh(target, ["test", "-e", BOOTED, "-o", "-e", BLOCKED], timeout=20)
+                if proc.returncode == 0 or HOST_KEY_CHANGED in proc.stderr:
+                    return None
+                said = "its services have not started" if proc.returncode == 1 else \
+                    (" ".join(proc.stderr.split())[:160] or f"ssh exit status {proc.returncode}")
+            if clock() >= deadline:
+                break
+            sleep(3.0)
+        server = self._servers([node]).get(node)
+        tail = vm.tail_of(hostkeys.console_of(self.conn, server)()) if server is not None else ""
+        return (f"{node} did not finish booting within {timeout:.0f} s ({said})"
+                + (f"; console ends: {tail}" if tail else ""))
 
     def learn_host_keys(self, nodes: list[str], sleep: Callable[[float], None] = time.sleep) -> None:
         """Pin each new server's host keys from its console (it prints them on first boot)."""

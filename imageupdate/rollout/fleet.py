@@ -98,6 +98,10 @@ class LocalFleet:
     def target(self, node: str) -> NodeTarget:
         return NodeTarget(node, self.site.node(node).address, self.site.path / "key")
 
+    def wait_booted(self, node: str, timeout: float) -> str | None:
+        """A local node's rebuild returns once it is ready (``site rebuild`` waits): nothing to wait for."""
+        return None
+
     def expectation(self, release: str) -> Expectation:
         """What a node on ``release`` must look like: the store's manifest and file index, and the
         artifact the site unpacked the release from (the file index is read once per release)."""
@@ -231,6 +235,11 @@ class Fleet(Protocol):
     def environment(self) -> tuple[dict[str, str], dict[str, Any]]: ...
 
     def target(self, node: str) -> NodeTarget: ...
+
+    def wait_booted(self, node: str, timeout: float) -> str | None:
+        """Wait until the node's init has started its services (or said why it could not); None when it has,
+        else why not (a server whose machine is still booting is not yet something to gate)."""
+        ...
 
     def expectation(self, release: str) -> Expectation: ...
 

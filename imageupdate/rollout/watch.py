@@ -263,6 +263,7 @@ class Watcher:
                                           f"{release}: {watch.failure or gate_res.reason}")
 
     def _signal(self, row: RolloutRow, node: str, gate: str, verdict: Verdict, watch: Watch) -> None:
+        recording.node_state(self.history, self.fleet, row, node, self.say)  # a booted machine migrated itself
         for r in verdict.results:
             self.history.check(row.id, node, r.name, r.ok, r.seconds, r.output)
         status = "SUCCESS" if verdict.ok and not watch.cancelling else "FAILURE"
@@ -296,6 +297,11 @@ class Watcher:
                 results += [r.as_check() for r in self.extras.phase(row, "verify", node, release)]
             return results
         try:
+            started = time.time()
+            why = self.fleet.wait_booted(node, max(10.0, float(row.options.get("gate_timeout") or 600) - 60.0))
+            if why is not None:
+                return Verdict(node, release, [CheckResult("boot", False, time.time() - started, why)],
+                               finished=time.time())
             return self.verify(self.fleet.target(node), self.fleet.expectation(release), extra=hooks)
         except Exception as e:  # noqa: BLE001 - fail closed: a check that cannot run fails the gate
             return Verdict(node, release, [CheckResult("checks", False, 0.0, f"the checks could not run: {e}")],

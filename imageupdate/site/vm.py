@@ -100,16 +100,21 @@ def command_line(spec: VmSpec) -> str:
 
 
 def console_tail(path: Path, lines: int = 3, width: int = 160) -> str:
-    """The last ``lines`` non-empty lines of a guest's console, as one line: what a node that did not boot said
-    last (a kernel panic, a missing root). The guest wrote it: bounded, control characters and escape
-    sequences dropped. A kernel panic's own line is kept though a stack trace came after it."""
+    """The last ``lines`` non-empty lines of a guest's console file, as one line (see ``tail_of``)."""
     try:
         with open(path, "rb") as f:
             f.seek(max(0, os.fstat(f.fileno()).st_size - 8192))
             raw = f.read(8192)
     except OSError:
         return ""
-    text = _ESCAPES.sub("", raw.decode("utf-8", "replace"))
+    return tail_of(raw.decode("utf-8", "replace"), lines, width)
+
+
+def tail_of(console: str, lines: int = 3, width: int = 160) -> str:
+    """What a node that did not boot said last (a kernel panic, a missing root), as one line. The guest wrote
+    it: bounded, control characters and escape sequences dropped. A kernel panic's own line is kept though a
+    stack trace came after it."""
+    text = _ESCAPES.sub("", console[-8192:])
     kept = [line for line in ("".join(c for c in raw_line if c.isprintable()).strip()[:width]
                               for raw_line in text.splitlines()) if line]
     last = kept[-lines:]

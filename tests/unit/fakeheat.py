@@ -299,6 +299,11 @@ class FakeFleet:
     def target(self, node: str) -> Any:
         return SimpleNamespace(name=node, address="10.0.0.1", key=self.path / "key", known_hosts=None)
 
+    unbooted: dict[tuple[str, str], str] = {}  # (node, release) -> why it did not finish booting there
+
+    def wait_booted(self, node: str, timeout: float) -> str | None:
+        return self.unbooted.get((node, self.heat.releases.get(node, "")))
+
     def expectation(self, release: str) -> Any:
         return release
 

@@ -70,6 +70,18 @@ def test_a_rollout_rebuilds_and_gates_every_node(tmp_path: Path) -> None:
     assert fleet.history.active() is None
 
 
+def test_a_machine_that_does_not_finish_booting_fails_its_gate_with_why(tmp_path: Path) -> None:
+    """On a cloud Nova says ACTIVE when the machine starts: the gate waits for its boot, and one that never
+    ends fails with the console's say (checks never run against a half-booted node)."""
+    h, fleet, orch = make(tmp_path)
+    fleet.unbooted = {("node0", "R2"): "node0 did not finish booting within 540 s (no answer); console ends: "
+                                       "Kernel panic"}
+    out = orch.rollout("R2", RolloutOptions(probe=False))
+    assert out.status == "rolled-back" and "Kernel panic" in (out.reason or ""), out.reason
+    checks = [(c["node"], c["name"], c["ok"]) for c in fleet.history.checks(out.rollout.id)]
+    assert ("node0", "boot", False) in checks and not any(n == "node1" for n, _, _ in checks)
+
+
 def test_a_failed_gate_rolls_the_touched_nodes_back(tmp_path: Path) -> None:
     h, fleet, orch = make(tmp_path, failing={"node1"})
     out = orch.rollout("R2", RolloutOptions(probe=False))

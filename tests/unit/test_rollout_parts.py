@@ -230,7 +230,7 @@ def test_a_service_the_probe_saw_down_for_the_whole_gate_fails_it(tmp_path: Path
         return verdict
 
     fleet = SimpleNamespace(path=tmp_path, history=None, target=lambda n: SimpleNamespace(name=n),
-                            expectation=lambda r: r)
+                            expectation=lambda r: r, wait_booted=lambda n, t: None)
     extras = SimpleNamespace(hooks=None)
     orch = Watcher(None, "stack", fleet, None, extras, verify, say=lambda *a: None,  # type: ignore[arg-type]
                    sleep=lambda s: None)
