@@ -235,7 +235,7 @@ def test_a_service_the_probe_saw_down_for_the_whole_gate_fails_it(tmp_path: Path
     orch = Watcher(None, "stack", fleet, None, extras, verify, say=lambda *a: None,  # type: ignore[arg-type]
                    sleep=lambda s: None)
     watch = Watch(prober=prober)
-    row = SimpleNamespace(id=1)
+    row = SimpleNamespace(id=1, options={"gate_timeout": 600})
     down = orch.check_node(row, "node0", "R2", watch)  # type: ignore[arg-type]
     assert not down.ok
     assert "check probe failed: probe: http://10.0.0.1:8080/health was down for the whole gate (10 of 10 " \
