@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,9 @@ from typing import Any
 import pytest
 
 from imageupdate.images.manifest import ROOT_QCOW2, sha256_file
-from tests.conftest import build_all
 from tests.functional.conftest import live_processes_mentioning
 from tests.functional.test_cloud import ROOT, cloud, openstack, pinned, servers
+from tests.functional.test_rollout import query
 from tests.functional.test_site import health, http
 
 pytestmark = pytest.mark.functional
@@ -26,10 +27,6 @@ pytestmark = pytest.mark.functional
 def vm_plane(machine_releases: dict, store_dir: Path,  # type: ignore[type-arg]
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     base = tmp_path_factory.mktemp("cloudvm")
-    # M1c: M1's workload and state version on Debian's cloud kernel (M2 needs a migration, which a cloud
-    # node does not run yet): the rebuild boots another kernel and another root, both from Glance
-    build_all(store_dir, ("M1c", "sample-workload-v1", "imageupdate-kernel-cloud"),
-              os_element="imageupdate-debian-machine")
     plane_dir = base / "plane"
     ctl = [sys.executable, str(ROOT / "tools/openstack/controlplane.py")]
     proc = subprocess.run([*ctl, "start", str(plane_dir), "--vm"], capture_output=True, text=True, timeout=900,
@@ -57,7 +54,7 @@ def ssh(p: dict[str, Any], node: str, addr: str, *cmd: str) -> str:
                           capture_output=True, text=True, timeout=60, check=True).stdout
 
 
-def test_servers_boot_the_kernel_and_root_glance_holds_and_keep_their_state_disk(vm_plane: dict[str, Any]) -> None:
+def test_servers_boot_what_glance_holds_migrate_themselves_and_roll_back(vm_plane: dict[str, Any]) -> None:
     p = vm_plane
     up = cloud(p, "cloud", "up", "--nodes", "2", "--release", "M1", "--flavor", "imageupdate-node",
                "--ssh-key", str(p["key"]), "--key-name", "operator", "--network", "none")
@@ -83,16 +80,37 @@ def test_servers_boot_the_kernel_and_root_glance_holds_and_keep_their_state_disk
     ids = {n: s["id"] for n, s in servers(p).items()}
     disks = {n: (p["dir"] / "nova/instances" / i / "disk.eph0").stat().st_ino for n, i in ids.items()}
 
-    proc = cloud(p, "rollout", "M1c")
+    proc = cloud(p, "rollout", "M2")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["status"] == "succeeded", result
     after = servers(p)
     assert {n: s["id"] for n, s in after.items()} == ids  # rebuilt in place
-    assert {s["image"] for s in after.values()} == {"imageupdate-M1c"}
-    kernel = json.loads((p["store"] / "M1c/manifest.json").read_text())["kernel"]
+    assert {s["image"] for s in after.values()} == {"imageupdate-M2"}
+    kernel = json.loads((p["store"] / "M2/manifest.json").read_text())["kernel"]
     for name, addr in addrs.items():
-        assert health(addr)["release"] == "M1c"
-        assert ssh(p, name, addr, "uname", "-r").strip() == kernel  # booted M1c's kernel, from Glance
-        assert http(addr, "/kv/owner") == f"data of {name}".encode()  # the state disk was kept
+        assert health(addr)["release"] == "M2"
+        assert ssh(p, name, addr, "uname", "-r").strip() == kernel  # M2's kernel, from Glance
+        # M2's own image ran its migration 0002 (JSON to SQLite) on the kept state disk before its service
+        assert http(addr, "/kv/owner") == f"data of {name}".encode()
         assert (p["dir"] / "nova/instances" / ids[name] / "disk.eph0").stat().st_ino == disks[name]
+    rows = [tuple(r) for r in query(p["fleet"], "SELECT node, phase, migration, ok FROM migrations WHERE "
+                                               "rollout = ?", result["rollout"]["id"])]
+    for name in addrs:
+        assert (name, "snapshot", None, 1) in rows and (name, "migration", "0002-json-to-sqlite", 1) in rows, rows
+
+    http(addrs["node0"], "/kv/later", b"written on M2", "PUT")
+    proc = cloud(p, "rollback")
+    assert proc.returncode == 0, proc.stderr
+    back = json.loads(proc.stdout)
+    assert back["status"] == "succeeded", back
+    assert {s["image"] for s in servers(p).values()} == {"imageupdate-M1"}
+    for name, addr in addrs.items():
+        assert health(addr)["release"] == "M1" and "cloud" not in ssh(p, name, addr, "uname", "-r")
+        # M1's image found a contract step beyond its state version and restored the snapshot at boot
+        assert http(addr, "/kv/owner") == f"data of {name}".encode()
+    with pytest.raises(urllib.error.HTTPError):
+        http(addrs["node0"], "/kv/later")  # written after the snapshot: gone with M2's state
+    rows = [tuple(r) for r in query(p["fleet"], "SELECT node, phase FROM migrations WHERE rollout = ?",
+                                    back["rollout"]["id"])]
+    assert {("node0", "restore"), ("node1", "restore")} <= set(rows), rows
