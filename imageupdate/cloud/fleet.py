@@ -86,6 +86,7 @@ BLOCKED = "/run/imageupdate/blocked"  # node-migrate refused: the init starts ss
 
 class CloudFleet:
     can_rehearse = False  # the state lives on the servers; rehearse on a local site with the same releases
+    migrates_in_image = True  # a server's node-migrate runs the migrations its new image ships, at boot
 
     def __init__(self, path: Path, store: ImageStore, cloud: str | None = None) -> None:
         self.path = path

@@ -62,6 +62,8 @@ class LocalFleet:
     def require_runnable(self, release: str) -> None:
         self.site.require_runnable(release)
 
+    migrates_in_image = False  # the host's migrator runs every hop from each release's own image
+
     @property
     def can_rehearse(self) -> bool:
         """A VM node's state is its VM's disk while it runs: no consistent copy can be taken beside it."""
@@ -209,6 +211,10 @@ class Fleet(Protocol):
 
     @property
     def can_rehearse(self) -> bool: ...
+
+    # True when each node runs, at boot, only the migrations its new image ships (a cloud's machines); False
+    # when imageupdate runs every release's migrations on the path from each release's own image (local site)
+    migrates_in_image: bool
     history: History
 
     @property

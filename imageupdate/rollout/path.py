@@ -61,6 +61,19 @@ def plan_fleet(fleet: Fleet, target: str, nodes: list[str] | None = None) -> Fle
                                            preferred))
 
 
+def require_in_image(fp: FleetPlan) -> None:
+    """On a fleet whose nodes migrate themselves at boot (``Fleet.migrates_in_image``), each runs only what
+    its new image ships: a path with another release's migrations on it is refused before anything starts."""
+    for node, p in fp.nodes.items():
+        for hop in p.hops:
+            if hop.migrations and hop.release != fp.target:
+                names = ", ".join(m.name for m in hop.migrations)
+                raise InputError(f"{node}: the path {p.from_release} -> {fp.target} runs {hop.release}'s "
+                                 f"migrations ({names}), but a node of this fleet runs only those its new image "
+                                 f"ships, at boot: roll out {hop.release} first, then {fp.target}",
+                                 node=node, release=fp.target, step="plan")
+
+
 def _between(releases: dict[str, ReleaseInfo], current: list[str], target: str,
              preferred: set[str]) -> list[ReleaseInfo]:
     """One release per version after the oldest the fleet runs and before the target, then the target."""

@@ -253,6 +253,7 @@ class FakeFleet:
     """A fleet whose nodes are what the FakeHeat says they run; a real history in ``path``."""
 
     can_rehearse = False
+    migrates_in_image = False
 
     def __init__(self, path: Path, heat: FakeHeat, releases: set[str]) -> None:
         self.path = path

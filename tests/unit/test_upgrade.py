@@ -353,3 +353,17 @@ def test_a_product_name_is_checked() -> None:
     for bad in ("", "Pg Web", "../x", 7, "x" * 65):
         meta_, problems = parse({"version": "1", "state_version": 1, "product": bad})
         assert meta_ is None and "'product' must be" in problems[0]
+
+
+def test_a_fleet_that_migrates_in_its_images_refuses_a_path_through_another_releases_migrations() -> None:
+    from imageupdate.errors import InputError
+    from imageupdate.rollout.path import FleetPlan, require_in_image
+
+    one = FleetPlan("R2", {"node0": plan(sample(), "R1", 1, "R2")}, [])
+    require_in_image(one)  # R2's image ships 0002: the node runs it itself
+    skip = FleetPlan("R4", {"node0": plan(sample(), "R3", 3, "R4"), "node1": plan(sample(), "R1", 1, "R4")}, [])
+    with pytest.raises(InputError) as e:
+        require_in_image(skip)
+    assert str(e.value).startswith("node1: the path R1 -> R4 runs R2's migrations (0002-json-to-sqlite)")
+    assert "roll out R2 first, then R4" in str(e.value)
+    assert (e.value.node, e.value.release, e.value.step) == ("node1", "R4", "plan")
