@@ -181,7 +181,7 @@ def test_canary_then_batches_of_two(site: Path, store_dir: Path) -> None:
 
 def test_no_rollback_leaves_the_fleet_for_inspection_then_rollback(site: Path, store_dir: Path) -> None:
     proc = cli(site, store_dir, "rollout", "R-broken", "--no-rollback", "--limit", "node1,node2")
-    assert proc.returncode == 1
+    assert proc.returncode == 1 and proc.stdout, proc.stderr
     result = json.loads(proc.stdout)
     assert result["status"] == "failed" and result["rollback"] is None
     assert "--no-rollback" in proc.stderr and "imageupdate rollback" in proc.stderr
