@@ -23,7 +23,7 @@ from imageupdate.cli import render
 from imageupdate.cli.output import Output
 from imageupdate.cloud.fleet import DEFAULT_ROOT as DEFAULT_CLOUD_ROOT
 from imageupdate.cloud.fleet import CloudConfig, CloudFleet
-from imageupdate.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ImageUpdateError, InputError
+from imageupdate.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ImageUpdateError, InputError, OperationError
 from imageupdate.heat.service import HeatProcess
 from imageupdate.images import signing
 from imageupdate.images.store import ImageStore
@@ -688,8 +688,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImageUpdateError as exc:
         out.error(exc)
         return exc.exit_code
-    except KeyboardInterrupt:
-        out.err.print("imageupdate: interrupted")
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a pipeline reading --json still gets a document
+        out.error(OperationError("interrupted (SIGINT or SIGTERM); 'imageupdate status' says what is left and "
+                                 "'imageupdate resume' or 'cancel' finishes an operation it left open"))
         return EXIT_FAILED
 
 

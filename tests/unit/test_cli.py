@@ -110,3 +110,15 @@ def test_delete(capsys: pytest.CaptureFixture[str], store: ImageStore, publish) 
     publish("R1")
     rc, _, _ = run(capsys, "images", "delete", "R1", "--store", str(store.root))
     assert rc == 0 and store.releases() == []
+
+
+def test_an_interrupted_command_still_prints_its_json_document(capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               store: ImageStore) -> None:
+    def interrupted(*_args: object) -> None:
+        raise KeyboardInterrupt  # what SIGTERM becomes in main()
+
+    monkeypatch.setattr(ImageStore, "releases", interrupted)
+    rc, out, err = run(capsys, "images", "list", "--store", str(store.root), "--json")
+    assert rc == 1 and json.loads(out)["error"] == "OperationError"
+    assert err.startswith("imageupdate: error: interrupted") and err.count("\n") == 1
