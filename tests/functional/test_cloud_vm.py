@@ -97,7 +97,7 @@ def test_servers_boot_what_glance_holds_migrate_themselves_and_roll_back(vm_plan
     rows = [tuple(r) for r in query(p["fleet"], "SELECT node, phase, migration, ok FROM migrations WHERE "
                                                "rollout = ?", result["rollout"]["id"])]
     for name in addrs:
-        assert (name, "snapshot", None, 1) in rows and (name, "migration", "0002-json-to-sqlite", 1) in rows, rows
+        assert (name, "snapshot", "", 1) in rows and (name, "migration", "0002-json-to-sqlite", 1) in rows, rows
 
     http(addrs["node0"], "/kv/later", b"written on M2", "PUT")
     proc = cloud(p, "rollback")
