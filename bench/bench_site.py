@@ -4,7 +4,7 @@
 * swap: per node, from the start of a rebuild R1 -> R2 (stop, switch, start)
   until the new release's service answers /health with R2; releases already
   unpacked (the A/B case). Target: at most 1 s.
-* site up: 10 nodes and 50 nodes, from nothing to every node answering on
+* site up: 10 nodes and 50 nodes (``--nodes``, ``--big``), from nothing to every node answering on
   SSH and the sample service (includes unpacking R1 once and first-boot key
   generation on every node).
 * memory: PSS of every process in a node's PID namespace, idle.
@@ -85,6 +85,7 @@ def swap(site: LocalSite, name: str, release: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", type=Path, default=Path("/var/lib/imageupdate/images"))
+    ap.add_argument("--nodes", type=int, default=10, help="size of the site whose swaps are timed")
     ap.add_argument("--big", type=int, default=50, help="size of the large site")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -93,14 +94,15 @@ def main() -> None:
     store = ImageStore(args.store)
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="iu-bench-site-") as tmp:
-        site = LocalSite(Path(tmp) / "s10", store)
+        n = args.nodes
+        site = LocalSite(Path(tmp) / "small", store)
         try:
-            rows.append(("site up, 10 nodes (s)", f"{site_up(site, 10):.1f}"))
+            rows.append((f"site up, {n} nodes (s)", f"{site_up(site, n):.1f}"))
             # warm both trees, so every swap below is the A/B case
             swap(site, "node0", "R2")
             swap(site, "node0", "R1")
-            times = [swap(site, f"node{i}", "R2") for i in range(10)]
-            back = [swap(site, f"node{i}", "R1") for i in range(10)]
+            times = [swap(site, f"node{i}", "R2") for i in range(n)]
+            back = [swap(site, f"node{i}", "R1") for i in range(n)]
             rows.append(("swap R1->R2 per node, median / max (s)",
                          f"{statistics.median(times):.2f} / {max(times):.2f}"))
             rows.append(("swap R2->R1 per node, median / max (s)",
@@ -109,7 +111,7 @@ def main() -> None:
             rows.append(("memory per idle node, PSS median (MiB)", f"{statistics.median(mem) / 1024:.1f}"))
             start = time.monotonic()
             site.down()
-            rows.append(("site down, 10 nodes (s)", f"{time.monotonic() - start:.1f}"))
+            rows.append((f"site down, {n} nodes (s)", f"{time.monotonic() - start:.1f}"))
         finally:
             site.destroy()
         big = LocalSite(Path(tmp) / "sbig", store)

@@ -24,10 +24,11 @@ from tests.functional.test_site import http, leftovers
 pytestmark = pytest.mark.functional
 
 
-def three_node_site(path: Path, store_dir: Path, release: str = "R1") -> Iterator[Path]:
-    """A 3-node site on ``release`` at ``path``; destroyed afterwards, and nothing of it (its Heat included) left."""
-    imageupdate("site", "up", "--nodes", "3", "--release", release, "--site", str(path), "--store", str(store_dir),
-                check=True)
+def three_node_site(path: Path, store_dir: Path, release: str = "R1", nodes: int = 3) -> Iterator[Path]:
+    """A site of ``nodes`` nodes on ``release`` at ``path``; destroyed afterwards, and nothing of it (its Heat
+    included) left."""
+    imageupdate("site", "up", "--nodes", str(nodes), "--release", release, "--site", str(path), "--store",
+                str(store_dir), check=True)
     site_id = json.loads((path / "site.json").read_text())["id"]
     try:
         yield path
