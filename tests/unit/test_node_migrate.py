@@ -2,29 +2,15 @@
 services): the host migrator's rules and journal, on a state directory and a release tree made here."""
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from imageupdate.upgrade import state as host_state
+from tests.scripts import load_script
 
-SCRIPT = Path(__file__).parents[2] / "elements/imageupdate-node/static/usr/lib/imageupdate/node-migrate"
-
-
-def _load() -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader("node_migrate", str(SCRIPT))
-    spec = importlib.util.spec_from_loader("node_migrate", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
-nm = _load()
+nm = load_script("imageupdate-node/static/usr/lib/imageupdate/node-migrate", "node_migrate")
 
 
 def release(tmp_path: Path, name: str, version: int, *steps: tuple[str, int, str, str]) -> Path:

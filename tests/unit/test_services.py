@@ -1,10 +1,7 @@
 """Service declarations: the build's validator and the node init's own rules (run from its file)."""
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -19,6 +16,7 @@ from imageupdate.images.services import (
     refusal,
 )
 from imageupdate.resources import elements_dir
+from tests.scripts import load_script
 
 PG = "/usr/share/imageupdate/services/postgresql.json"
 FULL: dict[str, Any] = {
@@ -165,22 +163,9 @@ def test_the_shipped_sample_declaration_is_valid() -> None:
 
 # The node's init, loaded from its file (it is stdlib-only Python that runs inside the image) -------------
 
-INIT = elements_dir() / "imageupdate-node/static/usr/lib/imageupdate/init"
-
-
 @pytest.fixture(scope="module")
 def init() -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader("imageupdate_node_init", str(INIT))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    # no __pycache__ beside it: static/ is copied into every image, and a build must not depend on a test run
-    dont_write, sys.dont_write_bytecode = sys.dont_write_bytecode, True
-    try:
-        loader.exec_module(module)
-    finally:
-        sys.dont_write_bytecode = dont_write
-    return module
+    return load_script("imageupdate-node/static/usr/lib/imageupdate/init", "imageupdate_node_init")
 
 
 def test_init_resolves_groups_like_initgroups(init: ModuleType) -> None:

@@ -2,27 +2,14 @@
 in the machine element and run by vm-init when the kernel has no ip=): everything in the drive is hostile."""
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import os
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).parents[2] / "elements/imageupdate-debian-machine/static/usr/lib/imageupdate/vm-netconfig"
+from tests.scripts import load_script
 
-
-def _load() -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader("vm_netconfig", str(SCRIPT))
-    spec = importlib.util.spec_from_loader("vm_netconfig", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
-nc = _load()
+nc = load_script("imageupdate-debian-machine/static/usr/lib/imageupdate/vm-netconfig", "vm_netconfig")
 MAC0, MAC1 = "52:54:00:1e:00:00", "52:54:00:1e:00:01"
 NETWORK = {
     "links": [{"id": "tap0", "type": "phy", "ethernet_mac_address": MAC1.upper()}],

@@ -31,8 +31,39 @@ LOG = logging.getLogger(__name__)
 RELEASE_PROPERTY = "imageupdate_release"
 
 
-class LocalSiteDriver(fake.FakeDriverWithoutFakeNodes):
+class _NodeDriver(fake.FakeDriverWithoutFakeNodes):
+    """What both test drivers share: Nova's spawn and rebuild entry points around two hooks, ``_create`` (a new
+    server from ``image_meta``) and ``_replace`` (a rebuild that keeps the node's state: only with
+    preserve_ephemeral)."""
+
     capabilities = dict(fake.FakeDriver.capabilities, supports_evacuate=False)
+    keeps = "state"  # what a rebuild keeps, for its refusal
+
+    def _create(self, context, instance, image_meta, injected_files, admin_password) -> None:
+        raise NotImplementedError
+
+    def _replace(self, context, instance, image_meta, injected_files, admin_password) -> None:
+        raise NotImplementedError
+
+    def spawn(self, context, instance, image_meta, injected_files, admin_password, allocations,
+              network_info=None, block_device_info=None, power_on=True, accel_info=None):
+        self._create(context, instance, image_meta, injected_files, admin_password)
+        super().spawn(context, instance, image_meta, injected_files, admin_password, allocations,
+                      network_info, block_device_info, power_on, accel_info)
+
+    def rebuild(self, context, instance, image_meta, injected_files, admin_password, allocations, bdms,
+                detach_block_devices, attach_block_devices, network_info=None, evacuate=False,
+                block_device_info=None, preserve_ephemeral=False, accel_uuids=None, reimage_boot_volume=False):
+        if not preserve_ephemeral:
+            raise exception.NovaException(f"an imageupdate node keeps its {self.keeps}: rebuild it with "
+                                          "preserve_ephemeral")
+        instance.task_state = task_states.REBUILD_SPAWNING
+        instance.save(expected_task_state=[task_states.REBUILDING])
+        self._replace(context, instance, image_meta, injected_files, admin_password)
+
+
+class LocalSiteDriver(_NodeDriver):
+    keeps = "state partition"
 
     def __init__(self, virtapi, read_only=False):
         super().__init__(virtapi, read_only)
@@ -90,20 +121,10 @@ class LocalSiteDriver(fake.FakeDriverWithoutFakeNodes):
 
     # the driver interface ------------------------------------------------------------------------------------
 
-    def spawn(self, context, instance, image_meta, injected_files, admin_password, allocations,
-              network_info=None, block_device_info=None, power_on=True, accel_info=None):
+    def _create(self, context, instance, image_meta, injected_files, admin_password) -> None:
         self._swap(context, instance, image_meta.id)
-        super().spawn(context, instance, image_meta, injected_files, admin_password, allocations,
-                      network_info, block_device_info, power_on, accel_info)
 
-    def rebuild(self, context, instance, image_meta, injected_files, admin_password, allocations, bdms,
-                detach_block_devices, attach_block_devices, network_info=None, evacuate=False,
-                block_device_info=None, preserve_ephemeral=False, accel_uuids=None, reimage_boot_volume=False):
-        if not preserve_ephemeral:
-            raise exception.NovaException("an imageupdate node keeps its state partition: rebuild it with "
-                                          "preserve_ephemeral")
-        instance.task_state = task_states.REBUILD_SPAWNING
-        instance.save(expected_task_state=[task_states.REBUILDING])
+    def _replace(self, context, instance, image_meta, injected_files, admin_password) -> None:
         self._swap(context, instance, image_meta.id)
 
     def get_console_output(self, context, instance):
@@ -122,7 +143,7 @@ class LocalSiteDriver(fake.FakeDriverWithoutFakeNodes):
         self._record(instance.uuid, None)  # the node stays with its site
 
 
-class VmDriver(fake.FakeDriverWithoutFakeNodes):
+class VmDriver(_NodeDriver):
     """Each server is a QEMU machine booting what Glance holds for it (test-only; the plane's ``--vm`` mode).
 
     What a libvirt compute host does, in the few steps an imageupdate node needs: the root image, kernel and
@@ -136,7 +157,7 @@ class VmDriver(fake.FakeDriverWithoutFakeNodes):
     ``access_ip_v4`` (no Neutron here). Instances are recorded in ``$state_path/imageupdate-vms.json``.
     """
 
-    capabilities = dict(fake.FakeDriver.capabilities, supports_evacuate=False)
+    keeps = "state disk"
 
     def __init__(self, virtapi, read_only=False):
         super().__init__(virtapi, read_only)
@@ -327,20 +348,10 @@ class VmDriver(fake.FakeDriverWithoutFakeNodes):
 
     # the driver interface ------------------------------------------------------------------------------------
 
-    def spawn(self, context, instance, image_meta, injected_files, admin_password, allocations,
-              network_info=None, block_device_info=None, power_on=True, accel_info=None):
+    def _create(self, context, instance, image_meta, injected_files, admin_password) -> None:
         self._launch(context, instance, image_meta, injected_files, admin_password)
-        super().spawn(context, instance, image_meta, injected_files, admin_password, allocations,
-                      network_info, block_device_info, power_on, accel_info)
 
-    def rebuild(self, context, instance, image_meta, injected_files, admin_password, allocations, bdms,
-                detach_block_devices, attach_block_devices, network_info=None, evacuate=False,
-                block_device_info=None, preserve_ephemeral=False, accel_uuids=None, reimage_boot_volume=False):
-        if not preserve_ephemeral:
-            raise exception.NovaException("an imageupdate node keeps its state disk: rebuild it with "
-                                          "preserve_ephemeral")
-        instance.task_state = task_states.REBUILD_SPAWNING
-        instance.save(expected_task_state=[task_states.REBUILDING])
+    def _replace(self, context, instance, image_meta, injected_files, admin_password) -> None:
         self._fetch(context, instance, image_meta.id)  # the new images first, while the old release still runs
         how = self._stop(instance)
         LOG.info("instance %s: stopped for the rebuild (%s)", instance.uuid, how)
