@@ -115,13 +115,19 @@ class SiteNet:
     def netns_exists(self, node: str) -> bool:
         return self.netns(node) in ip("netns", "list").stdout.split()
 
-    def create_node(self, node: str, index: int) -> None:
+    def _fresh_netns(self, node: str, index: int) -> str:
+        """The node's namespace made anew, its veth's inner end ``eth0`` in it and the outer end on the site's
+        bridge; returns the namespace's name."""
         ns, veth = self.netns(node), self.veth(index)
         if self.netns_exists(node):
             self.delete_node(node, index)
         ip("netns", "add", ns)
         ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
         ip("link", "set", veth, "master", self.bridge, "up")
+        return ns
+
+    def create_node(self, node: str, index: int) -> None:
+        ns = self._fresh_netns(node, index)
         ip("-n", ns, "addr", "add", f"{self.address(index)}/24", "dev", "eth0")
         ip("-n", ns, "link", "set", "lo", "up")
         ip("-n", ns, "link", "set", "eth0", "up")
@@ -134,12 +140,7 @@ class SiteNet:
         """A machine node's namespace: the veth's inner end and the VM's tap on a bridge in it, no address
         there (the guest holds the node's address). QEMU runs in this namespace: the VM reaches only what
         a namespace node reaches, and ``ip netns pids`` finds it like any node's processes."""
-        ns, veth = self.netns(node), self.veth(index)
-        if self.netns_exists(node):
-            self.delete_node(node, index)
-        ip("netns", "add", ns)
-        ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        ip("link", "set", veth, "master", self.bridge, "up")
+        ns = self._fresh_netns(node, index)
         ip("-n", ns, "link", "set", "lo", "up")
         ip("-n", ns, "link", "add", "br0", "type", "bridge")
         ip("-n", ns, "tuntap", "add", "dev", self.tap(), "mode", "tap")

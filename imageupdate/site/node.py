@@ -192,10 +192,7 @@ class Node:
         if not (tree / "etc/imageupdate/release.json").is_file():
             raise OperationError(f"release {rec.current} is not unpacked in {self.releases_dir}",
                                  node=self.name, release=rec.current, step="start")
-        why = state_version.incompatible(state_version.read(self.state_dir), rec.current, from_tree(tree))
-        if why:
-            raise OperationError(f"node {self.name} cannot start {rec.current}: {why}",
-                                 node=self.name, release=rec.current, step="start")
+        self._refuse_incompatible_state(rec.current, tree)
         if not self.net.netns_exists(self.name):
             self.net.create_node(self.name, self.index)
         self._kill_strays()
@@ -256,6 +253,14 @@ class Node:
         rec.pid, rec.wanted = None, wanted
         self._save(rec, f"stopped ({how})")
         return how
+
+    def _refuse_incompatible_state(self, release: str, tree: Path) -> None:
+        """A state this release's code cannot run on (not migrated, or half way through a step) stops the
+        start: the node's service would otherwise corrupt it."""
+        why = state_version.incompatible(state_version.read(self.state_dir), release, from_tree(tree))
+        if why:
+            raise OperationError(f"node {self.name} cannot start {release}: {why}",
+                                 node=self.name, release=release, step="start")
 
     def _kill_strays(self) -> int:
         """Kill what still runs in the node's network namespace while no recorded instance does: an

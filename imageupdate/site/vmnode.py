@@ -117,10 +117,7 @@ class VmNode(Node):
                                  node=self.name, release=rec.current, step="start")
         self._unmount_state()  # left mounted by a rebuild killed while migrating: the VM's from here on
         with self.state_mounted():  # and unmounted before the VM mounts it
-            why = state_version.incompatible(state_version.read(self.state_dir), rec.current, from_tree(tree))
-        if why:
-            raise OperationError(f"node {self.name} cannot start {rec.current}: {why}",
-                                 node=self.name, release=rec.current, step="start")
+            self._refuse_incompatible_state(rec.current, tree)
         if not self.net.netns_exists(self.name):
             self.net.create_vm_node(self.name, self.index)
         self._kill_strays()
