@@ -231,7 +231,7 @@ class CloudFleet:
         while True:
             target = self.target(node)
             if target.address:
-                proc = ssh(target, ["test", "-e", BOOTED, "-o", "-e", BLOCKED], timeout=20)
+                proc = ssh(target, ["test", "-e", BOOTED, "-o", "-e", BLOCKED], timeout=20, shared=False)
                 if proc.returncode == 0 or HOST_KEY_CHANGED in proc.stderr:
                     return None
                 said = "its services have not started" if proc.returncode == 1 else \
@@ -301,7 +301,7 @@ class CloudFleet:
     # the state partition, over SSH -------------------------------------------------------------------------
 
     def _cat(self, node: str, path: str) -> str | None:
-        proc = ssh(self.target(node), ["cat", path], timeout=60)
+        proc = ssh(self.target(node), ["cat", path], timeout=60, shared=False)
         return proc.stdout if proc.returncode == 0 else None
 
     def state_record(self, node: str) -> state.StateRecord:

@@ -156,7 +156,7 @@ class LocalFleet:
         """A VM node's state file: over SSH while it runs (the disk is the VM's), else from its disk mounted
         here; either way resolved inside the node's tree."""
         if n.status().running:
-            proc = ssh(self.target(n.name), ["cat", "--", f"/mnt/state/{rel}"], timeout=60)
+            proc = ssh(self.target(n.name), ["cat", "--", f"/mnt/state/{rel}"], timeout=60, shared=False)
             return proc.stdout if proc.returncode == 0 else None
         with n.state_mounted():
             try:

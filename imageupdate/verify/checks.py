@@ -131,18 +131,22 @@ def _host_key_options(target: NodeTarget) -> list[str]:
             "-o", "UpdateHostKeys=no"]
 
 
-def _ssh_base(target: NodeTarget) -> list[str]:
+def _ssh_base(target: NodeTarget, shared: bool = True) -> list[str]:
+    share = ["-o", f"ControlPath={_control_path()}", "-o", "ControlMaster=auto", "-o", "ControlPersist=15"] \
+        if shared else ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
     return ["ssh", "-i", str(target.key), *_host_key_options(target), "-o", "BatchMode=yes",
-            "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR",
-            "-o", f"ControlPath={_control_path()}", "-o", "ControlMaster=auto", "-o", "ControlPersist=15"]
+            "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR", *share]
 
 
 HOST_KEY_CHANGED = "the SSH host key"
 
 
-def ssh(target: NodeTarget, command: list[str], timeout: float,
-        input: str | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = [*_ssh_base(target), f"{target.user}@{target.address}", "--", *command]
+def ssh(target: NodeTarget, command: list[str], timeout: float, input: str | None = None,
+        shared: bool = True) -> subprocess.CompletedProcess[str]:
+    """``command`` on the node as ``target.user``, the host key checked against the pinned one. ``shared``: over
+    the node's shared connection (a gate's checks, closed by ``close_ssh``); a one-off read outside a gate
+    passes False, so no connection outlives it (a later one would reuse it without a host key check)."""
+    cmd = [*_ssh_base(target, shared), f"{target.user}@{target.address}", "--", *command]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
                               input=input if input is not None else "")

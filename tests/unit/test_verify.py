@@ -581,3 +581,14 @@ def test_a_check_that_cannot_read_odd_facts_fails_alone() -> None:
     for status in (["web"], {"web": 7}, "x"):
         ok, said = check_services({"service_status": status, "processes": []}, want)  # type: ignore[arg-type]
         assert not ok and said == "web is not running"
+
+
+def test_a_one_off_ssh_read_shares_no_connection_a_later_one_could_reuse_unchecked(tmp_path: Path) -> None:
+    """A shared (ControlMaster) connection is reused with no host key check: only a gate's checks share one,
+    and close it; a one-off read (a node's state file, a boot poll) must not leave one behind."""
+    from imageupdate.verify.checks import _ssh_base
+
+    target = NodeTarget("node0", "10.0.0.2", tmp_path / "key", "root", tmp_path / "known_hosts")
+    assert "ControlMaster=auto" in _ssh_base(target)
+    one_off = _ssh_base(target, shared=False)
+    assert "ControlMaster=no" in one_off and "ControlPath=none" in one_off and "ControlPersist=15" not in one_off
