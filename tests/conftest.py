@@ -167,6 +167,8 @@ def pg_releases(store_dir: Path) -> dict[str, dict]:  # type: ignore[type-arg]
 @pytest.fixture(scope="session")
 def machine_releases(store_dir: Path) -> dict[str, dict]:  # type: ignore[type-arg]
     """M1 and M2: the sample workload's v1 and v2 as machine images (root.qcow2, vmlinuz, initrd beside the
-    tree), for VM nodes. M2 boots Debian's cloud kernel, M1 the generic one: the pair whose kernel differs."""
+    tree), for VM nodes. M2 boots Debian's cloud kernel, M1 the generic one: the pair whose kernel differs.
+    M-broken: sample-workload-broken (M2's code with a bug its own test 20-data-roundtrip finds)."""
     return build_all(store_dir, ("M1", "sample-workload-v1"),
-                     ("M2", "sample-workload-v2", "imageupdate-kernel-cloud"), os_element="imageupdate-debian-machine")
+                     ("M2", "sample-workload-v2", "imageupdate-kernel-cloud"), ("M-broken", "sample-workload-broken"),
+                     os_element="imageupdate-debian-machine")

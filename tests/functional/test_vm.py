@@ -110,6 +110,23 @@ def test_a_release_that_does_not_boot_fails_with_its_console_and_is_rolled_back(
     assert health(addr)["release"] == "M2"
 
 
+def test_a_release_whose_service_fails_its_test_on_a_vm_node_is_rolled_back(vm_site: Path,
+                                                                            store_dir: Path) -> None:
+    """M-broken boots and its service answers /health, but the release's own test finds the bug: node0's gate
+    fails on it, nothing else is touched, and node0 boots M2 again with its data."""
+    proc = cli(vm_site, store_dir, "rollout", "M-broken")
+    assert proc.returncode == 1
+    result = json.loads(proc.stdout)
+    assert result["status"] == "rolled-back" and "test:20-data-roundtrip" in result["reason"], result
+    assert releases_of(vm_site, store_dir) == {"node0": "M2", "node1": "M2"}
+    touched = query(vm_site, "SELECT node FROM steps WHERE rollout = ? AND step = 'rebuild' AND status != 'pending'",
+                    result["rollout"]["id"])
+    assert [r["node"] for r in touched] == ["node0"]
+    addr = {n["name"]: n["address"] for n in json.loads(cli(vm_site, store_dir, "site", "status").stdout)
+            ["nodes"]}["node0"]
+    assert health(addr)["release"] == "M2" and http(addr, "/kv/owner") == b"data of node0"
+
+
 def test_a_tree_only_release_is_refused_before_anything_stops(vm_site: Path, store_dir: Path,
                                                               releases: dict) -> None:  # type: ignore[type-arg]
     for argv in (["site", "rebuild", "node0", "R2"], ["rollout", "R2"]):
