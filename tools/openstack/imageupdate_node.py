@@ -238,10 +238,14 @@ class VmDriver(_NodeDriver):
         try:
             if want_format is not None:
                 info = images.qemu_img_info(tmp)
-                if info.file_format != want_format or info.backing_file or getattr(info, "data_file", None):
+                if info.file_format != want_format or info.backing_file:
                     raise exception.ImageUnacceptable(
                         image_id=image_id, reason=f"not a plain {want_format} (qemu-img: {info.file_format}, "
                                                   f"backing file {info.backing_file!r})")
+                try:  # Nova's own inspection: no external data file, no backing file, sane header
+                    images.get_image_format(tmp).safety_check()
+                except Exception as e:  # noqa: BLE001 - whatever the inspector refuses, the image is refused
+                    raise exception.ImageUnacceptable(image_id=image_id, reason=f"unsafe {want_format}: {e}") from e
             h = hashlib.sha256()
             with open(tmp, "rb") as f:
                 while chunk := f.read(1 << 20):
