@@ -156,3 +156,27 @@ def test_metadata_the_runner_cannot_trust_blocks(tmp_path: Path, state: Path, up
     (root / nm.UPGRADE).write_text(upgrade)
     with pytest.raises(nm.Blocked):
         nm.migrate(root, state)
+
+
+@pytest.mark.parametrize("journal_text", ['{"version": -100000000000, "steps": []}',
+                                          '{"version": 1, "steps": [], "events": null}',
+                                          '{"version": 2, "steps": [{"state_version": "2", "finished": null}]}'])
+def test_a_journal_shaped_oddly_blocks_the_services_it_never_crashes_past_them(tmp_path: Path, state: Path,
+                                                                               journal_text: str) -> None:
+    """Whatever the state disk holds, node-migrate ends in 'migrated' or 'blocked': an exception escaping it
+    would let vm-init start every service on a state nobody migrated."""
+    (state / nm.STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (state / nm.STATE_FILE).write_text(journal_text)
+    blocked = tmp_path / "run/blocked"
+    assert nm.main(["node-migrate", str(release(tmp_path, "r2", 2, TO_SQL)), str(state), str(blocked)]) == 1
+    assert blocked.read_text().strip()
+
+
+def test_a_restore_marker_naming_a_path_outside_the_snapshots_blocks(tmp_path: Path, state: Path) -> None:
+    nm.migrate(release(tmp_path, *V1), state)
+    outside = tmp_path / "x.tar"
+    outside.write_bytes(b"")
+    (state / nm.RESTORING).write_text("../../x.tar")
+    with pytest.raises(nm.Blocked, match="snapshot '../../x.tar' is gone"):
+        nm.migrate(release(tmp_path, *V1), state)
+    assert (state / "data/kv.json").read_text() == '{"owner": "me"}'  # nothing emptied
