@@ -223,3 +223,28 @@ def test_a_boot_section_that_would_change_the_kernel_command_line_is_refused(tmp
     m.write(d)
     with pytest.raises(ManifestInvalid, match="boot"):
         Manifest.read(d)
+
+
+def test_an_upload_interrupted_or_killed_leaves_no_second_image_of_the_name(store: ImageStore,
+                                                                            fleet: Path) -> None:
+    """Heat finds a server's image by name: a half upload left beside the next complete one would fail every
+    rollout to the release. Ctrl-C (KeyboardInterrupt) cleans up at once; a SIGKILL's leftover goes at the
+    next upload."""
+    machine_release(store, "M1")
+    conn = FakeConn()
+    real = conn.image.create_image
+
+    def interrupted(*args: Any, **kwargs: Any) -> Image:
+        real(*args, **kwargs).status = "saving"
+        raise KeyboardInterrupt
+
+    conn.image.create_image = interrupted  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        images.publish(conn, store, "M1", fleet)
+    assert conn.image.all == []
+    conn.image.create_image = real  # type: ignore[method-assign]
+    conn.image.all.append(Image("imageupdate-M1-kernel", "aki", "aki", {}, b"", status="queued"))  # a SIGKILL's
+    images.publish(conn, store, "M1", fleet)
+    assert sorted(i.name for i in conn.image.all) == ["imageupdate-M1", "imageupdate-M1-initrd",
+                                                      "imageupdate-M1-kernel"]
+    assert all(i.status == "active" for i in conn.image.all)
