@@ -57,11 +57,44 @@ def read(state_dir: Path) -> StateRecord:
         return StateRecord()
 
 
+MAX_VERSION = 1_000_000  # a state version beyond it is a corrupt record, not a plan
+
+
+def _number(v: Any, what: str, optional: bool = False) -> Any:
+    if (v is None and optional) or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+        return v
+    raise ValueError(f"{what} is not a number: {v!r}"[:200])
+
+
+def _step(s: Any) -> StepRecord:
+    if not isinstance(s, dict):
+        raise ValueError(f"a step is not an object: {s!r}"[:200])
+    v = s.get("state_version")
+    if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_VERSION):
+        raise ValueError(f"a step's state_version is out of range: {v!r}"[:200])
+    ok = s.get("ok")
+    text = {k: s.get(k, "") for k in ("release", "migration", "kind", "output")}
+    if not all(isinstance(x, str) for x in text.values()) or ok not in (None, True, False):
+        raise ValueError(f"a step is shaped oddly: {s!r}"[:200])
+    return StepRecord(text["release"], text["migration"], v, text["kind"], _number(s.get("started"), "started"),
+                      _number(s.get("finished"), "finished", optional=True), ok, text["output"])
+
+
 def loads(text: str) -> StateRecord:
-    """A state record from its JSON (as read on the host, over SSH, or in a node's facts)."""
+    """A state record from its JSON (as read on the host, over SSH, or in a node's facts): hostile input,
+    so any shape but the journal's own is a ValueError."""
     data = json.loads(text)
-    return StateRecord(data.get("version"), [StepRecord(**s) for s in data.get("steps", [])],
-                       list(data.get("events", [])))
+    if not isinstance(data, dict):
+        raise ValueError("the state record is not an object")
+    version = data.get("version")
+    if version is not None and not (isinstance(version, int) and not isinstance(version, bool)
+                                    and 0 <= version <= MAX_VERSION):
+        raise ValueError(f"the state version is out of range: {version!r}"[:200])
+    steps, events = data.get("steps", []), data.get("events", [])
+    if not isinstance(steps, list) or not isinstance(events, list) or \
+            not all(isinstance(e, dict) for e in events):
+        raise ValueError("the state record's steps or events are not lists of objects")
+    return StateRecord(version, [_step(s) for s in steps], list(events))
 
 
 def write(state_dir: Path, record: StateRecord) -> None:

@@ -367,3 +367,23 @@ def test_a_fleet_that_migrates_in_its_images_refuses_a_path_through_another_rele
     assert str(e.value).startswith("node1: the path R1 -> R4 runs R2's migrations (0002-json-to-sqlite)")
     assert "roll out R2 first, then R4" in str(e.value)
     assert (e.value.node, e.value.release, e.value.step) == ("node1", "R4", "plan")
+
+
+@pytest.mark.parametrize("text", ['[1]', '{"version": true}', '{"version": -1}', '{"version": 10000000000}',
+                                  '{"version": 1, "steps": [{"x": 1}]}', '{"version": 1, "steps": "abc"}',
+                                  '{"version": 1, "events": [1]}',
+                                  '{"version": 1, "steps": [{"release": "R2", "migration": "m", "kind": "expand", '
+                                  '"state_version": "2", "started": 1}]}',
+                                  '{"version": 1, "steps": [{"release": "R2", "migration": "m", "kind": "expand", '
+                                  '"state_version": 2, "started": "soon"}]}'])
+def test_a_state_record_from_a_node_shaped_oddly_is_a_value_error(text: str) -> None:
+    """A node's journal is hostile input: any shape but the journal's own is a ValueError, which every reader
+    turns into a one-line reason (a TypeError escaped the gate's journal read as a traceback)."""
+    with pytest.raises(ValueError):
+        state.loads(text)
+
+
+def test_a_state_record_round_trips_through_loads() -> None:
+    rec = state.StateRecord(2, [state.StepRecord("R2", "0002-json-to-sqlite", 2, "contract", 1.5, 2.5, True, "ok")],
+                            [{"at": 1.0, "event": "seeded"}])
+    assert state.loads(json.dumps(rec.to_dict())) == rec
