@@ -199,11 +199,14 @@ class VmDriver(_NodeDriver):
             else:
                 rec = data.setdefault(uuid, {})
                 rec.update(fields)
-            tmp = self._registry + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(data, f, indent=1)
-            os.replace(tmp, self._registry)
+            self._save(data)
             return rec
+
+    def _save(self, data: dict) -> None:
+        tmp = self._registry + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, self._registry)
 
     @staticmethod
     def _alive(pid) -> bool:
@@ -280,9 +283,18 @@ class VmDriver(_NodeDriver):
     # the machine ---------------------------------------------------------------------------------------------
 
     def _slot(self, instance) -> int:
-        used = {rec.get("index") for uuid, rec in self._load().items() if uuid != instance.uuid}
-        mine = self._load().get(instance.uuid, {}).get("index")
-        return mine if isinstance(mine, int) else next(i for i in range(250) if i not in used)
+        """The instance's index on the plane's network (its address, MAC and namespace), taken and recorded
+        in one step: Heat creates a fleet's servers at once, and two spawns must not pick the same one."""
+        with self._lock:
+            data = self._load()
+            mine = data.get(instance.uuid, {}).get("index")
+            if isinstance(mine, int):
+                return mine
+            used = {rec.get("index") for rec in data.values()}
+            index = next(i for i in range(250) if i not in used)
+            data.setdefault(instance.uuid, {})["index"] = index
+            self._save(data)
+            return index
 
     def _config_drive(self, context, instance, index: int, injected_files, admin_password) -> str:
         from nova.api.metadata import base as metadata  # noqa: PLC0415
