@@ -254,6 +254,10 @@ class Node:
         self._save(rec, f"stopped ({how})")
         return how
 
+    def release_host_hold(self) -> None:
+        """Let go of what the host holds of the node beyond its processes (a VM node's loop-mounted state
+        disk); nothing for a namespace node."""
+
     def _refuse_incompatible_state(self, release: str, tree: Path) -> None:
         """A state this release's code cannot run on (not migrated, or half way through a step) stops the
         start: the node's service would otherwise corrupt it."""

@@ -383,6 +383,8 @@ class LocalSite:
                     # a half-written node may not stop cleanly: what still runs in its namespace is killed below
                     with suppress(OSError, ValueError, TypeError, ImageUpdateError):
                         node.stop(wanted="running")
+                with suppress(OSError, ImageUpdateError):
+                    node.release_host_hold()  # a state disk a killed rebuild left mounted: before any rmtree
                 net.delete_node(node.name, node.index)
             _sweep_network(net)
             net.delete_bridge()

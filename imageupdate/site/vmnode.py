@@ -65,7 +65,7 @@ class VmNode(Node):
     def state_mounted(self) -> Iterator[Path]:
         """The state disk mounted at ``state_dir`` for host-side work; the VM must not be running."""
         rec = self.record() if self.exists() else None
-        if rec is not None and procs.alive(rec.pid):
+        if (rec is not None and procs.alive(rec.pid)) or self.net.pids(self.name):  # a QEMU no record names too
             raise OperationError(f"node {self.name} is running: its state disk is the VM's", node=self.name,
                                  step="state")
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -115,12 +115,12 @@ class VmNode(Node):
         if not (tree / "etc/imageupdate/release.json").is_file() or not (boot / ROOT_QCOW2).is_file():
             raise OperationError(f"release {rec.current} is not unpacked for a VM in {self.releases_dir}",
                                  node=self.name, release=rec.current, step="start")
+        self._kill_strays()  # a QEMU a killed start left unrecorded: gone before the host touches its disk
         self._unmount_state()  # left mounted by a rebuild killed while migrating: the VM's from here on
         with self.state_mounted():  # and unmounted before the VM mounts it
             self._refuse_incompatible_state(rec.current, tree)
         if not self.net.netns_exists(self.name):
             self.net.create_vm_node(self.name, self.index)
-        self._kill_strays()
         try:
             pid = vm.launch(self.spec(rec.current), self.net.netns(self.name), self.dir / "qemu.log")
         except OperationError as e:
@@ -190,6 +190,9 @@ class VmNode(Node):
         running = procs.alive(rec.pid)
         return NodeStatus(self.name, self.address, rec.current, rec.previous, rec.pending, running,
                           running and tcp_open(self.address, 22), rec.pid if running else None, paused=False)
+
+    def release_host_hold(self) -> None:
+        self._unmount_state()
 
     def destroy(self) -> None:
         if self.exists():
