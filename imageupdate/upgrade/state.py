@@ -60,6 +60,12 @@ def read(state_dir: Path) -> StateRecord:
 MAX_VERSION = 1_000_000  # a state version beyond it is a corrupt record, not a plan
 
 
+def _version(v: Any, what: str) -> int:
+    if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_VERSION:
+        return v
+    raise ValueError(f"{what} is out of range (0 to {MAX_VERSION}): {v!r}"[:200])
+
+
 def _number(v: Any, what: str, optional: bool = False) -> Any:
     if (v is None and optional) or (isinstance(v, (int, float)) and not isinstance(v, bool)):
         return v
@@ -69,9 +75,7 @@ def _number(v: Any, what: str, optional: bool = False) -> Any:
 def _step(s: Any) -> StepRecord:
     if not isinstance(s, dict):
         raise ValueError(f"a step is not an object: {s!r}"[:200])
-    v = s.get("state_version")
-    if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_VERSION):
-        raise ValueError(f"a step's state_version is out of range: {v!r}"[:200])
+    v = _version(s.get("state_version"), "a step's state_version")
     ok = s.get("ok")
     text = {k: s.get(k, "") for k in ("release", "migration", "kind", "output")}
     if not all(isinstance(x, str) for x in text.values()) or ok not in (None, True, False):
@@ -87,9 +91,8 @@ def loads(text: str) -> StateRecord:
     if not isinstance(data, dict):
         raise ValueError("the state record is not an object")
     version = data.get("version")
-    if version is not None and not (isinstance(version, int) and not isinstance(version, bool)
-                                    and 0 <= version <= MAX_VERSION):
-        raise ValueError(f"the state version is out of range: {version!r}"[:200])
+    if version is not None:
+        _version(version, "the state version")
     steps, events = data.get("steps", []), data.get("events", [])
     if not isinstance(steps, list) or not isinstance(events, list) or \
             not all(isinstance(e, dict) for e in events):
