@@ -85,11 +85,11 @@ def find(conn: Any, release: str, sha256: str, role: Role = TREE_ROOT) -> Any | 
     return None
 
 
-def _drop_unfinished(conn: Any, name: str, keep: set[str]) -> None:
+def _drop_unfinished(conn: Any, name: str) -> None:
     """Our images named ``name`` that never became active (an upload that failed or was killed): two images
     of one name would make Heat's lookup by name fail on every rollout to the release."""
     for leftover in conn.image.images(name=name):
-        if leftover.id not in keep and leftover.status != "active" and _ours(conn, leftover):
+        if leftover.status != "active" and _ours(conn, leftover):
             conn.image.delete_image(leftover, ignore_missing=True)
 
 
@@ -102,7 +102,7 @@ def _upload(conn: Any, store: ImageStore, manifest: Manifest, role: Role, fleet_
     if image is not None:
         return image, False
     name = image_name(release, role)
-    _drop_unfinished(conn, name, set())  # an upload killed earlier (SIGKILL) left its image queued or saving
+    _drop_unfinished(conn, name)  # an upload killed earlier (SIGKILL) left its image queued or saving
     stale = list(conn.image.images(name=name))
     copy = store.private_copy(release, manifest, role.artifact, fleet_dir)  # what is uploaded: hashed as copied
     try:
@@ -111,7 +111,7 @@ def _upload(conn: Any, store: ImageStore, manifest: Manifest, role: Role, fleet_
             allow_duplicates=True, wait=True, timeout=1800,
             **{RELEASE_PROPERTY: release, SHA_PROPERTY: sha, ROLE_PROPERTY: role.name, **properties})
     except BaseException as e:  # sdk, keystoneauth and requests errors, and Ctrl-C or SIGTERM half way
-        _drop_unfinished(conn, name, {s.id for s in stale})
+        _drop_unfinished(conn, name)  # the stale ones are all active: the unfinished went just before
         if not isinstance(e, Exception):
             raise
         what = release if role.name == "root" else f"{release}'s {role.name}"
