@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from imageupdate.base import procs
 from imageupdate.images import packer, signing
 from imageupdate.images.manifest import (
     FILE_INDEX,
@@ -28,7 +29,6 @@ from imageupdate.images.manifest import (
     write_checksums,
 )
 from imageupdate.images.store import ImageStore
-from imageupdate.site import procs
 from tests.fakeroot_tar import make_root_tar
 
 

@@ -18,10 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from imageupdate import version
-from imageupdate.build import cache
-from imageupdate.build.dib import DibBuild, dib_version
-from imageupdate.build.elements import DEFAULT_OS_ELEMENT, ElementSelection, select
-from imageupdate.errors import (
+from imageupdate.base.errors import (
     BuildFailed,
     BuildInterrupted,
     ImageUpdateError,
@@ -29,7 +26,10 @@ from imageupdate.errors import (
     InvalidUpgradeMetadata,
     ReleaseExists,
 )
-from imageupdate.hostdeps import BUILD_TOOLS, require, require_root
+from imageupdate.base.hostdeps import BUILD_TOOLS, require, require_root
+from imageupdate.build import cache
+from imageupdate.build.dib import DibBuild, dib_version
+from imageupdate.build.elements import DEFAULT_OS_ELEMENT, ElementSelection, select
 from imageupdate.images import packer, signing
 from imageupdate.images.manifest import (
     FILE_INDEX,

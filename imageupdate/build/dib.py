@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from imageupdate.base.errors import BuildFailed
+from imageupdate.base.hostdeps import search_path
 from imageupdate.build.elements import ElementSelection
-from imageupdate.errors import BuildFailed
-from imageupdate.hostdeps import search_path
 from imageupdate.images.manifest import INITRD, KERNEL, ROOT_QCOW2
 
 _RUN_PARTS = re.compile(r"dib-run-parts Running \S*/([a-z0-9-]+\.d)/([^/\s]+)\s*$")

@@ -14,8 +14,8 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageupdate.errors import ElementsPathMissing, UnknownElement
-from imageupdate.resources import elements_dir
+from imageupdate.base.datadirs import elements_dir
+from imageupdate.base.errors import ElementsPathMissing, UnknownElement
 
 NODE_ELEMENT = "imageupdate-node"
 DEFAULT_OS_ELEMENT = "imageupdate-debian-slim"

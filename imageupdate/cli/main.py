@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from imageupdate import version
+from imageupdate.base.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ImageUpdateError, InputError, OperationError
 from imageupdate.build.builder import Builder, BuildEvent, BuildRequest
 from imageupdate.build.elements import DEFAULT_OS_ELEMENT
 from imageupdate.cli import render
 from imageupdate.cli.output import Output
 from imageupdate.cloud.fleet import DEFAULT_ROOT as DEFAULT_CLOUD_ROOT
 from imageupdate.cloud.fleet import CloudConfig, CloudFleet
-from imageupdate.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ImageUpdateError, InputError, OperationError
 from imageupdate.heat.service import HeatProcess
 from imageupdate.images import signing
 from imageupdate.images.store import ImageStore
@@ -31,9 +31,10 @@ from imageupdate.report.data import collect
 from imageupdate.report.html import render_page, write_page
 from imageupdate.rollout.check import check_nodes
 from imageupdate.rollout.engine import Orchestrator, Outcome, RolloutOptions
-from imageupdate.rollout.fleet import Fleet, LocalFleet
+from imageupdate.rollout.fleet import Fleet
 from imageupdate.rollout.path import check_config, configs_between, plan_fleet, rehearse_fleet
 from imageupdate.rollout.status import fleet_status
+from imageupdate.site.fleet import LocalFleet
 from imageupdate.site.guard import open_operation
 from imageupdate.site.site import LocalSite, SiteStatus
 from imageupdate.upgrade.catalog import catalog

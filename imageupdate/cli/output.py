@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from imageupdate.errors import ImageUpdateError
+from imageupdate.base.errors import ImageUpdateError
 
 
 class Output:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Group, RenderableType
 from rich.text import Text
 
+from imageupdate.base.text import last_line
 from imageupdate.build.builder import BuildResult
 from imageupdate.cli.output import table
 from imageupdate.images.diff import ReleaseDiff
@@ -17,7 +18,7 @@ from imageupdate.site.node import NodeStatus
 from imageupdate.site.site import SiteStatus
 from imageupdate.upgrade.config import Finding
 from imageupdate.upgrade.rehearse import Rehearsal
-from imageupdate.verify.checks import Verdict, last_line
+from imageupdate.verify.checks import Verdict
 
 
 def _mib(n: int) -> str:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from imageupdate.errors import InputError, OperationError
+from imageupdate.base.errors import InputError, OperationError
 
 
 class UnknownCloud(InputError):

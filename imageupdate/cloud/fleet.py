@@ -17,20 +17,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imageupdate.base.datadirs import heat_templates_dir
+from imageupdate.base.errors import InputError, OperationError
+from imageupdate.base.text import tail_of
 from imageupdate.cloud import hostkeys, images
 from imageupdate.cloud.connect import connect
 from imageupdate.cloud.hostkeys import HostKeyUnknown
-from imageupdate.errors import InputError, OperationError
 from imageupdate.heat import chain
 from imageupdate.heat.client import HeatClient, environment_files
 from imageupdate.history.db import History
 from imageupdate.images import signing
 from imageupdate.images.fileindex import FileEntry
 from imageupdate.images.store import ImageStore
-from imageupdate.resources import heat_templates_dir
 from imageupdate.rollout import stack
 from imageupdate.rollout.fleet import NodeState
-from imageupdate.site import vm
 from imageupdate.upgrade import state
 from imageupdate.upgrade.plan import UpgradePlan
 from imageupdate.upgrade.rehearse import Rehearsal
@@ -240,7 +240,7 @@ class CloudFleet:
                 break
             sleep(3.0)
         server = self._servers([node]).get(node)
-        tail = vm.tail_of(hostkeys.console_of(self.conn, server)()) if server is not None else ""
+        tail = tail_of(hostkeys.console_of(self.conn, server)()) if server is not None else ""
         return (f"{node} did not finish booting within {timeout:.0f} s ({said})"
                 + (f"; console ends: {tail}" if tail else ""))
 

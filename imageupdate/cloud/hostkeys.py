@@ -22,7 +22,7 @@ from typing import Any
 
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
-from imageupdate.errors import InputError, OperationError
+from imageupdate.base.errors import InputError, OperationError
 
 KNOWN_HOSTS = "known_hosts"
 BEGIN = "-----BEGIN SSH HOST KEY KEYS-----"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imageupdate.errors import OperationError
+from imageupdate.base.errors import OperationError
 from imageupdate.images.manifest import (
     INITRD,
     KERNEL,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imageupdate.errors import OperationError
+from imageupdate.base.errors import OperationError
 
 
 class HeatError(OperationError):

@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from imageupdate.base.datadirs import heat_templates_dir
 from imageupdate.heat import secret
-from imageupdate.resources import heat_templates_dir
 
 PROJECT = "admin"
 

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageupdate.errors import OperationError
+from imageupdate.base import procs
+from imageupdate.base.errors import OperationError
 from imageupdate.heat import config, secret
 from imageupdate.heat.config import HeatPaths
-from imageupdate.site import procs
 
 START_TIMEOUT = 60.0  # measured 2 to 6 s from start to first answer; a cold import of Heat is the slow part
 STOP_GRACE = 15.0  # an idle engine exits in about 5 s on SIGTERM; a stuck one is killed after this

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imageupdate.errors import InputError
+from imageupdate.base.errors import InputError
 
 # Version 1, the tables as first shipped. Keep this text byte-for-byte: it is the v1 migration.
 SCHEMA = """

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import IO
 
 from imageupdate.images import services as service_decl
+from imageupdate.images import upgrade_meta
 from imageupdate.images.fileindex import FileEntry, write_index
-from imageupdate.upgrade import meta as upgrade_meta
 
 DPKG_STATUS = "var/lib/dpkg/status"
 DPKG_INFO = "var/lib/dpkg/info/"

@@ -27,7 +27,7 @@ import posixpath
 import re
 from typing import Any
 
-from imageupdate.errors import InputError
+from imageupdate.base.errors import InputError
 
 KNOWN_KEYS = (
     "name", "command", "user", "group", "supplementary_groups", "working_directory", "environment",

@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageupdate.errors import SigningKeyError, UntrustedRelease
+from imageupdate.base.errors import SigningKeyError, UntrustedRelease
 
 NAMESPACE = "imageupdate-release"
 SIGNATURE = "manifest.json.sig"

@@ -22,7 +22,6 @@ build.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import hashlib
@@ -35,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageupdate.errors import (
+from imageupdate.base.errors import (
     IntegrityError,
     InvalidReleaseId,
     ReleaseExists,
@@ -44,6 +43,7 @@ from imageupdate.errors import (
     StoreNotWritable,
     UntrustedRelease,
 )
+from imageupdate.base.files import exchange_paths, fsync_dir
 from imageupdate.images import signing
 from imageupdate.images.diff import ReleaseDiff, diff_releases
 from imageupdate.images.fileindex import FileEntry, read_index
@@ -60,8 +60,6 @@ from imageupdate.images.manifest import (
 DEFAULT_STORE = Path("/var/lib/imageupdate/images")
 STAGING = ".staging"
 _RELEASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
 
 
 def validate_release_id(release: str) -> str:
@@ -89,22 +87,6 @@ def _process_start_time(pid: int) -> str | None:
     if fields[0] == "Z":  # reaped late by PID 1 here: a zombie is dead
         return None
     return fields[19]
-
-
-def exchange_paths(a: Path, b: Path) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    rc = libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(a))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def verify_directory(path: Path, manifest: Manifest) -> tuple[dict[str, str], list[str]]:
@@ -404,7 +386,7 @@ class ImageStore:
         """Move a verified staged release directory into place, atomically."""
         target = self.path(release)
         with self.lock():
-            _fsync_dir(staged)
+            fsync_dir(staged)
             if target.exists():
                 if not force:
                     raise ReleaseExists(
@@ -413,7 +395,7 @@ class ImageStore:
                         release=release,
                     )
                 exchange_paths(staged, target)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
                 shutil.rmtree(staged, ignore_errors=True)  # now the old release
             else:
                 try:
@@ -426,7 +408,7 @@ class ImageStore:
                             release=release,
                         ) from exc
                     raise
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
         return target
 
     def sign(self, release: str, key: Path, fleet_dir: Path, *, adopt: bool = False) -> str:
@@ -455,7 +437,7 @@ class ImageStore:
         self.ensure_writable()
         with self.lock():
             signing.write_signature(path, signature)
-            _fsync_dir(path)
+            fsync_dir(path)
         return signing.signed_by(raw, signature, release)
 
     def delete(self, release: str) -> None:
@@ -466,5 +448,5 @@ class ImageStore:
             trash = self.root / STAGING / f"deleted-{release}.{secrets.token_hex(4)}"
             (self.root / STAGING).mkdir(parents=True, exist_ok=True)
             os.rename(target, trash)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             shutil.rmtree(trash, ignore_errors=True)

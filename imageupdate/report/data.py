@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from imageupdate.errors import InputError
+from imageupdate.base.errors import InputError
 from imageupdate.history.db import History, RolloutRow
 
 

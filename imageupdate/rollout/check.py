@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from imageupdate.errors import InputError
+from imageupdate.base.errors import InputError
 from imageupdate.rollout.fleet import Fleet
 from imageupdate.verify.checks import Verdict, verify_node
 

@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from imageupdate.crashpoints import crashpoint
-from imageupdate.errors import (
+from imageupdate.base.crashpoints import crashpoint
+from imageupdate.base.errors import (
     ImageUpdateError,
     InputError,
     OperationError,

@@ -7,10 +7,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from imageupdate.base.text import last_line
 from imageupdate.history.db import History, RolloutRow
 from imageupdate.rollout.fleet import Fleet
 from imageupdate.rollout.model import Outcome, RolloutOptions
-from imageupdate.verify.checks import last_line
 from imageupdate.verify.probe import Prober, endpoints_for
 from imageupdate.verify.resources import HookRun, ResourceHooks
 

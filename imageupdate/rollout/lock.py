@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageupdate.errors import InputError
+from imageupdate.base.errors import InputError
 
 
 class RolloutInProgress(InputError):

@@ -6,7 +6,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from imageupdate.errors import InputError, OperationError
+from imageupdate.base.errors import InputError, OperationError
 from imageupdate.history.db import RolloutRow
 from imageupdate.verify.probe import DEFAULT_INTERVAL
 from imageupdate.verify.resources import DEFAULT_TIMEOUT as HOOK_TIMEOUT

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imageupdate.errors import InputError
+from imageupdate.base.errors import InputError
 from imageupdate.rollout.fleet import Fleet
 from imageupdate.upgrade import config
 from imageupdate.upgrade.catalog import catalog

@@ -11,8 +11,8 @@ from typing import Any
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_fixed
 
-from imageupdate.crashpoints import crashpoint
-from imageupdate.errors import OperationError
+from imageupdate.base.crashpoints import crashpoint
+from imageupdate.base.errors import OperationError
 from imageupdate.heat import chain
 from imageupdate.heat.client import HeatClient, HeatError, ResourceState, Stack
 from imageupdate.history.db import History, RolloutRow

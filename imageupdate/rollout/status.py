@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from imageupdate.base import procs
 from imageupdate.history.db import RolloutRow, StepRow
 from imageupdate.rollout.fleet import Fleet, NodeState
 from imageupdate.rollout.lock import RolloutLock
-from imageupdate.site import procs
 
 NEXT = {
     "paused": "continue with 'imageupdate resume', stop with 'imageupdate cancel'",

@@ -17,8 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from imageupdate.crashpoints import crashpoint
-from imageupdate.errors import OperationError
+from imageupdate.base.crashpoints import crashpoint
+from imageupdate.base.errors import OperationError
 from imageupdate.heat import chain
 from imageupdate.heat.client import HeatClient, ResourceState
 from imageupdate.history.db import History, RolloutRow

@@ -18,9 +18,9 @@ import json
 import os
 from pathlib import Path
 
-from imageupdate.errors import InputError
+from imageupdate.base import locks, procs
+from imageupdate.base.errors import InputError
 from imageupdate.history.db import History, RolloutRow
-from imageupdate.site import procs
 
 HISTORY = "history.sqlite"
 ROLLOUT_LOCK = "rollout.lock"
@@ -56,7 +56,7 @@ def _lock_holder(site_path: Path) -> str | None:
     except OSError:
         return None
     try:
-        if procs.try_flock(fd, fcntl.LOCK_SH):
+        if locks.try_flock(fd, fcntl.LOCK_SH):
             return None
     finally:
         os.close(fd)

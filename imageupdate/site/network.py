@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageupdate.errors import InputError, OperationError
+from imageupdate.base.errors import InputError, OperationError
 
 POOL = ipaddress.ip_network("10.231.0.0/16")
 SUBNET_LOCK = Path("/run/imageupdate-subnets.lock")  # host-wide: sites that start at once pick apart

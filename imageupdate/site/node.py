@@ -29,14 +29,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imageupdate import confined
-from imageupdate.crashpoints import crashpoint
-from imageupdate.errors import ImageUpdateError, OperationError
-from imageupdate.site import procs
+from imageupdate.base import confined, procs
+from imageupdate.base.crashpoints import crashpoint
+from imageupdate.base.errors import ImageUpdateError, OperationError
+from imageupdate.base.rootfs import boot
+from imageupdate.images.upgrade_meta import from_tree
 from imageupdate.site.network import SiteNet
-from imageupdate.site.rootfs import boot
 from imageupdate.upgrade import state as state_version
-from imageupdate.upgrade.meta import from_tree
 
 STOP_GRACE = 10.0  # the node's init gives its services their stop_timeout (default 5 s), then SIGKILLs them
 STOP_MARGIN = 5.0  # on top of the largest stop_timeout a release declares

@@ -35,17 +35,17 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageupdate.errors import ImageUpdateError, InputError, OperationError
+from imageupdate.base import locks, procs
+from imageupdate.base.errors import ImageUpdateError, InputError, OperationError
+from imageupdate.base.hostdeps import require, require_root
 from imageupdate.heat.service import HeatService
 from imageupdate.history.db import History
-from imageupdate.hostdeps import require, require_root
 from imageupdate.images import signing
 from imageupdate.images.store import ImageStore, validate_release_id
-from imageupdate.site import procs
+from imageupdate.images.unpack import ensure_machine, ensure_release
 from imageupdate.site.guard import refuse_while_open
 from imageupdate.site.network import MAX_NODES, SiteNet, ip, netns_pids, pick_subnet, picking
 from imageupdate.site.node import READY_TIMEOUT, Node, NodeStatus
-from imageupdate.site.unpack import ensure_machine, ensure_release
 from imageupdate.site.vmnode import VmNode
 from imageupdate.upgrade.migrate import Migrator, StateChange
 
@@ -200,7 +200,7 @@ class LocalSite:
             self.config()  # SiteNotFound, saying why
             raise
         try:
-            if not procs.flock_wait(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, wait):
+            if not locks.flock_wait(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, wait):
                 owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
                 raise SiteInUse(f"site {self.path} is in use by process {owner}; wait for it to finish "
                                 "or stop it, then retry") from None
@@ -215,7 +215,7 @@ class LocalSite:
     def node_locked(self, node: Node, wait: float) -> Iterator[None]:
         fd = os.open(node.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            if not procs.flock_wait(fd, fcntl.LOCK_EX, wait):
+            if not locks.flock_wait(fd, fcntl.LOCK_EX, wait):
                 raise SiteInUse(f"node {node.name} is being rebuilt by another process; wait for it to finish",
                                 node=node.name)
             yield

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import subprocess
 import time
@@ -28,7 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageupdate.errors import InputError, OperationError
+from imageupdate.base.errors import InputError, OperationError
+from imageupdate.base.text import tail_of
 from imageupdate.images.manifest import STATE_LABEL, boot_command_line
 
 STATE_SIZE = 1 << 30  # bytes: a sparse raw image; what the node writes is what it takes
@@ -108,23 +108,6 @@ def console_tail(path: Path, lines: int = 3, width: int = 160) -> str:
     except OSError:
         return ""
     return tail_of(raw.decode("utf-8", "replace"), lines, width)
-
-
-def tail_of(console: str, lines: int = 3, width: int = 160) -> str:
-    """What a node that did not boot said last (a kernel panic, a missing root), as one line. The guest wrote
-    it: bounded, control characters and escape sequences dropped. A kernel panic's own line is kept though a
-    stack trace came after it."""
-    text = _ESCAPES.sub("", console[-8192:])
-    kept = [line for line in ("".join(c for c in raw_line if c.isprintable()).strip()[:width]
-                              for raw_line in text.splitlines()) if line]
-    last = kept[-lines:]
-    panics = [line for line in kept if "Kernel panic" in line]
-    if panics and panics[-1] not in last:  # its stack trace follows: the reason first, then how it ended
-        last = [panics[-1], *last[-(lines - 1):]] if lines > 1 else [panics[-1]]
-    return " | ".join(last)
-
-
-_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b.")
 
 
 def qemu_command(spec: VmSpec) -> list[str]:

@@ -25,11 +25,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from imageupdate import confined
-from imageupdate.crashpoints import crashpoint
-from imageupdate.errors import OperationError
+from imageupdate.base import confined, procs
+from imageupdate.base.crashpoints import crashpoint
+from imageupdate.base.errors import OperationError
 from imageupdate.images.manifest import INITRD, KERNEL, ROOT_QCOW2, VM_INIT
-from imageupdate.site import procs, vm
+from imageupdate.images.unpack import machine_dir
+from imageupdate.images.upgrade_meta import from_tree
+from imageupdate.site import vm
 from imageupdate.site.node import (
     Node,
     NodeRecord,
@@ -40,9 +42,7 @@ from imageupdate.site.node import (
     stop_grace,
     tcp_open,
 )
-from imageupdate.site.unpack import machine_dir
 from imageupdate.upgrade import state as state_version
-from imageupdate.upgrade.meta import from_tree
 
 BOOT_TIMEOUT = 120.0  # seconds from QEMU's start to a pid file (TCG boots take 20 to 35 s to sshd)
 ROOT_LABEL = "cloudimg-rootfs"

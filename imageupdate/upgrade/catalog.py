@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from imageupdate.images import upgrade_meta
 from imageupdate.images.store import ImageStore
-from imageupdate.upgrade import meta as upgrade_meta
 from imageupdate.upgrade.plan import ReleaseInfo
 
 

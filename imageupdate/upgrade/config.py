@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from imageupdate.errors import InputError
-from imageupdate.upgrade.meta import ReleaseMeta
+from imageupdate.base.errors import InputError
+from imageupdate.images.upgrade_meta import ReleaseMeta
 from imageupdate.upgrade.plan import ReleaseInfo
 
 

@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imageupdate.crashpoints import crashpoint
-from imageupdate.errors import OperationError
+from imageupdate.base import locks
+from imageupdate.base.crashpoints import crashpoint
+from imageupdate.base.errors import OperationError
+from imageupdate.images import upgrade_meta
 from imageupdate.images.store import ImageStore
-from imageupdate.site import procs
-from imageupdate.site.unpack import ensure_release
-from imageupdate.upgrade import meta as upgrade_meta
+from imageupdate.images.unpack import ensure_release
+from imageupdate.images.upgrade_meta import Migration, ReleaseMeta
 from imageupdate.upgrade import sandbox, snapshot, state
 from imageupdate.upgrade.catalog import catalog
-from imageupdate.upgrade.meta import Migration, ReleaseMeta
 from imageupdate.upgrade.plan import plan as plan_path
 
 STEP_TIMEOUT = 600.0
@@ -219,7 +219,7 @@ class _MigrateLock:
     def __enter__(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        if not procs.flock_wait(self.fd, fcntl.LOCK_EX, self.wait, self.sleep):
+        if not locks.flock_wait(self.fd, fcntl.LOCK_EX, self.wait, self.sleep):
             owner = os.pread(self.fd, 128, 0).decode(errors="replace").strip() or "?"
             os.close(self.fd)
             raise OperationError(f"another migration holds {self.path} ({owner}) for more than {self.wait:.0f} s",

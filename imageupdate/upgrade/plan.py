@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from imageupdate.errors import InputError
-from imageupdate.upgrade.meta import Migration, ReleaseMeta, version_key
+from imageupdate.base.errors import InputError
+from imageupdate.images.upgrade_meta import Migration, ReleaseMeta, version_key
 
 
 class DowngradeRefused(InputError):

@@ -39,10 +39,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imageupdate.errors import OperationError
-from imageupdate.site import procs
+from imageupdate.base import locks
+from imageupdate.base.errors import OperationError
+from imageupdate.images.upgrade_meta import STATE_DIGEST, Migration, under
 from imageupdate.upgrade import sandbox
-from imageupdate.upgrade.meta import STATE_DIGEST, Migration, under
 from imageupdate.upgrade.plan import UpgradePlan
 
 RunStep = Callable[[Migration, Path], sandbox.RunResult]
@@ -207,7 +207,7 @@ def rehearse(node: str, upgrade: UpgradePlan, copy: Callable[[Path], None], work
     ``_lock_path(workdir)``: a second rehearsal in the same place is refused and ``discard_leftovers``
     leaves a running one alone."""
     lock = _lock(workdir)
-    if not procs.try_flock(lock, fcntl.LOCK_EX):
+    if not locks.try_flock(lock, fcntl.LOCK_EX):
         os.close(lock)
         raise OperationError(f"a rehearsal on {node} is already running (it holds {_lock_path(workdir)})",
                              node=node, step="rehearse")
@@ -245,7 +245,7 @@ def discard_leftovers(root: Path) -> list[str]:
             continue
         lock = _lock(entry)
         try:
-            if not procs.try_flock(lock, fcntl.LOCK_EX):
+            if not locks.try_flock(lock, fcntl.LOCK_EX):
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)

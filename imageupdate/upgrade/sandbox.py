@@ -1,6 +1,6 @@
 """A throwaway run of a release on a node's state: the release's own image, the state at ``/mnt/state``.
 
-The same root a node boots (``imageupdate.site.rootfs``), in new mount, PID, UTS, IPC and network
+The same root a node boots (``imageupdate.base.rootfs``), in new mount, PID, UTS, IPC and network
 namespaces (no network: a migration talks to nothing), as PID 1's child; ``setpriv --pdeathsig KILL``
 and ``unshare --kill-child`` make the whole run die with the process that started it. Nothing it mounts
 outlives it. Measured here: 0.02 s to start.
@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageupdate.site.rootfs import boot
+from imageupdate.base.rootfs import boot
 
 
 @dataclass

@@ -16,8 +16,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from imageupdate.errors import OperationError
-from imageupdate.images.store import exchange_paths
+from imageupdate.base.errors import OperationError
+from imageupdate.base.files import exchange_paths
 
 TAR = ["tar", "--zstd", "--numeric-owner", "--acls", "--xattrs", "--xattrs-include=*"]
 

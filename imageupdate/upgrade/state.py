@@ -3,7 +3,7 @@
 It records the version the state is at and a journal of every migration step (started, finished, ok)
 and every snapshot restore, so a step knows where it starts, a resumed run skips what is done, and a
 node refuses to start code that cannot run on its state. Written atomically (write, fsync, rename),
-read and written inside the state tree only (``imageupdate.confined``: the node controls that tree).
+read and written inside the state tree only (``imageupdate.base.confined``: the node controls that tree).
 A state without the file is at the version of the release that seeded it.
 """
 
@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imageupdate import confined
-from imageupdate.upgrade.meta import ReleaseMeta
+from imageupdate.base import confined
+from imageupdate.images.upgrade_meta import ReleaseMeta
 
 STATE_FILE = "imageupdate/state.json"
 

@@ -31,9 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from imageupdate.images import upgrade_meta
 from imageupdate.images.fileindex import FileEntry
 from imageupdate.images.manifest import ROOT_IMAGE, Manifest
-from imageupdate.upgrade import meta as upgrade_meta
 from imageupdate.upgrade import state
 
 MAX_LISTED = 5

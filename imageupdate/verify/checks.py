@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from imageupdate.base.text import last_line
 from imageupdate.verify import node_facts
 from imageupdate.verify.builtin import BUILTIN, Expectation
 from imageupdate.verify.probe import NodeProbe
@@ -93,11 +94,6 @@ class Verdict:
 class Runner(Protocol):
     def __call__(self, target: NodeTarget, command: list[str], timeout: float,
                  input: str | None = None) -> subprocess.CompletedProcess[str]: ...
-
-
-def last_line(text: str, default: str = "") -> str:
-    """The last line of what a check or command said (its conclusion), or ``default`` if it said nothing."""
-    return text.strip().splitlines()[-1] if text.strip() else default
 
 
 def _control_path() -> str:

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageupdate.errors import InputError
+from imageupdate.base.errors import InputError
 from imageupdate.verify.checks import CheckResult
 
 PHASES = ("create", "verify_noapi", "verify", "destroy")

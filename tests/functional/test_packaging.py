@@ -25,7 +25,7 @@ def test_wheel_install_finds_shipped_data(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "IMAGEUPDATE_DATA_DIR"}
     env["PYTHONPATH"] = str(site)
     out = subprocess.run(
-        [sys.executable, "-c", "import imageupdate.resources as r; print(r.elements_dir()); "
+        [sys.executable, "-c", "import imageupdate.base.datadirs as r; print(r.elements_dir()); "
          "print(r.heat_templates_dir()); print(r.__file__)"],
         cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
     ).stdout.split()

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from imageupdate.site import procs
+from imageupdate.base import procs
 from tests.functional.conftest import imageupdate, live_processes_mentioning
 from tests.functional.test_site import http, leftovers
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from imageupdate.base import procs
 from imageupdate.images import signing
 from imageupdate.images.manifest import FILE_INDEX, MANIFEST, ROOT_IMAGE, Manifest, describe_artifact, write_checksums
-from imageupdate.site import procs
 from imageupdate.site.site import LocalSite
 from tests.conftest import SIGNING_KEY
 from tests.functional.conftest import imageupdate, live_processes_mentioning, mounts_mentioning

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from imageupdate.base.datadirs import elements_dir
+from imageupdate.base.errors import BuildFailed, ElementsPathMissing, MissingHostDependency, UnknownElement
+from imageupdate.base.hostdeps import require
 from imageupdate.build import cache
 from imageupdate.build.builder import source_date_epoch
 from imageupdate.build.dib import _EXPANDED, _RUN_PARTS, DibBuild, FailureWitness, host_mirrors
 from imageupdate.build.elements import MACHINE_MARKER, MACHINE_OS_ELEMENT, NODE_ELEMENT, select
-from imageupdate.errors import BuildFailed, ElementsPathMissing, MissingHostDependency, UnknownElement
-from imageupdate.hostdeps import require
-from imageupdate.resources import elements_dir
 
 
 def test_selection_order_and_node_element_always_in(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from imageupdate.base.errors import UntrustedRelease
 from imageupdate.cloud import images
-from imageupdate.errors import UntrustedRelease
 from imageupdate.images import signing
 from imageupdate.images.manifest import (
     INITRD,

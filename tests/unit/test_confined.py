@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from imageupdate import confined
-from imageupdate.confined import Escape
-from imageupdate.errors import OperationError
+from imageupdate.base import confined
+from imageupdate.base.confined import Escape
+from imageupdate.base.errors import OperationError
 from imageupdate.upgrade import state
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from imageupdate.errors import InputError
+from imageupdate.base.errors import InputError
 from imageupdate.rollout import engine, stack, watch
 from imageupdate.rollout.engine import HeatLost, Orchestrator, RolloutOptions
 from imageupdate.rollout.path import FleetPlan
@@ -410,7 +410,7 @@ def test_a_rollback_run_again_gates_a_node_its_killed_rebuild_left_on_the_target
 def test_a_rollout_whose_way_back_is_not_trusted_starts_nothing(tmp_path: Path) -> None:
     """Seen in review: a fleet on R1, built before releases were signed, rolled out R2; R2 failed its gate and
     the automatic rollback to R1 was refused node by node, leaving the fleet mixed. Now: refused up front."""
-    from imageupdate.errors import UntrustedRelease
+    from imageupdate.base.errors import UntrustedRelease
 
     h, fleet, orch = make(tmp_path, failing={"node1"})
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from imageupdate.base import procs
 from imageupdate.cli import render
-from imageupdate.site import procs
 from imageupdate.site.node import Node, NodeStatus
 from imageupdate.site.site import SiteStatus
 
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Enters frozen(pid) and dies inside it: by the crashpoint (IMAGEUPDATE_BREAK=in-freeze), or by its own
 # SIGKILL after printing the tree's states (proof that it was frozen).
 CHILD = """import json, os, signal, sys
-from imageupdate.site import procs
+from imageupdate.base import procs
 pid = int(sys.argv[1])
 with procs.frozen(pid):
     print(json.dumps([procs.state(p) for p in procs.tree(pid)]), flush=True)

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
+from imageupdate.base.datadirs import heat_templates_dir
+from imageupdate.base.errors import EXIT_BAD_INPUT, InputError
 from imageupdate.cli.main import build_parser, main
-from imageupdate.errors import EXIT_BAD_INPUT, InputError
 from imageupdate.heat.service import HeatService
 from imageupdate.history.db import History
 from imageupdate.images.store import ImageStore
-from imageupdate.resources import heat_templates_dir
 from imageupdate.site import guard
 from imageupdate.site import site as site_mod
 from imageupdate.site.guard import OperationOpen, open_operation, refuse_while_open

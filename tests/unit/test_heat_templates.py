@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from imageupdate.base.datadirs import heat_templates_dir
 from imageupdate.heat import chain
 from imageupdate.heat.client import _split, environment_files
 from imageupdate.heat.config import HeatPaths, render_conf, render_token
-from imageupdate.resources import heat_templates_dir
 
 TEMPLATES = heat_templates_dir()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from imageupdate.errors import InputError
+from imageupdate.base.errors import InputError
 from imageupdate.history import db as history_db
 from imageupdate.history.db import VERSION, History, HistoryTooNew, HistoryUnreadable, RolloutRow
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from imageupdate.errors import OperationError
+from imageupdate.base.errors import OperationError
 from imageupdate.images import packer
-from imageupdate.upgrade.meta import MAX_VOLATILE, Migration, parse
+from imageupdate.images.upgrade_meta import MAX_VOLATILE, Migration, parse
 from imageupdate.upgrade.plan import ReleaseInfo, plan
 from imageupdate.upgrade.rehearse import STATE_DIGEST_TIMEOUT, changed_lines, digest, discard_leftovers, rehearse
 from imageupdate.upgrade.sandbox import RunResult

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from imageupdate.errors import EXIT_BAD_INPUT
+from imageupdate.base.errors import EXIT_BAD_INPUT
 from imageupdate.verify.resources import BadHooksDir, ResourceHooks, scripts
 
 RECORDER = """#!/bin/sh

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from imageupdate.errors import EXIT_BAD_INPUT, InputError
+from imageupdate.base.errors import EXIT_BAD_INPUT, InputError
 from imageupdate.rollout.engine import RolloutOptions
 from imageupdate.rollout.lock import RolloutInProgress, RolloutLock
 from imageupdate.verify.checks import CheckResult, Verdict

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from imageupdate.base.datadirs import elements_dir
 from imageupdate.images.services import (
     InvalidServiceDeclaration,
     account_problems,
@@ -15,7 +16,6 @@ from imageupdate.images.services import (
     parse_service,
     refusal,
 )
-from imageupdate.resources import elements_dir
 from tests.scripts import load_script
 
 PG = "/usr/share/imageupdate/services/postgresql.json"

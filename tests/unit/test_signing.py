@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from imageupdate.errors import IntegrityError, SigningKeyError, UntrustedRelease
+from imageupdate.base.errors import IntegrityError, SigningKeyError, UntrustedRelease
 from imageupdate.images import signing
 from imageupdate.images.manifest import MANIFEST
 from imageupdate.images.store import ImageStore
-from imageupdate.site.unpack import ensure_release
+from imageupdate.images.unpack import ensure_release
 from tests.conftest import SIGNING_KEY
 from tests.unit.test_hostile_store import run
 

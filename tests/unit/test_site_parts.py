@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from imageupdate.errors import InputError, IntegrityError
+from imageupdate.base import procs
+from imageupdate.base.errors import InputError, IntegrityError
 from imageupdate.images.store import ImageStore
-from imageupdate.site import procs
+from imageupdate.images.unpack import Member, check_archive, parse_listing, unsafe_member
 from imageupdate.site.network import MAX_NODES, SiteNet
 from imageupdate.site.node import Node, NodeRecord
 from imageupdate.site.site import LocalSite
-from imageupdate.site.unpack import Member, check_archive, parse_listing, unsafe_member
 
 
 def member(name: str, kind: str = "file", link: str = "", mode: str = "rw-r--r--") -> Member:
@@ -271,7 +271,7 @@ def test_declared_services_ports_and_stop_grace(tmp_path: Path) -> None:
 def test_a_site_whose_node_does_not_boot_is_kept_with_its_logs(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed ``site up`` takes the nodes and network down but keeps what explains it, and says where."""
-    from imageupdate.errors import OperationError
+    from imageupdate.base.errors import OperationError
     from imageupdate.heat.service import HeatService
     from imageupdate.site import site as site_mod
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from imageupdate.errors import InvalidReleaseId, ReleaseExists, ReleaseNotFound, StoreNotWritable
+from imageupdate.base.errors import InvalidReleaseId, ReleaseExists, ReleaseNotFound, StoreNotWritable
 from imageupdate.images.manifest import ROOT_IMAGE
 from imageupdate.images.store import STAGING, ImageStore, validate_release_id
 from tests.conftest import staged_release

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from imageupdate.images.upgrade_meta import Migration, ReleaseMeta, parse, version_key
 from imageupdate.upgrade import config, snapshot, state
-from imageupdate.upgrade.meta import Migration, ReleaseMeta, parse, version_key
 from imageupdate.upgrade.plan import DowngradeRefused, PathBlocked, ReleaseInfo, plan
 from imageupdate.upgrade.rehearse import digest, rehearse
 from imageupdate.upgrade.sandbox import RunResult
@@ -356,7 +356,7 @@ def test_a_product_name_is_checked() -> None:
 
 
 def test_a_fleet_that_migrates_in_its_images_refuses_a_path_through_another_releases_migrations() -> None:
-    from imageupdate.errors import InputError
+    from imageupdate.base.errors import InputError
     from imageupdate.rollout.path import FleetPlan, require_in_image
 
     one = FleetPlan("R2", {"node0": plan(sample(), "R1", 1, "R2")}, [])

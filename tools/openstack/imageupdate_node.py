@@ -210,7 +210,7 @@ class VmDriver(_NodeDriver):
 
     @staticmethod
     def _alive(pid) -> bool:
-        from imageupdate.site import procs  # noqa: PLC0415
+        from imageupdate.base import procs  # noqa: PLC0415
 
         return isinstance(pid, int) and procs.alive(pid)
 
@@ -351,7 +351,8 @@ class VmDriver(_NodeDriver):
                  address)
 
     def _stop(self, instance) -> str:
-        from imageupdate.site import procs, vm  # noqa: PLC0415
+        from imageupdate.base import procs  # noqa: PLC0415
+        from imageupdate.site import vm  # noqa: PLC0415
 
         rec = self._load().get(instance.uuid, {})
         pid = rec.get("pid")

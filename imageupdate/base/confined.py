@@ -21,7 +21,7 @@ import stat
 from contextlib import suppress
 from pathlib import Path
 
-from imageupdate.errors import OperationError
+from imageupdate.base.errors import OperationError
 
 MAX_READ = 16 * 1024 * 1024  # bytes read from a node-controlled file at most
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from imageupdate.errors import MissingHostDependency
+from imageupdate.base.errors import MissingHostDependency
 
 # program -> how to get it
 BUILD_TOOLS: dict[str, str] = {

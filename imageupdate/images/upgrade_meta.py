@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imageupdate import confined
-from imageupdate.errors import ImageUpdateError
+from imageupdate.base import confined
+from imageupdate.base.errors import ImageUpdateError
 
 UPGRADE_FILE = "usr/share/imageupdate/upgrade.json"
 MAX_META = 1 << 20  # bytes of upgrade.json read at most

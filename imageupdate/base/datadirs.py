@@ -11,9 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-from imageupdate.errors import StoreError
+from imageupdate.base.errors import StoreError
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent  # imageupdate/, this file being imageupdate/base/datadirs.py
 
 
 def _candidates() -> list[Path]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import subprocess
@@ -15,8 +14,8 @@ from pathlib import Path
 
 from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
-from imageupdate.crashpoints import crashpoint
-from imageupdate.errors import OperationError
+from imageupdate.base.crashpoints import crashpoint
+from imageupdate.base.errors import OperationError
 
 FREEZE_BOUND = 300.0  # seconds a frozen tree stays stopped at most, whatever happens to the one that froze it
 
@@ -107,20 +106,6 @@ def kill_all(pids: list[int], wait: float = 5.0, sleep: Callable[[float], None] 
     if hit:
         wait_until(lambda: not any(alive(p) for p in hit), wait, sleep=sleep)
     return len(hit)
-
-
-def flock_wait(fd: int, how: int, wait: float, sleep: Callable[[float], None] = time.sleep) -> bool:
-    """flock(2) ``fd``, polling for up to ``wait`` seconds; False if it stays taken."""
-    return wait_until(lambda: try_flock(fd, how), wait, interval=0.1, sleep=sleep) if wait > 0 \
-        else try_flock(fd, how)
-
-
-def try_flock(fd: int, how: int) -> bool:
-    try:
-        fcntl.flock(fd, how | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
 
 
 def tree(pid: int) -> list[int]:

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageupdate.errors import InputError, IntegrityError
+from imageupdate.base.errors import InputError, IntegrityError
 from imageupdate.images.manifest import MACHINE_ARTIFACTS, ROOT_IMAGE, ROOT_QCOW2, Manifest
 from imageupdate.images.store import ImageStore
 
