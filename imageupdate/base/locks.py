@@ -1,10 +1,15 @@
-"""flock(2) locks: wait for one with a bound, or try once."""
+"""flock(2) locks: try once, wait with a bound, hold for a block, or hold with an owner record."""
 
 from __future__ import annotations
 
 import fcntl
+import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 from imageupdate.base.procs import wait_until
 
@@ -21,3 +26,80 @@ def try_flock(fd: int, how: int) -> bool:
         return True
     except BlockingIOError:
         return False
+
+
+@contextmanager
+def held(path: Path, mode: int = 0o644, on_wait: Callable[[], None] | None = None) -> Iterator[int]:
+    """An exclusive flock(2) on ``path`` (created if missing) for the block; ``on_wait`` is called once if
+    another holder makes it wait. The kernel drops it when the holder dies, however it dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, mode)
+    try:
+        if not try_flock(fd, fcntl.LOCK_EX):
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def describe_process(text: str) -> None:
+    """What this process is, as owner records say it ("imageupdate rollout R2"): set by the front door that
+    runs the operation; the library never reads sys.argv."""
+    OwnerLock.process = text[:300]
+
+
+@dataclass(frozen=True)
+class Owner:
+    pid: int
+    rollout: int | None
+    command: str
+    since: float
+
+
+class OwnerLock:
+    """An exclusive, non-blocking flock(2) whose file records its owner (pid, operation, command, start).
+    The flock dies with its owner; the record stays, so the next caller can say who held it."""
+
+    process = "imageupdate (Python API)"  # see describe_process
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def owner(self) -> Owner | None:
+        try:
+            d = json.loads(self.path.read_text())
+            return Owner(int(d["pid"]), d.get("rollout"), str(d.get("command", "")), float(d.get("since", 0)))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def held_by_other(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            return not try_flock(fd, fcntl.LOCK_SH)
+        finally:
+            os.close(fd)
+
+    def try_acquire(self, rollout: int | None = None) -> bool:
+        """Take it and record this process as its owner; False if another process holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not try_flock(fd, fcntl.LOCK_EX):
+            os.close(fd)
+            return False
+        self._fd = fd
+        self.record(rollout)
+        return True
+
+    def record(self, rollout: int | None) -> None:
+        if self._fd is None:
+            return
+        data = json.dumps({"pid": os.getpid(), "rollout": rollout, "since": time.time(), "command": self.process})
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, (data + "\n").encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

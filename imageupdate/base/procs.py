@@ -20,7 +20,7 @@ from imageupdate.base.errors import OperationError
 FREEZE_BOUND = 300.0  # seconds a frozen tree stays stopped at most, whatever happens to the one that froze it
 
 
-def _stat(pid: int) -> list[str] | None:
+def stat_fields(pid: int) -> list[str] | None:
     """The fields of /proc/PID/stat after the command name (which may hold spaces, parentheses and bytes
     that are not UTF-8: everything up to the last ')'), or None if there is no such process."""
     try:
@@ -31,9 +31,18 @@ def _stat(pid: int) -> list[str] | None:
     return fields if len(fields) >= 2 else None
 
 
+def start_time(pid: int) -> str | None:
+    """When a live, non-zombie process started (field 22 of /proc/PID/stat, in clock ticks since boot): with
+    the pid, it names one process across pid reuse. None if there is no such process or it is a zombie."""
+    fields = stat_fields(pid)
+    if fields is None or fields[0] == "Z" or len(fields) < 20:
+        return None
+    return fields[19]
+
+
 def state(pid: int) -> str | None:
     """The process state letter, or None if there is no such process."""
-    fields = _stat(pid)
+    fields = stat_fields(pid)
     return fields[0] if fields else None
 
 
@@ -48,7 +57,7 @@ def stopped(pid: int) -> bool:
 
 
 def parent(pid: int) -> int | None:
-    fields = _stat(pid)
+    fields = stat_fields(pid)
     return int(fields[1]) if fields else None
 
 

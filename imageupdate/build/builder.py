@@ -7,7 +7,6 @@ failure, an interrupt or a kill leaves the store as it was.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import time
@@ -18,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from imageupdate import version
+from imageupdate.base import locks
 from imageupdate.base.errors import (
     BuildFailed,
     BuildInterrupted,
@@ -107,16 +107,9 @@ def source_date_epoch(paths: tuple[Path, ...]) -> int:
 @contextmanager
 def _cache_lock(cache_dir: Path, notify: Callable[[BuildEvent], None]) -> Iterator[None]:
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(cache_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            notify(BuildEvent("prepare", f"waiting for another build using {cache_dir}"))
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    with locks.held(cache_dir / ".lock",
+                    on_wait=lambda: notify(BuildEvent("prepare", f"waiting for another build using {cache_dir}"))):
         yield
-    finally:
-        os.close(fd)
 
 
 class Builder:

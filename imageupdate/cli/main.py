@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from imageupdate import version
+from imageupdate.base import locks
 from imageupdate.base.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ImageUpdateError, InputError, OperationError
 from imageupdate.build.builder import Builder, BuildEvent, BuildRequest
 from imageupdate.build.elements import DEFAULT_OS_ELEMENT
@@ -32,7 +33,7 @@ from imageupdate.report.html import render_page, write_page
 from imageupdate.rollout.check import check_nodes
 from imageupdate.rollout.engine import Orchestrator, Outcome, RolloutOptions
 from imageupdate.rollout.fleet import Fleet
-from imageupdate.rollout.path import check_config, configs_between, plan_fleet, rehearse_fleet
+from imageupdate.rollout.path import check_fleet_config, configs_between, plan_fleet, rehearse_fleet
 from imageupdate.rollout.status import fleet_status
 from imageupdate.site.fleet import LocalFleet
 from imageupdate.site.guard import open_operation
@@ -586,7 +587,7 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
 def cmd_plan(args: argparse.Namespace, out: Output) -> int:
     fleet = _fleet(args)
     fp = plan_fleet(fleet, args.to)
-    findings = check_config(fleet, fp)
+    findings = check_fleet_config(fleet, fp)
     out.result(fp.to_dict() | {"config": [f.to_dict() for f in findings]}, render.fleet_plan(fp, findings))
     return EXIT_OK
 
@@ -608,7 +609,7 @@ def cmd_check_config(args: argparse.Namespace, out: Output) -> int:
         findings = configs_between(catalog(_store(args)), args.from_release, args.to, given)
     else:
         fleet = LocalFleet(_site(args))
-        findings = check_config(fleet, plan_fleet(fleet, args.to), given or None)
+        findings = check_fleet_config(fleet, plan_fleet(fleet, args.to), given or None)
     errors = [f for f in findings if f.level == "error"]
     out.result({"target": args.to, "ok": not errors, "findings": [f.to_dict() for f in findings]},
                render.config_findings(args.to, findings))
@@ -683,6 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Output(getattr(args, "json", False))
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    locks.describe_process(" ".join(["imageupdate", *(sys.argv[1:] if argv is None else argv)]))
     func: Callable[[argparse.Namespace, Output], int] = args.func
     try:
         return func(args, out)

@@ -16,7 +16,7 @@ from imageupdate.rollout.path import FleetPlan
 from imageupdate.rollout.status import FleetStatus
 from imageupdate.site.node import NodeStatus
 from imageupdate.site.site import SiteStatus
-from imageupdate.upgrade.config import Finding
+from imageupdate.upgrade.config import ConfigFinding
 from imageupdate.upgrade.rehearse import Rehearsal
 from imageupdate.verify.checks import Verdict
 
@@ -222,7 +222,7 @@ def fleet_status(s: FleetStatus) -> Group:
     return Group(*parts)
 
 
-def config_findings(target: str, findings: list[Finding]) -> Group:
+def config_findings(target: str, findings: list[ConfigFinding]) -> Group:
     if not findings:
         return Group(Text(f"config: nothing removed, deprecated or unknown up to {target}"))
     lines = [Text(f"{f.level:8} {f.source}: {f.message}", style="red" if f.level == "error" else "yellow")
@@ -230,7 +230,7 @@ def config_findings(target: str, findings: list[Finding]) -> Group:
     return Group(*lines)
 
 
-def fleet_plan(fp: FleetPlan, findings: list[Finding]) -> Group:
+def fleet_plan(fp: FleetPlan, findings: list[ConfigFinding]) -> Group:
     if not fp.nodes:
         return Group(Text(f"every node already runs {fp.target}"))
     parts: list[RenderableType] = []

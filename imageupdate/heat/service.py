@@ -7,9 +7,7 @@ SIGKILL. The stacks live in ``heat.sqlite`` beside it, so they outlive both imag
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -20,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageupdate.base import procs
+from imageupdate.base import locks, procs
 from imageupdate.base.errors import OperationError
 from imageupdate.heat import config, secret
 from imageupdate.heat.config import HeatPaths
@@ -98,14 +96,10 @@ class HeatService:
         if (proc := self.running()) is not None:
             return proc
         self.paths.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with locks.held(self.paths.lock):
             if (proc := self.running()) is not None:
                 return proc
             return self._start()
-        finally:
-            os.close(fd)
 
     def _start(self) -> HeatProcess:
         self._kill_leftover()

@@ -23,17 +23,17 @@ build.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import os
 import re
 import secrets
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from imageupdate.base import locks, procs
 from imageupdate.base.errors import (
     IntegrityError,
     InvalidReleaseId,
@@ -75,18 +75,6 @@ def validate_release_id(release: str) -> str:
 
 def default_store() -> Path:
     return Path(os.environ.get("IMAGEUPDATE_STORE") or DEFAULT_STORE)
-
-
-def _process_start_time(pid: int) -> str | None:
-    """Start time of a live, non-zombie process, or None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":  # reaped late by PID 1 here: a zombie is dead
-        return None
-    return fields[19]
 
 
 def verify_directory(path: Path, manifest: Manifest) -> tuple[dict[str, str], list[str]]:
@@ -328,17 +316,15 @@ class ImageStore:
 
     @contextmanager
     def lock(self) -> Iterator[None]:
+        hold = ExitStack()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            hold.enter_context(locks.held(self.root / ".lock"))
         except OSError as exc:
             raise StoreNotWritable(f"image store {self.root} is not writable ({exc.strerror}); choose another "
                                    "with --store or IMAGEUPDATE_STORE, or fix its permissions") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with hold:
             yield
-        finally:
-            os.close(fd)
 
     @contextmanager
     def staging(self, release: str) -> Iterator[Path]:
@@ -348,7 +334,7 @@ class ImageStore:
         self.sweep_stale()
         stage = self.root / STAGING / f"{release}.{os.getpid()}.{secrets.token_hex(4)}"
         stage.mkdir()
-        start = _process_start_time(os.getpid()) or "0"
+        start = procs.start_time(os.getpid()) or "0"
         (stage / "owner").write_text(f"{os.getpid()} {start}\n")
         try:
             yield stage
@@ -370,7 +356,7 @@ class ImageStore:
                 pid = int(stage.name.rsplit(".", 2)[1])
             except (IndexError, ValueError):
                 pid = 0
-            started = _process_start_time(pid) if pid > 0 else None
+            started = procs.start_time(pid) if pid > 0 else None
             recorded: str | None
             try:
                 recorded = (stage / "owner").read_text().split()[1]

@@ -16,7 +16,6 @@ written is walked once more for device nodes.
 from __future__ import annotations
 
 import codecs
-import fcntl
 import os
 import posixpath
 import re
@@ -28,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from imageupdate.base import locks
 from imageupdate.base.errors import InputError, IntegrityError
 from imageupdate.images.manifest import MACHINE_ARTIFACTS, ROOT_IMAGE, ROOT_QCOW2, Manifest
 from imageupdate.images.store import ImageStore
@@ -150,14 +150,10 @@ def ensure_release(store: ImageStore, release: str, releases_dir: Path, fleet_di
     if (target / "etc/imageupdate/release.json").is_file():
         return target
     releases_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(releases_dir / ".unpack.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # nodes of one batch rebuilt at once: one unpacks, the others wait
+    with locks.held(releases_dir / ".unpack.lock"):  # nodes of one batch rebuilt at once: one unpacks
         if (target / "etc/imageupdate/release.json").is_file():
             return target
         return _unpack(store, release, releases_dir, target, fleet_dir)
-    finally:
-        os.close(fd)
 
 
 def artifact_record(releases_dir: Path, release: str) -> Path:
@@ -241,9 +237,7 @@ def ensure_machine(store: ImageStore, release: str, releases_dir: Path, fleet_di
     if _machine_record(target) == sha:
         return target
     releases_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(releases_dir / ".unpack.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with locks.held(releases_dir / ".unpack.lock"):
         if _machine_record(target) == sha:
             return target
         manifest = store.require_verified(release, fleet_dir)
@@ -263,8 +257,6 @@ def ensure_machine(store: ImageStore, release: str, releases_dir: Path, fleet_di
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return target
-    finally:
-        os.close(fd)
 
 
 def _machine_record(target: Path) -> str | None:

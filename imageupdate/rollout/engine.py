@@ -53,7 +53,7 @@ from imageupdate.rollout.model import (
     RolloutInterrupted,
     RolloutOptions,
 )
-from imageupdate.rollout.path import FleetPlan, check_config, plan_fleet, require_in_image
+from imageupdate.rollout.path import FleetPlan, check_fleet_config, plan_fleet, require_in_image
 from imageupdate.rollout.watch import POLL, Watch, Watcher
 from imageupdate.upgrade import config
 from imageupdate.upgrade.rehearse import discard_leftovers
@@ -101,7 +101,7 @@ class Orchestrator:
             upgrade = plan_fleet(self.fleet, release, ch.changing)  # a downgrade or a blocked path: bad input
             if self.fleet.migrates_in_image:
                 require_in_image(upgrade)  # a skip-level path its nodes cannot run themselves: bad input
-            findings = check_config(self.fleet, upgrade)
+            findings = check_fleet_config(self.fleet, upgrade)
             config.raise_errors(findings)  # an option the path removes: bad input, nothing started
             client, heat = self.fleet.connect()
             stack_id = self._ensure_stack(client)

@@ -102,14 +102,14 @@ def fleet_configs(fleet: Fleet, fp: FleetPlan) -> list[config.ConfigFile]:
     return out
 
 
-def check_config(fleet: Fleet, fp: FleetPlan, given: list[Path] | None = None) -> list[config.Finding]:
+def check_fleet_config(fleet: Fleet, fp: FleetPlan, given: list[Path] | None = None) -> list[config.ConfigFinding]:
     schemas = {p for r in fp.between if r.meta for p in r.meta.config}
     files = config.files_given(given, schemas) if given else fleet_configs(fleet, fp)
     return config.check(files, fp.between, fp.target)
 
 
 def configs_between(store_releases: dict[str, ReleaseInfo], current: str, target: str,
-                    given: list[Path]) -> list[config.Finding]:
+                    given: list[Path]) -> list[config.ConfigFinding]:
     """``check-config --from R``: no site, the operator's files against the releases after R up to target."""
     for r in (current, target):
         if r not in store_releases:

@@ -9,16 +9,15 @@ and these namespaces.
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from imageupdate.base import locks
 from imageupdate.base.errors import InputError, OperationError
 
 POOL = ipaddress.ip_network("10.231.0.0/16")
@@ -51,12 +50,8 @@ def netns_pids(ns: str) -> list[int]:
 @contextmanager
 def picking(lock: Path = SUBNET_LOCK) -> Iterator[None]:
     """Held from picking a site's subnet until its bridge holds it: two ``site up`` at once get two subnets."""
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held for milliseconds
+    with locks.held(lock, mode=0o600):  # held for milliseconds
         yield
-    finally:
-        os.close(fd)
 
 
 def pick_subnet() -> str:

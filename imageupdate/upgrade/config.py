@@ -26,7 +26,7 @@ class ConfigIncompatible(InputError):
 
 
 @dataclass(frozen=True)
-class Finding:
+class ConfigFinding:
     level: str  # error | warning
     source: str  # where the config came from (a file, or NODE:PATH)
     file: str  # the schema's path of the file
@@ -59,11 +59,11 @@ def options(cfg: ConfigFile) -> list[str]:
     return [f"{section}.{key}" for section in parser.sections() for key in parser[section]]
 
 
-def check(files: list[ConfigFile], path: list[ReleaseInfo], target: str) -> list[Finding]:
+def check(files: list[ConfigFile], path: list[ReleaseInfo], target: str) -> list[ConfigFinding]:
     """``path``: the releases after the fleet's, up to and including ``target``, in version order."""
     metas = [(r.release, r.meta) for r in path if r.meta is not None]
     target_meta = next((m for rel, m in metas if rel == target), None)
-    findings: list[Finding] = []
+    findings: list[ConfigFinding] = []
     for cfg in files:
         for opt in options(cfg):
             findings.extend(_follow(cfg, opt, metas, target, target_meta))
@@ -71,8 +71,8 @@ def check(files: list[ConfigFile], path: list[ReleaseInfo], target: str) -> list
 
 
 def _follow(cfg: ConfigFile, opt: str, metas: list[tuple[str, ReleaseMeta]], target: str,
-            target_meta: ReleaseMeta | None) -> list[Finding]:
-    out: list[Finding] = []
+            target_meta: ReleaseMeta | None) -> list[ConfigFinding]:
+    out: list[ConfigFinding] = []
     section, _, key = opt.partition(".")
     name = f"[{section}] {key}"
     warned = False
@@ -83,18 +83,18 @@ def _follow(cfg: ConfigFile, opt: str, metas: list[tuple[str, ReleaseMeta]], tar
         if opt in schema.removed:
             change = schema.removed[opt]
             use = f"use {_name(change.replacement)} instead" if change.replacement else "drop it"
-            out.append(Finding("error", cfg.source, cfg.schema_path, opt, release,
+            out.append(ConfigFinding("error", cfg.source, cfg.schema_path, opt, release,
                                f"{name} was removed in {release} (version {change.since}): {use}"))
             return out
         if opt in schema.deprecated and not warned:
             change = schema.deprecated[opt]
             use = f"; use {_name(change.replacement)}" if change.replacement else ""
-            out.append(Finding("warning", cfg.source, cfg.schema_path, opt, release,
+            out.append(ConfigFinding("warning", cfg.source, cfg.schema_path, opt, release,
                                f"{name} is deprecated since version {change.since} ({release}){use}"))
             warned = True
     schema = target_meta.config.get(cfg.schema_path) if target_meta else None
     if schema is not None and opt not in schema.options and opt not in schema.deprecated:
-        out.append(Finding("warning", cfg.source, cfg.schema_path, opt, target,
+        out.append(ConfigFinding("warning", cfg.source, cfg.schema_path, opt, target,
                            f"{name} is unknown to {target}: it will be ignored"))
     return out
 
@@ -122,7 +122,7 @@ def files_given(paths: list[Path], schemas: set[str]) -> list[ConfigFile]:
     return out
 
 
-def raise_errors(findings: list[Finding]) -> None:
+def raise_errors(findings: list[ConfigFinding]) -> None:
     errors = [f for f in findings if f.level == "error"]
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""

@@ -27,7 +27,7 @@ class Killed(BaseException):
 def _no_planning(monkeypatch: pytest.MonkeyPatch) -> None:
     """No store catalog in these tests: no state migrations, no config findings."""
     monkeypatch.setattr(engine, "plan_fleet", lambda fleet, target, nodes=None: FleetPlan(target, {}, []))
-    monkeypatch.setattr(engine, "check_config", lambda fleet, fp, given=None: [])
+    monkeypatch.setattr(engine, "check_fleet_config", lambda fleet, fp, given=None: [])
 
 
 def make(tmp_path: Path, failing: set[str] | None = None, **heat: Any) -> tuple[FakeHeat, FakeFleet, Orchestrator]:
