@@ -60,10 +60,10 @@ class Expectation:
         return art.sha256 if art else None
 
 
-CheckResult = tuple[bool, str]
+Answer = tuple[bool, str]
 
 
-def check_release(facts: dict[str, Any], want: Expectation) -> CheckResult:
+def check_release(facts: dict[str, Any], want: Expectation) -> Answer:
     try:
         stamp = json.loads(facts.get("stamp") or "")
     except ValueError:
@@ -101,7 +101,7 @@ def _sockets(port: int, facts: dict[str, Any]) -> list[dict[str, Any]]:
     return [s for s in facts.get("listening") or [] if isinstance(s, dict) and s.get("port") == port]
 
 
-def check_services(facts: dict[str, Any], want: Expectation) -> CheckResult:
+def check_services(facts: dict[str, Any], want: Expectation) -> Answer:
     declared = [s for s in want.manifest.services if not s.get("invalid")]
     if not declared:
         return True, "the release declares no services"
@@ -164,7 +164,7 @@ def _answer(h: dict[str, Any]) -> str:
            f"{float(h.get('seconds') or 0):.1f} s)"
 
 
-def check_health(facts: dict[str, Any], want: Expectation) -> CheckResult:
+def check_health(facts: dict[str, Any], want: Expectation) -> Answer:
     declared = [s for s in want.manifest.services
                 if not s.get("invalid") and isinstance(s.get("health"), str) and s.get("ports")]
     if not declared:
@@ -223,7 +223,7 @@ def _stale(f: dict[str, Any], code: dict[str, Any], want: Expectation) -> str | 
     return f"{verb} {reason}" if reason else None
 
 
-def check_stale_code(facts: dict[str, Any], want: Expectation) -> CheckResult:
+def check_stale_code(facts: dict[str, Any], want: Expectation) -> Answer:
     code = facts.get("code", {})
     stale: list[str] = []
     for proc in facts.get("processes", []):
@@ -244,7 +244,7 @@ def check_stale_code(facts: dict[str, Any], want: Expectation) -> CheckResult:
     return True, f"{len(facts.get('processes', []))} processes, all on {want.release}'s code"
 
 
-def check_node_config(facts: dict[str, Any], want: Expectation) -> CheckResult:
+def check_node_config(facts: dict[str, Any], want: Expectation) -> Answer:
     overlays = [p.rstrip("/") for p in want.manifest.state_paths]
 
     def overlaid(path: str) -> bool:
@@ -279,7 +279,7 @@ def check_node_config(facts: dict[str, Any], want: Expectation) -> CheckResult:
     return True, f"{len(seen)} paths under /etc match the image (overlays: {', '.join(overlays) or 'none'})"
 
 
-def check_filesystems(facts: dict[str, Any], want: Expectation) -> CheckResult:
+def check_filesystems(facts: dict[str, Any], want: Expectation) -> Answer:
     mounts = facts.get("mounts", {})
     problems = []
     root = mounts.get("/")
@@ -301,7 +301,7 @@ def check_filesystems(facts: dict[str, Any], want: Expectation) -> CheckResult:
     return True, f"/ read-only (write refused: {rw.get('error')}), /mnt/state read-write"
 
 
-def check_state_version(facts: dict[str, Any], want: Expectation) -> CheckResult:
+def check_state_version(facts: dict[str, Any], want: Expectation) -> Answer:
     blocked = facts.get("blocked")
     if isinstance(blocked, str) and blocked.strip():  # a booted machine's own migrations refused or failed
         said = " ".join("".join(c for c in blocked if c.isprintable() or c.isspace()).split())[:300]
@@ -322,7 +322,7 @@ def check_state_version(facts: dict[str, Any], want: Expectation) -> CheckResult
     return True, f"state version {record.version} (release {want.release} needs {meta.state_version})"
 
 
-BUILTIN: list[tuple[str, Callable[[dict[str, Any], Expectation], CheckResult]]] = [
+BUILTIN: list[tuple[str, Callable[[dict[str, Any], Expectation], Answer]]] = [
     ("release", check_release),
     ("services", check_services),
     ("health", check_health),

@@ -23,7 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 HOLDER = textwrap.dedent("""
     import sys
     from pathlib import Path
+    from imageupdate.base.locks import describe_process
     from imageupdate.rollout.lock import RolloutLock
+    describe_process(" ".join(["imageupdate", *sys.argv[1:]]))  # what the front door does
     lock = RolloutLock(Path(sys.argv[1]))
     lock.acquire(7)
     print("held", flush=True)
