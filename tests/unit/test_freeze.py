@@ -91,17 +91,19 @@ def test_a_hung_caller_does_not_freeze_the_tree_past_its_bound(node_tree: int) -
     t0 = time.monotonic()
     with pytest.raises(procs.FreezeExpired, match="not crash-consistent"), procs.frozen(node_tree, bound=1):
         assert stopped_in(pids) == pids
-        assert poll(lambda: not stopped_in(pids), 4.0), [(p, procs.state(p)) for p in pids]
+        # continued after its 1 s bound, not at FREEZE_BOUND (300 s); 30 s of slack for a loaded machine
+        assert poll(lambda: not stopped_in(pids), 30.0), [(p, procs.state(p)) for p in pids]
         continued = time.monotonic() - t0
-    assert 0.9 <= continued < 4.0
+    assert 0.9 <= continued < 30.0
 
 
 def test_the_normal_path_continues_the_tree_and_leaves_no_watchdog_behind(node_tree: int) -> None:
     pids = procs.tree(node_tree)
     with procs.frozen(node_tree):
         assert stopped_in(pids) == pids
+        # the watchdog was forked before the first SIGSTOP; on a loaded machine it may not have exec'd yet
+        assert poll(lambda: len(watchdogs()) == 1, 10.0), watchdogs()
         dogs = watchdogs()
-        assert len(dogs) == 1
         assert os.getsid(dogs[0]) == dogs[0]  # its own session: a Ctrl-C of ours does not reach it
     assert not stopped_in(pids)
     assert not os.path.exists(f"/proc/{dogs[0]}")  # exited and reaped
