@@ -32,7 +32,7 @@ BUILD = Command(
         arg("--element", "-e", action="append", default=[], metavar="E", help="element to include (repeatable)"),
         arg("--elements-path", action="append", default=[], type=Path, metavar="DIR",
             help="extra elements directory, searched after imageupdate's own (repeatable)"),
-        arg("--os", dest="os_element", default=DEFAULT_OS_ELEMENT, metavar="ELEMENT",
+        arg("--os", "--os-element", dest="os_element", default=DEFAULT_OS_ELEMENT, metavar="ELEMENT",
             help=f"operating-system element (default: {DEFAULT_OS_ELEMENT})"),
         arg("--force", action="store_true", help="replace an existing release"),
         arg("--key", type=Path, metavar="FILE", help="sign the release with this OpenSSH private key (default: "

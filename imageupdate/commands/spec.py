@@ -126,9 +126,10 @@ def add_common(parser: argparse.ArgumentParser, honours: frozenset[str] = frozen
         parser.add_argument("--store", type=Path, default=argparse.SUPPRESS, metavar="DIR", help=STORE_HELP)
 
 
-def add_arguments(parser: argparse.ArgumentParser, command: Command,
-                  cloud_default: str = "$OS_CLOUD when set") -> None:
-    """Everything ``command`` takes, onto ``parser``: its fleet options, then its own arguments."""
+def add_arguments(parser: argparse.ArgumentParser, command: Command, cloud_default: str = "$OS_CLOUD when set",
+                  taken: Callable[[str], bool] = lambda _flag: False) -> None:
+    """Everything ``command`` takes, onto ``parser``: its fleet options, then its own arguments. A flag
+    ``taken`` by the front door itself is left out (an argument keeps its other flags)."""
     add_common(parser, command.honours)
     if SITE in command.honours:
         parser.add_argument("--site", type=Path, default=argparse.SUPPRESS, metavar="DIR",
@@ -137,5 +138,6 @@ def add_arguments(parser: argparse.ArgumentParser, command: Command,
         parser.add_argument("--cloud", default=argparse.SUPPRESS, metavar="NAME",
                             help=CLOUD_HELP.format(default=cloud_default))
     for a in command.args:
-        parser.add_argument(*a.flags, **a.options)
+        flags = [f for f in a.flags if not taken(f)]
+        parser.add_argument(*flags, **a.options)
 
