@@ -41,7 +41,8 @@ class ImageUpdateCommand(CliffCommand):
         return any(option.startswith(flag) for option in app_parser._option_string_actions)
 
     def take_action(self, parsed_args: argparse.Namespace) -> int:
-        locks.describe_process(f"openstack imageupdate {self.command.name}")
+        argv = getattr(self.app, "command_options", None)  # osc-lib keeps the command line it ran
+        locks.describe_process(" ".join(["openstack", *argv]) if argv else f"openstack imageupdate {self.command.name}")
         options: Any = getattr(self.app, "options", None)
         ctx = Context(Output(getattr(parsed_args, "json", False)),
                       default_cloud=getattr(options, "cloud", None) or None)

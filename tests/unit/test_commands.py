@@ -21,6 +21,7 @@ import pytest
 from imageupdate import api
 from imageupdate.api import operations
 from imageupdate.base.errors import EXIT_INTERRUPTED
+from imageupdate.base.locks import OwnerLock
 from imageupdate.cli.main import build_parser, main
 from imageupdate.commands import COMMANDS, by_name
 from imageupdate.commands.output import Output
@@ -99,6 +100,8 @@ def test_both_doors_roll_out_alike(fake_fleet: tuple[FakeHeat, FakeFleet], capsy
     for door in (imageupdate, osc):
         rc, out, _ = run(door, capsys, "rollout", "R2", "--no-probe", "--json", *site)
         assert rc == 0 and heat.releases == {n: "R2" for n in NODES}
+        said = {imageupdate: "imageupdate rollout R2 --no-probe", osc: "openstack imageupdate rollout R2 --no-probe"}
+        assert OwnerLock.process.startswith(said[door])  # the front door names the process in its locks
         docs.append(json.loads(out))
         rc, out, _ = run(door, capsys, "status", *site)  # the human rendering, the same renderer
         assert rc == 0
