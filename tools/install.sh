@@ -36,3 +36,9 @@ if [ ! -d .git ]; then export PBR_VERSION=${PBR_VERSION:-0.0.0}; fi
 .venv/bin/pip install -q -r requirements.txt -r test-requirements.txt
 .venv/bin/pip install -q --no-deps -e .
 echo "imageupdate installed: $(.venv/bin/imageupdate --version)"
+# The second front door: 'openstack imageupdate ...' (the entry points the editable install registered).
+if ! .venv/bin/openstack imageupdate rollout --help >/dev/null 2>&1; then
+    echo "tools/install.sh: 'openstack imageupdate' does not load; see '.venv/bin/openstack imageupdate --help'" >&2
+    exit 1
+fi
+echo "openstack plugin installed: .venv/bin/openstack imageupdate --help"

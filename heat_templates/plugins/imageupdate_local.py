@@ -2,11 +2,13 @@
 
 Loaded by the site's ephemeral Heat from ``plugin_dirs``; ``environments/local.yaml`` maps the abstract
 ``ImageUpdate::Server`` to it. Creating or updating the resource rebuilds the node from its release with
-``imageupdate site rebuild`` (a child process in its own session, so a Heat killed mid-rebuild leaves the
+``imageupdate site rebuild --json`` (a child process in its own session, so a Heat killed mid-rebuild leaves the
 node to finish on one release; the rebuild itself is idempotent). The child is told it runs for the site's
 open operation (``--by-heat``): an operator's rebuild is refused while an operation is open, Heat's is the
 operation's own step. Deleting the resource leaves the node alone: nodes belong to the site, the stack only
-says which release each one runs. It handles no signals: the gate after it does.
+says which release each one runs. It handles no signals: the gate after it does. What it reads of the child
+is the JSON contract, never its wording: the node's status document on success, the error document (stdout)
+on failure; rebuild.log (stderr) only when the child died before writing one.
 """
 
 import json
@@ -21,12 +23,22 @@ from heat.engine import attributes, properties, resource, support
 
 STEP_WAIT = 5.0  # seconds a check blocks on the rebuild; Heat looks for cancellation between checks
 HEADER = "--- rebuild "  # how each rebuild's part of rebuild.log begins
-ERROR_PREFIX = "imageupdate: error: "
 
 
-def rebuild_failure(returncode, node, release, site, said):
-    """One line saying why the rebuild of ``node`` failed: its exit status, and ``said``, the non-blank lines it
-    wrote to rebuild.log after this rebuild's header (none if it died before it could say anything)."""
+def error_document(out):
+    """The child's ``--json`` error document on stdout (the contract: ``error``, ``message``, ``exit_code``,
+    ``node``, ``release``, ``step``; imageupdate/base/errors.py), or None if it died before writing one."""
+    try:
+        doc = json.loads(out)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("message"), str) and "error" in doc else None
+
+
+def rebuild_failure(returncode, node, release, site, said, out=""):
+    """One line saying why the rebuild of ``node`` failed: its exit status and its ``--json`` error document
+    (``out``, its stdout); only if it wrote none (it died first), ``said``, the non-blank lines it wrote to
+    rebuild.log after this rebuild's header."""
     recover = f"'imageupdate site recover --site {site}' finishes the node on one release"
     if returncode < 0:
         try:
@@ -34,11 +46,24 @@ def rebuild_failure(returncode, node, release, site, said):
         except ValueError:
             name = f"signal {-returncode}"
         return f"rebuild of {node} to {release} was killed ({name}); {recover}"
-    if not said or said[-1].startswith(HEADER):
+    doc = error_document(out)
+    if doc is not None:
+        last = doc["message"]
+    elif not said or said[-1].startswith(HEADER):
         return f"rebuild of {node} to {release} ended with exit status {returncode} without saying why; {recover}"
-    last = said[-1]
-    last = last[len(ERROR_PREFIX):] if last.startswith(ERROR_PREFIX) else last
+    else:
+        last = said[-1]
     return last if node in last else f"rebuild of {node} to {release} failed: {last}"
+
+
+def log_since(log, offset):
+    """The non-blank lines of rebuild.log from ``offset`` on (what the child wrote to stderr)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            return [x for x in f.read().decode(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return []
 
 
 class LocalServer(resource.Resource):
@@ -98,13 +123,8 @@ class LocalServer(resource.Resource):
             return False
         out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
         if proc.returncode != 0:
-            try:
-                with open(log, "rb") as f:
-                    f.seek(offset)
-                    said = [x for x in f.read().decode(errors="replace").splitlines() if x.strip()]
-            except OSError:
-                said = []
-            raise exception.Error(rebuild_failure(proc.returncode, node, release, site, said))
+            said = [] if error_document(out) is not None else log_since(log, offset)
+            raise exception.Error(rebuild_failure(proc.returncode, node, release, site, said, out))
         try:
             status = json.loads(out)
         except ValueError:

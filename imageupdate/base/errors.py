@@ -1,12 +1,15 @@
 """One exception root for imageupdate, with typed subclasses.
 
 Every error carries what it concerns (release, node, step) and a one-line
-message that names the problem and, where there is one, the fix. The CLI
-prints ``str(error)`` and exits with ``error.exit_code``:
+message that names the problem and, where there is one, the fix. Both front
+doors (``imageupdate``, ``openstack imageupdate``) print ``error.message`` and
+exit with ``error.exit_code``:
 
-* 0: success
-* 1: the operation failed (:class:`OperationError`)
-* 2: bad input; nothing was started or written (:class:`InputError`)
+* 0 (``EXIT_OK``): success
+* 1 (``EXIT_FAILED``): the operation failed (:class:`OperationError`)
+* 2 (``EXIT_BAD_INPUT``): bad input; nothing was started or written (:class:`InputError`)
+* 130 (``EXIT_INTERRUPTED``): interrupted by SIGINT or SIGTERM (:class:`Interrupted`), as a shell
+  reports a command Ctrl-C stopped (128 + SIGINT); a CI job can tell a cancelled step from a failed one
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
 class ImageUpdateError(Exception):
@@ -59,6 +63,13 @@ class OperationError(ImageUpdateError):
     exit_code = EXIT_FAILED
 
 
+class Interrupted(ImageUpdateError):
+    """SIGINT or SIGTERM stopped the command; each operation says what it left (nothing published, an
+    operation left open for ``resume`` or ``cancel``)."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
 # Bad input ---------------------------------------------------------------
 
 
@@ -90,9 +101,6 @@ class StoreNotWritable(InputError):
     """The image store directory cannot be created or written."""
 
 
-# Operation failures -------------------------------------------------------
-
-
 class InvalidPostDeployTest(InputError):
     """A release ships a post-deploy test that cannot run (not executable, not a script or binary)."""
 
@@ -101,11 +109,14 @@ class InvalidUpgradeMetadata(InputError):
     """A release ships upgrade metadata (upgrade.json) that is invalid or does not match its migrations."""
 
 
+# Operation failures -------------------------------------------------------
+
+
 class BuildFailed(OperationError):
     """disk-image-create or the packaging of its output failed."""
 
 
-class BuildInterrupted(OperationError):
+class BuildInterrupted(Interrupted):
     """The build was interrupted (SIGINT/SIGTERM); nothing was published."""
 
 

@@ -29,18 +29,32 @@ def try_flock(fd: int, how: int) -> bool:
 
 
 @contextmanager
-def held(path: Path, mode: int = 0o644, on_wait: Callable[[], None] | None = None) -> Iterator[int]:
+def held(path: Path, mode: int = 0o644, on_wait: Callable[[], None] | None = None,
+         record_pid: bool = False) -> Iterator[int]:
     """An exclusive flock(2) on ``path`` (created if missing) for the block; ``on_wait`` is called once if
-    another holder makes it wait. The kernel drops it when the holder dies, however it dies."""
+    another holder makes it wait. The kernel drops it when the holder dies, however it dies. With
+    ``record_pid`` the holder writes its pid into the file, for :func:`recorded_pid` in those who wait."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, mode)
     try:
         if not try_flock(fd, fcntl.LOCK_EX):
             if on_wait is not None:
                 on_wait()
             fcntl.flock(fd, fcntl.LOCK_EX)
+        if record_pid:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield fd
     finally:
         os.close(fd)
+
+
+def recorded_pid(path: Path) -> int | None:
+    """The pid the holder of a :func:`held` lock with ``record_pid`` wrote, if it wrote one."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def describe_process(text: str) -> None:

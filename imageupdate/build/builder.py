@@ -12,7 +12,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -70,11 +70,13 @@ class BuildRequest:
 
 @dataclass
 class BuildEvent:
-    """Progress of a build: ``stage`` is prepare, dib, pack, verify, sign or publish."""
+    """Progress of a build: ``stage`` is wait (for the DIB cache lock), prepare, dib, pack, verify, sign or
+    publish; ``release`` names the build, so that two builds in one log can be told apart."""
 
     stage: str
     detail: str = ""
     phase: str = ""
+    release: str = ""
 
 
 @dataclass
@@ -82,10 +84,17 @@ class BuildResult:
     release: str
     path: Path
     manifest: Manifest
-    seconds: float
+    seconds: float  # the build itself, from the DIB cache lock taken to the release published
     dib_seconds: float
     pack_seconds: float
     log: Path
+    lock_wait_seconds: float = 0.0  # waiting for another build's DIB cache lock, before ``seconds`` began
+
+    def to_dict(self) -> dict[str, object]:
+        return {"release": self.release, "path": str(self.path), "seconds": round(self.seconds, 2),
+                "dib_seconds": round(self.dib_seconds, 2), "pack_seconds": round(self.pack_seconds, 2),
+                "lock_wait_seconds": round(self.lock_wait_seconds, 2), "log": str(self.log),
+                "manifest": self.manifest.to_dict()}
 
 
 def source_date_epoch(paths: tuple[Path, ...]) -> int:
@@ -104,12 +113,33 @@ def source_date_epoch(paths: tuple[Path, ...]) -> int:
     return newest or 0
 
 
+LOCK_WAIT_SAID = 0.5  # a wait for the DIB cache lock shorter than this is not worth a line
+
+
+@dataclass
+class LockWait:
+    seconds: float = 0.0
+
+
 @contextmanager
-def _cache_lock(cache_dir: Path, notify: Callable[[BuildEvent], None]) -> Iterator[None]:
+def _cache_lock(cache_dir: Path, notify: Callable[[BuildEvent], None]) -> Iterator[LockWait]:
+    """The DIB cache is one build's at a time. A wait is said when it begins (naming the holder's pid) and
+    when it ends, and measured apart from the build."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with locks.held(cache_dir / ".lock",
-                    on_wait=lambda: notify(BuildEvent("prepare", f"waiting for another build using {cache_dir}"))):
-        yield
+    path = cache_dir / ".lock"
+    waited = LockWait()
+
+    def on_wait() -> None:
+        pid = locks.recorded_pid(path)
+        notify(BuildEvent("wait", "waiting for the DIB cache lock held by another build"
+                          + (f" (pid {pid})" if pid else "") + f" ({cache_dir})"))
+
+    began = time.monotonic()
+    with locks.held(path, on_wait=on_wait, record_pid=True):
+        waited.seconds = time.monotonic() - began
+        if waited.seconds >= LOCK_WAIT_SAID:
+            notify(BuildEvent("wait", f"got the DIB cache lock after {waited.seconds:.1f}s"))
+        yield waited
 
 
 class Builder:
@@ -148,17 +178,21 @@ class Builder:
     def build(
         self, request: BuildRequest, on_event: Callable[[BuildEvent], None] | None = None
     ) -> BuildResult:
-        notify = on_event or (lambda _e: None)
-        selection = self.check(request)
         release = request.release
+
+        def notify(e: BuildEvent) -> None:
+            if on_event is not None:
+                on_event(replace(e, release=release))
+
+        selection = self.check(request)
         cache_dir = request.cache_dir or cache.default_cache()
         self.log_dir().mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(UTC)
         log = self.log_dir() / f"build-{release}-{stamp:%Y%m%dT%H%M%SZ}.log"
-        start = time.monotonic()
         try:
-            with self.store.staging(release) as stage, _cache_lock(cache_dir, notify):
-                return self._build_in(stage, request, selection, cache_dir, log, stamp, start, notify)
+            with self.store.staging(release) as stage, _cache_lock(cache_dir, notify) as waited:
+                result = self._build_in(stage, request, selection, cache_dir, log, stamp, time.monotonic(), notify)
+                return replace(result, lock_wait_seconds=waited.seconds)
         except ImageUpdateError:
             raise
         except KeyboardInterrupt as exc:

@@ -120,5 +120,6 @@ def test_an_interrupted_command_still_prints_its_json_document(capsys: pytest.Ca
 
     monkeypatch.setattr(ImageStore, "releases", interrupted)
     rc, out, err = run(capsys, "images", "list", "--store", str(store.root), "--json")
-    assert rc == 1 and json.loads(out)["error"] == "OperationError"
+    doc = json.loads(out)
+    assert rc == 130 and doc["error"] == "Interrupted" and doc["exit_code"] == 130  # not 1: not a failure
     assert err.startswith("imageupdate: error: interrupted") and err.count("\n") == 1

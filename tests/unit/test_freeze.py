@@ -18,7 +18,7 @@ import pytest
 from rich.console import Console
 
 from imageupdate.base import procs
-from imageupdate.cli import render
+from imageupdate.commands import render
 from imageupdate.site.node import Node, NodeStatus
 from imageupdate.site.site import SiteStatus
 

@@ -328,9 +328,9 @@ def test_force_and_by_heat_flags() -> None:
 def plugin_function(name: str) -> Any:
     """A function of the Heat plugin, without importing Heat (the plugin runs inside Heat's engine)."""
     tree = ast.parse((heat_templates_dir() / "plugins/imageupdate_local.py").read_text())
-    keep = [n for n in tree.body if (isinstance(n, ast.FunctionDef) and n.name == name)
+    keep = [n for n in tree.body if (isinstance(n, ast.FunctionDef) and n.name in (name, "error_document"))
             or (isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name) and n.targets[0].id.isupper())]
-    scope: dict[str, Any] = {"signal": signal}
+    scope: dict[str, Any] = {"signal": signal, "json": json}
     exec(compile(ast.Module(body=keep, type_ignores=[]), "imageupdate_local.py", "exec"), scope)  # noqa: S102
     return scope[name]
 
@@ -348,11 +348,35 @@ def test_plugin_says_a_killed_rebuild_was_killed_and_how_to_recover() -> None:
     # the child said nothing after the plugin's own header (exit status without a word)
     said = failure(1, "node0", "R1", "/s", ["--- rebuild node0 to R1 (heat resource server_node0)"])
     assert "node0 to R1" in said and "imageupdate site recover --site /s" in said and not said.startswith("---")
-    # what the child said is the reason
-    said = failure(2, "node0", "R1", "/s", ["imageupdate: error: site /s was destroyed while the rebuild of node0 "
-                                            "to R1 waited for it; nothing was changed"])
-    assert said == "site /s was destroyed while the rebuild of node0 to R1 waited for it; nothing was changed"
+    # it died before its error document: the log's last line is all there is
     assert failure(1, "node0", "R1", "/s", ["boom"]) == "rebuild of node0 to R1 failed: boom"
+
+
+def test_plugin_reads_the_json_error_document_not_the_cli_wording() -> None:
+    failure = plugin_function("rebuild_failure")
+    message = "site /s was destroyed while the rebuild of node0 to R1 waited for it; nothing was changed"
+    doc = json.dumps({"error": "SiteNotFound", "message": message, "exit_code": 2, "node": "node0",
+                      "release": "R1", "step": None})
+    # the document wins over whatever the log says, wording and all
+    assert failure(2, "node0", "R1", "/s", ["imageupdate: error: something else"], doc) == message
+    doc = json.dumps({"error": "OperationError", "message": "no space left", "exit_code": 1})
+    assert failure(1, "node0", "R1", "/s", [], doc) == "rebuild of node0 to R1 failed: no space left"
+    # not a document (a traceback, half a line): the log's last line, then
+    assert failure(1, "node0", "R1", "/s", ["Traceback: boom"], "{\"err") == \
+        "rebuild of node0 to R1 failed: Traceback: boom"
+    assert failure(1, "node0", "R1", "/s", ["boom"], json.dumps({"address": "10.0.0.2"})) == \
+        "rebuild of node0 to R1 failed: boom"
+
+
+def test_what_the_plugin_reads_is_what_a_failing_rebuild_writes(capsys: pytest.CaptureFixture[str],
+                                                               tmp_path: Path) -> None:
+    """The contract end to end: `site rebuild --json` failing writes the document the plugin reads."""
+    rc = main(["site", "rebuild", "node0", "R1", "--site", str(tmp_path / "none"), "--json", "--by-heat"])
+    out = capsys.readouterr().out
+    doc = plugin_function("error_document")(out)
+    assert rc != 0 and doc is not None and doc["exit_code"] == rc
+    said = plugin_function("rebuild_failure")(rc, "node0", "R1", "/s", [], out)
+    assert doc["message"] in said
 
 
 def test_guard_reads_the_history_only_where_it_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,6 +31,11 @@ def test_the_tree_keeps_its_layers() -> None:
                                                               "imageupdate.site"),
     ("images/store.py", "from imageupdate.upgrade import plan", "imageupdate.images is not allowed to import "
                                                                "imageupdate.upgrade"),
+    ("api/fleets.py", "import imageupdate.commands.run", "imageupdate.api is not allowed to import "
+                                                         "imageupdate.commands"),
+    ("commands/spec.py", "import imageupdate.osc.plugin", "imageupdate.commands is not allowed to import "
+                                                          "imageupdate.osc"),
+    ("cli/main.py", "import imageupdate.osc.commands", "imageupdate.cli is not allowed to import imageupdate.osc"),
 ])
 def test_an_upward_or_sideways_import_fails_the_check(tmp_path: Path, module: str, line: str, why: str) -> None:
     shutil.copytree(REPO / "imageupdate", tmp_path / "imageupdate",

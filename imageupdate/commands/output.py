@@ -1,9 +1,11 @@
-"""How the CLI shows things: rich for people, JSON for pipelines.
+"""How both front doors show things: rich for people, JSON for pipelines.
 
 With ``--json`` the result is one JSON document on stdout and errors are a
 JSON document too; progress then goes to stderr as plain lines. Without it,
 progress is a live rich status on a terminal and plain lines otherwise (CI
-logs).
+logs). Progress lines name what they are about (a build's release), and a
+wait is said in a plain line on a terminal too: a live status line that
+stands still looks the same as a hang.
 """
 
 from __future__ import annotations
@@ -59,22 +61,28 @@ class Output:
         else:
             self.err.print(f"[{style}]{escape(line)}[/{style}]")
 
+    def warn(self, message: str) -> None:
+        """One warning line on stderr, never wrapped."""
+        self.err.print(f"imageupdate: warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
     @contextmanager
-    def progress(self, title: str) -> Iterator[Progress]:
+    def progress(self, title: str, label: str = "") -> Iterator[Progress]:
+        """Progress of one long step; ``label`` (a release id) starts every line it prints."""
         interactive = self.err.is_terminal and not self.as_json
         if interactive:
-            with self.err.status(title) as status:
-                yield Progress(self.err, status)
+            with self.err.status(f"{label}: {title}" if label else title) as status:
+                yield Progress(self.err, status, label)
         else:
-            yield Progress(self.err, None)
+            yield Progress(self.err, None, label)
 
 
 class Progress:
     """Live status line on a terminal, one plain line per change otherwise."""
 
-    def __init__(self, console: Console, status: Any) -> None:
+    def __init__(self, console: Console, status: Any, label: str = "") -> None:
         self.console = console
         self.status = status
+        self.prefix = f"{label}: " if label else ""
         self.start = time.monotonic()
         self.last_heading = ""
 
@@ -82,11 +90,17 @@ class Progress:
         elapsed = time.monotonic() - self.start
         if self.status is not None:
             if heading != self.last_heading and self.last_heading:
-                self.console.print(f"[green]✓[/green] {self.last_heading}")
-            self.status.update(f"[bold]{heading}[/bold] {detail} [dim]{elapsed:5.1f}s[/dim]")
+                self.console.print(f"[green]✓[/green] {escape(self.prefix + self.last_heading)}")
+            self.status.update(f"[bold]{escape(self.prefix + heading)}[/bold] {escape(detail)} "
+                               f"[dim]{elapsed:5.1f}s[/dim]")
         elif heading != self.last_heading:
-            self.console.print(f"[{elapsed:6.1f}s] {heading}", markup=False)
+            self.console.print(f"[{elapsed:6.1f}s] {self.prefix}{heading}", markup=False, highlight=False)
         self.last_heading = heading
+
+    def say(self, line: str) -> None:
+        """A plain line whether or not a live status is shown: a wait, or the end of one."""
+        elapsed = time.monotonic() - self.start
+        self.console.print(f"[{elapsed:6.1f}s] {self.prefix}{line}", markup=False, highlight=False)
 
 
 def table(*columns: str) -> Table:

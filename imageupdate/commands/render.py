@@ -7,7 +7,7 @@ from rich.text import Text
 
 from imageupdate.base.text import last_line
 from imageupdate.build.builder import BuildResult
-from imageupdate.cli.output import table
+from imageupdate.commands.output import table
 from imageupdate.images.diff import ReleaseDiff
 from imageupdate.images.manifest import Manifest
 from imageupdate.images.store import VerifyResult
@@ -28,7 +28,9 @@ def _mib(n: int) -> str:
 def build_result(r: BuildResult) -> Group:
     root = r.manifest.artifacts["root.tar.zst"]
     return Group(
-        Text(f"built {r.release} in {r.seconds:.1f}s (DIB {r.dib_seconds:.1f}s, packing {r.pack_seconds:.1f}s)"),
+        Text(f"built {r.release} in {r.seconds:.1f}s (DIB {r.dib_seconds:.1f}s, packing {r.pack_seconds:.1f}s)"
+             + (f" after {r.lock_wait_seconds:.1f}s waiting for the DIB cache lock" if r.lock_wait_seconds >= 0.05
+                else "")),
         Text(f"  {r.path}"),
         Text(f"  root.tar.zst {_mib(root.size)}, sha256 {root.sha256}"),
         Text(f"  {len(r.manifest.packages)} packages, {r.manifest.files['count']} files, log {r.log}"),
