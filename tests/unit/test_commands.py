@@ -43,6 +43,12 @@ needs_osc = pytest.mark.skipif(not osc_installed(), reason="imageupdate's entry 
                                                            "(pip install -e .)")
 
 
+def test_the_openstack_entry_points_are_installed() -> None:
+    """The test command installs the package (tools/install.sh: pip install -e .), so the tests marked
+    needs_osc run in CI; this one fails there if they would be skipped."""
+    assert osc_installed(), "run 'bash tools/install.sh' (pip install -e .) to install imageupdate's entry points"
+
+
 def osc(*argv: str) -> int:
     from openstackclient.shell import main as openstack
 
