@@ -90,15 +90,15 @@ class StoreNotWritable(InputError):
     """The image store directory cannot be created or written."""
 
 
-# Operation failures -------------------------------------------------------
-
-
 class InvalidPostDeployTest(InputError):
     """A release ships a post-deploy test that cannot run (not executable, not a script or binary)."""
 
 
 class InvalidUpgradeMetadata(InputError):
     """A release ships upgrade metadata (upgrade.json) that is invalid or does not match its migrations."""
+
+
+# Operation failures -------------------------------------------------------
 
 
 class BuildFailed(OperationError):
@@ -115,6 +115,9 @@ class IntegrityError(OperationError):
 
 class StoreError(OperationError):
     """The image store is in a state imageupdate cannot work with."""
+
+
+# Bad input: signatures and keys -------------------------------------------
 
 
 class UntrustedRelease(InputError):
