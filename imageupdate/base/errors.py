@@ -128,6 +128,9 @@ class StoreError(OperationError):
     """The image store is in a state imageupdate cannot work with."""
 
 
+# Bad input: signatures and keys -------------------------------------------
+
+
 class UntrustedRelease(InputError):
     """A release whose manifest is not signed, or not by a key the site or cloud fleet trusts, or whose
     signature does not match its manifest: refused before anything is unpacked, uploaded or rebuilt."""

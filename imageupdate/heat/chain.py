@@ -1,6 +1,6 @@
 """The rollout chain: one Heat template from the fleet and the release each node should run.
 
-Shape (DESIGN.md decision 1, measured on Heat 27 with the convergence engine)::
+Shape (measured on Heat 27 with the convergence engine)::
 
     server_node0 ─> gate_node0_r7 ─┐
     server_node1 ─> gate_node1_r7 ─┴─> barrier_0 ─> server_node2 ─> gate_node2_r7 ─> barrier_1 ─> ...
@@ -13,6 +13,11 @@ Shape (DESIGN.md decision 1, measured on Heat 27 with the convergence engine)::
   meant to keep one re-creates it and waits);
 - gates of earlier operations that still stand complete are copied verbatim from the stack's current
   template, so Heat leaves them alone.
+
+A chain of named resources rather than an ``OS::Heat::ResourceGroup`` with ``rolling_update``: the group
+updates its highest index first and re-updates every member's nested stack in every batch, which re-arms
+every member's wait condition in every batch. A canary is batch 0 of size 1; a pause between batches is a
+``pre-update`` hook on the next batch's servers.
 
 Rendering is pure: no Heat, no site. ``ChainSpec`` says what to render.
 """

@@ -1,7 +1,8 @@
 """The few Heat calls imageupdate makes, through python-heatclient, as small typed values.
 
-Local sites talk to their ephemeral Heat under noauth behind the site's secret; the cloud path will hand in a
-keystoneauth session instead. Every heatclient error becomes a ``HeatError`` naming the call.
+A local site talks to its ephemeral Heat under noauth behind the site's secret (``site.fleet``); a cloud
+fleet hands in its keystoneauth session (``cloud.fleet``). Every heatclient error becomes a ``HeatError``
+naming the call.
 """
 
 from __future__ import annotations

@@ -13,22 +13,15 @@ Tables:
   each snapshot taken and each snapshot restored;
 - ``log``: the operation's timeline in words.
 
-Values of the status columns (the comments in the v1 SQL below are kept as shipped and are not complete):
-``rollouts.status`` is running | paused | succeeded | failed | rolled-back | cancelled; ``steps.status`` is
-pending | running | succeeded | failed | timed-out | cancelled. ``rollouts.stage`` (schema version 2) is what
-an open operation is doing now (planned, rehearsing, creating-resources, sending, watching, rolling-back,
-ended; NULL for rows older than the column), and ``rollouts.options_version`` the format of its ``options``.
-
-Each write is its own short transaction (WAL, busy timeout), so a crash loses nothing already said.
-
-Schema version: ``PRAGMA user_version`` is the number of ``MIGRATIONS`` applied (``VERSION``, now 2). A
-``History`` brings its file up to date on first use, each migration in its own ``BEGIN IMMEDIATE``
-transaction together with its version bump (so two processes opening an old file at once apply each step
-once). Version 1 is the schema as first shipped, with ``CREATE TABLE IF NOT EXISTS``: files from before
-versioning have ``user_version`` 0 and those tables already, and the step is a no-op there. To change the
-schema, append a migration (SQL statements) to ``MIGRATIONS``; never edit one that has shipped, since files
-in the field already ran it. A file newer than this code raises ``HistoryTooNew``; a file that is not a
-SQLite database raises ``HistoryUnreadable``.
+The values of the status columns are the tuples below, and a write of any other value is refused (the
+comments in the v1 SQL, ``schema.SCHEMA``, are kept as shipped and are not complete). ``rollouts.status``:
+``ROLLOUT_STATUSES`` (``rolled-back``: a rollout whose rollback succeeded, and the rollout a later
+``rollback`` undid). ``steps.status``: ``STEP_STATUSES`` (``pending`` from when the operation opens until
+Heat starts the node's rebuild). ``rollouts.stage`` (schema version 2): ``STAGES``, what an open operation is
+doing now, then ``ended`` once its watch saw it end (one closed before any node was touched keeps the stage
+it stopped at, a paused one stays ``watching``); NULL for an ``adopt`` and for rows older than the column.
+``rollouts.options_version`` is the format of its ``options``. The file, its schema version and its
+migrations: :mod:`imageupdate.history.schema`.
 """
 
 from __future__ import annotations
@@ -36,132 +29,16 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imageupdate.base.errors import InputError
+from imageupdate.history.schema import HistoryFile
 
-# Version 1, the tables as first shipped. Keep this text byte-for-byte: it is the v1 migration.
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS rollouts (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind TEXT NOT NULL,              -- adopt | rollout | rollback
-    target TEXT,                     -- release, or NULL for a rollback to each node's last good release
-    parent INTEGER,                  -- the rollout a rollback undoes
-    options TEXT NOT NULL,           -- json: batch_size, canary, limit, pause, gate_timeout, rollback
-    plan TEXT NOT NULL,              -- json: batches, before {node: release}, after {node: release}
-    status TEXT NOT NULL,            -- running | paused | succeeded | failed | rolled-back | cancelled
-    reason TEXT,
-    started REAL NOT NULL,
-    finished REAL,
-    pid INTEGER,
-    heat TEXT,                       -- the Heat process the last update went to (pid@start)
-    sent REAL,                       -- when the last update was sent
-    template TEXT,                   -- the last template and environment sent
-    environment TEXT,
-    cancel_requested REAL
-);
-CREATE TABLE IF NOT EXISTS steps (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    rollout INTEGER NOT NULL REFERENCES rollouts(id),
-    node TEXT NOT NULL,
-    batch INTEGER,
-    step TEXT NOT NULL,              -- rebuild | gate
-    from_release TEXT,
-    to_release TEXT,
-    status TEXT NOT NULL,            -- running | succeeded | failed | timed-out
-    started REAL,
-    finished REAL,
-    reason TEXT,
-    data TEXT,
-    UNIQUE (rollout, node, step)
-);
-CREATE TABLE IF NOT EXISTS checks (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    rollout INTEGER NOT NULL REFERENCES rollouts(id),
-    node TEXT NOT NULL,
-    name TEXT NOT NULL,
-    ok INTEGER NOT NULL,
-    seconds REAL NOT NULL,
-    output TEXT,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS releases (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    node TEXT NOT NULL,
-    release TEXT NOT NULL,
-    rollout INTEGER REFERENCES rollouts(id),
-    good INTEGER NOT NULL,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS hooks (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    rollout INTEGER NOT NULL REFERENCES rollouts(id),
-    script TEXT NOT NULL,
-    phase TEXT NOT NULL,             -- create | verify_noapi | verify | destroy
-    node TEXT,
-    ok INTEGER NOT NULL,
-    started REAL NOT NULL,
-    seconds REAL NOT NULL,
-    output TEXT
-);
-CREATE TABLE IF NOT EXISTS probes (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    rollout INTEGER NOT NULL REFERENCES rollouts(id),
-    node TEXT NOT NULL,
-    target TEXT NOT NULL,            -- what was asked, e.g. http://10.231.0.11:8080/health
-    requests INTEGER NOT NULL,
-    failures INTEGER NOT NULL,
-    downtime REAL NOT NULL,          -- seconds the node's service did not answer
-    outages TEXT NOT NULL,           -- json: [[start, end], ...]
-    started REAL NOT NULL,
-    finished REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS migrations (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    rollout INTEGER NOT NULL REFERENCES rollouts(id),
-    node TEXT NOT NULL,
-    phase TEXT NOT NULL,             -- rehearsal | snapshot | migration | restore
-    release TEXT NOT NULL DEFAULT '',
-    migration TEXT NOT NULL DEFAULT '',
-    kind TEXT NOT NULL DEFAULT '',   -- expand | contract
-    state_version INTEGER,
-    ok INTEGER,
-    started REAL NOT NULL,
-    seconds REAL,
-    output TEXT,
-    UNIQUE (rollout, node, phase, release, migration, started)
-);
-CREATE TABLE IF NOT EXISTS log (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    rollout INTEGER REFERENCES rollouts(id),
-    node TEXT,
-    at REAL NOT NULL,
-    message TEXT NOT NULL
-);
-"""
-
-MIGRATIONS: tuple[str, ...] = (
-    SCHEMA,  # 1: the tables as first shipped (files from before versioning already have them)
-    """
-ALTER TABLE rollouts ADD COLUMN stage TEXT;
-ALTER TABLE rollouts ADD COLUMN options_version INTEGER NOT NULL DEFAULT 1;
-""",  # 2: what an open operation is doing now, and the format of its options
-)
-VERSION = len(MIGRATIONS)
-
-ACTIVE = ("running", "paused")
-
-
-class HistoryTooNew(InputError):
-    """A history file written by a newer imageupdate, with a schema this one does not know."""
-
-
-class HistoryUnreadable(InputError):
-    """A history file that is not a SQLite database."""
+ROLLOUT_STATUSES = ("running", "paused", "succeeded", "failed", "cancelled", "rolled-back")
+ACTIVE = ("running", "paused")  # an operation with one of these is open
+STEP_STATUSES = ("pending", "running", "succeeded", "failed", "timed-out", "cancelled")
+STAGES = ("planned", "rehearsing", "creating-resources", "sending", "watching", "ended")
 
 
 @dataclass
@@ -215,71 +92,23 @@ class StepRow:
 
 
 class History:
+    """The site's history: every write is recorded at once, every read sees what was recorded."""
+
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._current = False  # the file's schema is VERSION (checked or migrated by this instance)
+        self.file = HistoryFile(path)
+        self._db = self.file.transaction
 
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        try:
-            with self._readable():
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA busy_timeout = 30000")
-                if not self._current:
-                    self._migrate(conn)
-            conn.row_factory = sqlite3.Row
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-
-    @contextmanager
-    def _readable(self) -> Iterator[None]:
-        """Turn SQLite's "not a database" (garbage bytes, a damaged header) into a one-line error."""
-        try:
-            yield
-        except sqlite3.DatabaseError as e:
-            if getattr(e, "sqlite_errorcode", None) not in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
-                raise
-            raise HistoryUnreadable(f"history {self.path} is not a readable SQLite database ({e}); "
-                                    "move it aside to start a new history") from e
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        """Apply the migrations the file lacks, each with its version bump in one transaction."""
-        while (version := self._version(conn)) != VERSION:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                version = self._version(conn)  # another process may have migrated while we waited
-                if version < VERSION:
-                    for statement in _statements(MIGRATIONS[version]):
-                        conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version = {version + 1}")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        self._current = True
-
-    def _version(self, conn: sqlite3.Connection) -> int:
-        """The file's schema version; HistoryTooNew if it is newer than this code knows."""
-        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        if version > VERSION:
-            raise HistoryTooNew(f"history {self.path} has schema version {version} but this imageupdate knows "
-                                f"only up to {VERSION}: upgrade imageupdate")
-        return version
+    @property
+    def path(self) -> Path:
+        return self.file.path
 
     # rollouts ------------------------------------------------------------------
 
     def start(self, kind: str, target: str | None, options: dict[str, Any], plan: dict[str, Any],
               parent: int | None = None, pid: int | None = None, status: str = "running",
               options_version: int = 1, stage: str | None = None) -> RolloutRow:
+        _require(status, ROLLOUT_STATUSES, "rollouts.status")
+        _require(stage, (None, *STAGES), "rollouts.stage")
         with self._db() as db:
             cur = db.execute(
                 "INSERT INTO rollouts (kind, target, parent, options, plan, status, started, pid, stage, "
@@ -313,8 +142,8 @@ class History:
     def active(self) -> RolloutRow | None:
         """The operation that is running or paused, if any (there is at most one)."""
         with self._db() as db:
-            row = db.execute("SELECT * FROM rollouts WHERE status IN ('running', 'paused') "
-                             "ORDER BY id DESC LIMIT 1").fetchone()
+            row = db.execute("SELECT * FROM rollouts WHERE status IN (?, ?) ORDER BY id DESC LIMIT 1",
+                             ACTIVE).fetchone()
         return _rollout(row) if row else None
 
     def update(self, rid: int, **fields: Any) -> None:
@@ -322,6 +151,10 @@ class History:
                    "cancel_requested", "stage", "options_version"}
         if not set(fields) <= allowed:
             raise ValueError(f"unknown rollout fields {set(fields) - allowed}")
+        if "status" in fields:
+            _require(fields["status"], ROLLOUT_STATUSES, "rollouts.status")
+        if "stage" in fields:
+            _require(fields["stage"], (None, *STAGES), "rollouts.stage")
         if not fields:
             return
         values = [json.dumps(v) if k in ("template", "environment", "plan") else v for k, v in fields.items()]
@@ -345,6 +178,7 @@ class History:
              from_release: str | None = None, to_release: str | None = None, started: float | None = None,
              finished: float | None = None, reason: str | None = None, data: dict[str, Any] | None = None) -> None:
         """Insert or update the (rollout, node, step) row; only the fields given change."""
+        _require(status, STEP_STATUSES, "steps.status")
         with self._db() as db:
             db.execute("INSERT OR IGNORE INTO steps (rollout, node, step, status) VALUES (?, ?, ?, ?)",
                        (rid, node, step, status))
@@ -481,12 +315,7 @@ def _rollout(r: sqlite3.Row) -> RolloutRow:
                       r["cancel_requested"], r["sent"], r["stage"], r["options_version"])
 
 
-def _statements(script: str) -> Iterator[str]:
-    """The SQL statements of ``script``, one by one (``executescript`` would commit the open transaction)."""
-    pending = ""
-    for part in script.split(";"):
-        pending += part + ";"
-        if sqlite3.complete_statement(pending):
-            if pending.strip(" \n;"):
-                yield pending
-            pending = ""
+def _require(value: str | None, values: tuple[str | None, ...], column: str) -> None:
+    """A value the docstring above does not list is a bug in the caller: refuse it before it is written."""
+    if value not in values:
+        raise ValueError(f"{column} cannot be {value!r} (one of: {', '.join(str(v) for v in values)})")

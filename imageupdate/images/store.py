@@ -13,52 +13,33 @@ Layout::
         SHA256SUMS           sha256sum-format checksums of the three above
         manifest.json.sig    the builder's signature of the manifest (see imageupdate.images.signing)
 
-A release directory appears by one ``rename(2)`` of a staged, verified
-directory; ``--force`` swaps it with ``renameat2(RENAME_EXCHANGE)``, so a
-reader sees the old release or the new one, never a mix or nothing. Staged
-directories whose owner died (SIGKILL, power loss) are swept on the next
-build.
+``ImageStore`` reads releases (each manifest parsed from the bytes its signature is checked on) and decides
+whether a fleet may trust one. How the store is written (staging, publishing by one rename, the sweep of
+builds whose owner died): :mod:`imageupdate.images.publishing`. How a release directory and the artifacts
+copied out of it are checked against their checksums: :mod:`imageupdate.images.integrity`.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
 import re
-import secrets
-import shutil
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 
-from imageupdate.base import locks, procs
-from imageupdate.base.errors import (
-    IntegrityError,
-    InvalidReleaseId,
-    ReleaseExists,
-    ReleaseNotFound,
-    StoreError,
-    StoreNotWritable,
-    UntrustedRelease,
-)
-from imageupdate.base.files import exchange_paths, fsync_dir
-from imageupdate.images import signing
+from imageupdate.base.errors import IntegrityError, InvalidReleaseId, ReleaseNotFound, StoreError, UntrustedRelease
+from imageupdate.base.files import fsync_dir
+from imageupdate.images import integrity, publishing, signing
 from imageupdate.images.diff import ReleaseDiff, diff_releases
 from imageupdate.images.fileindex import FileEntry, read_index
-from imageupdate.images.manifest import (
-    CHECKSUMS,
-    FILE_INDEX,
-    MANIFEST,
-    Manifest,
-    read_checksums,
-    read_raw,
-    sha256_file,
-)
+from imageupdate.images.integrity import VerifyResult, verify_directory
+from imageupdate.images.manifest import FILE_INDEX, MANIFEST, Manifest, read_raw
+
+# VerifyResult and verify_directory (images.integrity) are imported from here by the builder and the CLI
+__all__ = ["DEFAULT_STORE", "ImageStore", "VerifyResult", "default_store", "validate_release_id",
+           "verify_directory"]
 
 DEFAULT_STORE = Path("/var/lib/imageupdate/images")
-STAGING = ".staging"
 _RELEASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 
 
@@ -75,55 +56,6 @@ def validate_release_id(release: str) -> str:
 
 def default_store() -> Path:
     return Path(os.environ.get("IMAGEUPDATE_STORE") or DEFAULT_STORE)
-
-
-def verify_directory(path: Path, manifest: Manifest) -> tuple[dict[str, str], list[str]]:
-    """Recompute checksums in a release directory; return (checked, problems)."""
-    problems: list[str] = []
-    checked: dict[str, str] = {}
-    try:
-        sums = read_checksums(path)
-    except OSError:
-        sums = {}
-        problems.append(f"{CHECKSUMS} is missing")
-    for name, artifact in manifest.artifacts.items():
-        sums.setdefault(name, artifact.sha256)
-    if MANIFEST not in sums and not problems:
-        problems.append(f"{CHECKSUMS} does not cover {MANIFEST}")
-    for name, want in sorted(sums.items()):
-        f = path / name
-        if not f.is_file():
-            problems.append(f"{name} is missing")
-            continue
-        got = sha256_file(f)
-        checked[name] = got
-        if got != want:
-            problems.append(f"{name}: sha256 {got[:12]}... does not match {want[:12]}...")
-        art = manifest.artifacts.get(name)
-        if art is not None:
-            if art.sha256 != want:
-                problems.append(f"{name}: manifest and {CHECKSUMS} disagree")
-            if f.stat().st_size != art.size:
-                problems.append(f"{name}: size {f.stat().st_size} is not {art.size}")
-    return checked, problems
-
-
-@dataclass
-class VerifyResult:
-    release: str
-    checked: dict[str, str]
-    problems: list[str]
-    signer: str | None = None
-    signature_problem: str | None = None
-
-    @property
-    def signature_only(self) -> bool:
-        """The one problem is the signature (rebuilding is not the fix: signing or trusting is)."""
-        return self.problems == [self.signature_problem]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 class ImageStore:
@@ -275,127 +207,33 @@ class ImageStore:
         return manifest
 
     def private_copy(self, release: str, manifest: Manifest, name: str, directory: Path) -> Path:
-        """Artifact ``name`` copied (0600, not through a link) into ``directory`` and hashed as it is copied;
-        ``IntegrityError`` unless the copy is what ``manifest`` (checked by the caller) records. What is then
-        unpacked or uploaded is this copy: nothing a store writer does afterwards reaches it."""
-        want = manifest.artifacts[name]
-        dest = directory / f".{release}.{name}.{os.getpid()}.{secrets.token_hex(4)}"
-        h = hashlib.sha256()
-        try:
-            src = os.open(self.path(release) / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(src, "rb") as f, open(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
-                                                 "wb") as out:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-                    out.write(chunk)
-        except OSError as e:
-            dest.unlink(missing_ok=True)
-            raise IntegrityError(f"{name} of release {release!r} cannot be read ({e.strerror})", release=release,
-                                 step="verify") from None
-        if h.hexdigest() != want.sha256:
-            dest.unlink(missing_ok=True)
-            raise IntegrityError(f"{name} of release {release!r} changed after it was verified (sha256 "
-                                 f"{h.hexdigest()[:12]}... is not the signed {want.sha256[:12]}...): the store is "
-                                 "being written under imageupdate; nothing was used", release=release,
-                                 step="verify")
-        return dest
+        """Artifact ``name`` copied into ``directory``, hashed as it is copied, checked against ``manifest``
+        (which the caller checked, e.g. with ``require_verified``): see ``integrity.private_copy``."""
+        return integrity.private_copy(self.path(release), release, manifest, name, directory)
 
-    # Writing -----------------------------------------------------------------
+    # Writing (images.publishing) -----------------------------------------------
 
     def ensure_writable(self) -> None:
-        try:
-            (self.root / STAGING).mkdir(parents=True, exist_ok=True)
-            probe = self.root / STAGING / f".probe-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise StoreNotWritable(
-                f"image store {self.root} is not writable ({exc.strerror}); "
-                "choose another with --store or IMAGEUPDATE_STORE, or fix its permissions"
-            ) from exc
+        publishing.ensure_writable(self.root)
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        hold = ExitStack()
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            hold.enter_context(locks.held(self.root / ".lock"))
-        except OSError as exc:
-            raise StoreNotWritable(f"image store {self.root} is not writable ({exc.strerror}); choose another "
-                                   "with --store or IMAGEUPDATE_STORE, or fix its permissions") from None
-        with hold:
+        with publishing.store_lock(self.root):
             yield
 
     @contextmanager
     def staging(self, release: str) -> Iterator[Path]:
         """A private directory for one build; removed unless published."""
-        validate_release_id(release)
-        self.ensure_writable()
-        self.sweep_stale()
-        stage = self.root / STAGING / f"{release}.{os.getpid()}.{secrets.token_hex(4)}"
-        stage.mkdir()
-        start = procs.start_time(os.getpid()) or "0"
-        (stage / "owner").write_text(f"{os.getpid()} {start}\n")
-        try:
+        with publishing.staging(self.root, validate_release_id(release)) as stage:
             yield stage
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
 
     def sweep_stale(self) -> list[str]:
         """Remove staged builds whose owning process is gone."""
-        removed: list[str] = []
-        base = self.root / STAGING
-        if not base.is_dir():
-            return removed
-        for stage in base.iterdir():
-            if not stage.is_dir():
-                continue
-            # NAME is RELEASE.PID.RANDOM; the owner file adds the start time
-            # so that a reused pid does not keep a dead build alive.
-            try:
-                pid = int(stage.name.rsplit(".", 2)[1])
-            except (IndexError, ValueError):
-                pid = 0
-            started = procs.start_time(pid) if pid > 0 else None
-            recorded: str | None
-            try:
-                recorded = (stage / "owner").read_text().split()[1]
-            except (OSError, IndexError):
-                recorded = started
-            alive = started is not None and started == recorded
-            if not alive:
-                shutil.rmtree(stage, ignore_errors=True)
-                removed.append(stage.name)
-        return removed
+        return publishing.sweep_stale(self.root)
 
     def publish(self, staged: Path, release: str, *, force: bool = False) -> Path:
         """Move a verified staged release directory into place, atomically."""
-        target = self.path(release)
-        with self.lock():
-            fsync_dir(staged)
-            if target.exists():
-                if not force:
-                    raise ReleaseExists(
-                        f"release {release!r} already exists in {self.root}; "
-                        "pass --force to replace it or choose a new release id",
-                        release=release,
-                    )
-                exchange_paths(staged, target)
-                fsync_dir(self.root)
-                shutil.rmtree(staged, ignore_errors=True)  # now the old release
-            else:
-                try:
-                    os.rename(staged, target)
-                except OSError as exc:
-                    if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                        raise ReleaseExists(
-                            f"release {release!r} appeared in {self.root} while building; "
-                            "pass --force to replace it",
-                            release=release,
-                        ) from exc
-                    raise
-                fsync_dir(self.root)
-        return target
+        return publishing.publish(self.root, staged, self.path(release), release, force=force)
 
     def sign(self, release: str, key: Path, fleet_dir: Path, *, adopt: bool = False) -> str:
         """Sign a published release with ``key`` (a key rotation): only a release ``fleet_dir`` already trusts,
@@ -429,10 +267,4 @@ class ImageStore:
     def delete(self, release: str) -> None:
         target = self.path(release)
         self.manifest(release)  # raises ReleaseNotFound
-        self.ensure_writable()
-        with self.lock():
-            trash = self.root / STAGING / f"deleted-{release}.{secrets.token_hex(4)}"
-            (self.root / STAGING).mkdir(parents=True, exist_ok=True)
-            os.rename(target, trash)
-            fsync_dir(self.root)
-            shutil.rmtree(trash, ignore_errors=True)
+        publishing.delete(self.root, target, release)

@@ -3,7 +3,8 @@ node's checks and signal the verdict; record rebuilds, migrations and gates as t
 the operation has succeeded, failed, paused or was cancelled.
 
 The watch only reads the stack and signals gates: the ``HeatClient`` it is given can be a scripted one,
-which is how its fault handling is tested without root (tests/unit/test_watch.py).
+which is how its fault handling is tested without root (tests/unit/test_engine.py, against the scripted
+Heat in tests/unit/fakeheat.py).
 """
 
 from __future__ import annotations

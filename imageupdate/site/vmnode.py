@@ -154,7 +154,7 @@ class VmNode(Node):
         return ", ".join(missing) + (f" (console ends: {tail})" if tail else "")
 
     def _guest_listening(self) -> set[int]:
-        key = self.dir.parent.parent / "key"  # the site's key (LocalSite._ensure_key)
+        key = self.dir.parent.parent / "key"  # the site's key (site.lifecycle._ensure_key)
         done = subprocess.run(["ssh", "-i", str(key), "-o", "StrictHostKeyChecking=no", "-o",
                                "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "ConnectTimeout=3",
                                "-o", "LogLevel=ERROR", f"root@{self.address}", "cat", "/proc/net/tcp",

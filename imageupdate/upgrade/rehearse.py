@@ -9,7 +9,7 @@ What "changes the state" means is the step's release's to say, because only it k
 
     run step -> digest A -> run step again -> digest B -> A == B ?
 
-* The release ships ``/usr/share/imageupdate/state-digest`` (``meta.STATE_DIGEST``): it runs in the
+* The release ships ``/usr/share/imageupdate/state-digest`` (``images.upgrade_meta.STATE_DIGEST``): it runs in the
   release's sandbox on the copy, bounded (``STATE_DIGEST_TIMEOUT``), and its stdout is the digest (say,
   a database's schema and row checksums); the first differing lines are what changed. A digest that
   fails, times out or prints nothing fails the rehearsal naming it: a check that cannot be taken is not

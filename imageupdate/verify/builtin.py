@@ -1,7 +1,8 @@
 """The built-in checks: a node's facts (``node_facts.py``) held against what its release should be.
 
 Pure functions of data, so each can be shown to fail in a unit test. They describe real software, not
-one sample (DESIGN.md decision 9): daemons rename themselves, map shared memory and bind loopback.
+one sample (checks first tuned to our own sample node failed PostgreSQL and nginx): daemons rename
+themselves, map shared memory and bind loopback.
 
 - ``release``: the stamp names the release, and the tree the node runs was unpacked from the artifact
   whose sha256 the store's manifest records (a release rebuilt under the same id is caught);

@@ -6,7 +6,9 @@ decides nothing: the orchestrator compares the facts with the release's manifest
 (``imageupdate.verify.builtin``). Keep it compatible with Python 3.9 (an older release's interpreter).
 Its helpers are importable, so unit tests call them on the test machine's own ``/proc``.
 
-What it reports, and why in this shape (DESIGN.md decision 9: checks describe real software):
+What it reports, and why in this shape (the checks describe real software, not our sample node: code is
+what a process executes, a service is the process tree the init started for it whatever its title, ports
+are read inside the node on any address):
 
 - ``processes``: per process its ``pid``, ``ppid``, ``state`` (``Z``: a zombie), ``start_time`` (field 22
   of ``/proc/PID/stat``, what the init records to tell a recycled pid), ``uid``, ``cmdline``, ``exe`` and

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from imageupdate.images.store import STAGING, ImageStore
+from imageupdate.images.publishing import STAGING
+from imageupdate.images.store import ImageStore
 from tests.functional.conftest import imageupdate, live_processes_mentioning, mounts_mentioning
 
 pytestmark = pytest.mark.functional

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from imageupdate.base import procs
+from imageupdate.site import lifecycle
 from imageupdate.site.site import LocalSite
 from tests.functional.conftest import imageupdate, live_processes_mentioning
 from tests.functional.test_site import leftovers
@@ -153,7 +154,7 @@ def test_killed_heat_rebuild_then_a_rebuild_waiting_while_the_site_is_destroyed(
                                  env={k: v for k, v in os.environ.items() if k != "IMAGEUPDATE_BREAK"})
         try:
             assert procs.wait_until(lambda: has_open(child.pid, lock), 60, interval=0.1), child.communicate(timeout=5)
-            lib._destroy(force=True)  # what 'site destroy' does once it holds the lock
+            lifecycle.destroy_locked(lib, force=True)  # what 'site destroy' does once it holds the lock
             assert not site.exists()
         except BaseException:
             child.kill()

@@ -8,7 +8,8 @@ import pytest
 
 from imageupdate.cli.main import main
 from imageupdate.images.manifest import ROOT_IMAGE
-from imageupdate.images.store import STAGING, ImageStore
+from imageupdate.images.publishing import STAGING
+from imageupdate.images.store import ImageStore
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

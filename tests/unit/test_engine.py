@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from imageupdate.base.errors import InputError
-from imageupdate.rollout import engine, stack, watch
+from imageupdate.rollout import drive, engine, stack, watch
 from imageupdate.rollout.engine import HeatLost, Orchestrator, RolloutOptions
 from imageupdate.rollout.path import FleetPlan
 from tests.unit.fakeheat import FakeFleet, FakeHeat, verdicts
@@ -47,11 +47,11 @@ def kill_at(monkeypatch: pytest.MonkeyPatch, point: str) -> None:
         names = {step} | ({f"{step}@{node}"} if node else set())
         names |= {f"{kind}:{n}" for n in names} if kind else set()
         if point in names:
-            monkeypatch.setattr(engine, "crashpoint", lambda *a, **k: None)
+            monkeypatch.setattr(drive, "crashpoint", lambda *a, **k: None)
             monkeypatch.setattr(stack, "crashpoint", lambda *a, **k: None)
             monkeypatch.setattr(watch, "crashpoint", lambda *a, **k: None)
             raise Killed(point)
-    for module in (engine, stack, watch):
+    for module in (drive, stack, watch):
         monkeypatch.setattr(module, "crashpoint", crash)
 
 
@@ -97,7 +97,7 @@ def test_a_failed_gate_rolls_back_to_where_each_node_was(tmp_path: Path) -> None
     def verify(target: Any, want: Any, extra: Any = None) -> Any:
         # node1 fails on R2 only
         return verdicts({"node1"} if want == "R2" else set())(target, want, extra)
-    orch.verify = verify
+    orch.driver.verify = verify
     out = orch.rollout("R2", RolloutOptions(probe=False))
     assert out.status == "rolled-back", out.reason
     assert h.releases == {"node0": "R1", "node1": "R1", "node2": "R1"}
@@ -163,7 +163,7 @@ def test_a_gate_failed_by_a_dead_heat_engine_is_not_a_verdict(tmp_path: Path) ->
     """Heat killed during node0's gate: the new engine fails the gate it held and, the same template
     re-sent, creates it again; the watch must not take that FAILED as node0's verdict."""
     h, fleet, orch = make(tmp_path)
-    orch.verify = lambda *a, **k: __import__("time").sleep(0.2) or verdicts()(*a, **k)  # type: ignore[assignment]
+    orch.driver.verify = lambda *a, **k: __import__("time").sleep(0.2) or verdicts()(*a, **k)  # type: ignore[assignment]
     heat_dies_then_restarts(h, orch, "gate_node0_r2", "CREATE_IN_PROGRESS")
     assert h.resources["gate_node0_r2"].status == "FAILED"
     h.stack_status = ("UPDATE", "IN_PROGRESS")
@@ -228,7 +228,7 @@ def test_a_gate_that_times_out_fails_and_is_rolled_back(tmp_path: Path) -> None:
         import time
         time.sleep(0.05)
         return verdicts()(target, want, extra)
-    orch.verify = slow
+    orch.driver.verify = slow
     out = orch.rollout("R2", RolloutOptions(probe=False))
     assert out.status in ("rolled-back", "failed")
     steps = {(s.node, s.step): s.status for s in fleet.history.steps(out.rollout.id)}
@@ -270,7 +270,7 @@ def test_a_probe_that_cannot_read_a_manifest_does_not_wedge_the_operation(tmp_pa
     orch2 = again(fleet)
     from imageupdate.rollout.extras import Extras
 
-    extras = Extras(fleet, fleet.history, orch2._say, RolloutOptions())  # type: ignore[arg-type]
+    extras = Extras(fleet, fleet.history, orch2.driver.say, RolloutOptions())  # type: ignore[arg-type]
     row = fleet.history.start("rollout", "R2", {}, {"batches": [["node0"]], "after": {"node0": "R2"}})
     assert extras.start_probe(row, RolloutOptions()) is None
     assert "cannot be read" in fleet.history.log(row.id)[-1]["message"]
@@ -349,7 +349,7 @@ def test_cancelling_a_rollback_stops_there_and_rollback_finishes_it(tmp_path: Pa
             assert row is not None and row.kind == "rollback"
             fleet.history.update(row.id, cancel_requested=1.0)
         return verdicts()(target, want, extra)
-    orch.verify = verify
+    orch.driver.verify = verify
     out = orch.rollout("R2", RolloutOptions(probe=False, batch_size=1))
     assert out.status == "failed"
     assert out.rollback is not None and out.rollback.status == "cancelled"

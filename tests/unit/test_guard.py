@@ -20,11 +20,12 @@ from imageupdate.cli.main import build_parser, main
 from imageupdate.heat.service import HeatService
 from imageupdate.history.db import History
 from imageupdate.images.store import ImageStore
-from imageupdate.site import guard
-from imageupdate.site import site as site_mod
+from imageupdate.site import guard, lifecycle
+from imageupdate.site import rebuild as site_rebuild
 from imageupdate.site.guard import OperationOpen, open_operation, refuse_while_open
 from imageupdate.site.network import SiteNet
-from imageupdate.site.site import TOMBSTONE, LocalSite, SiteNotFound
+from imageupdate.site.site import LocalSite
+from imageupdate.site.sitedir import TOMBSTONE, SiteNotFound
 
 PLAN = {"batches": [["node0"], ["node1"]], "before": {"node0": "R1", "node1": "R1"},
         "after": {"node0": "R2", "node1": "R2"}}
@@ -60,7 +61,8 @@ def make_site(path: Path, nodes: int = 2) -> LocalSite:
 @pytest.fixture
 def as_root(monkeypatch: pytest.MonkeyPatch) -> None:
     """The site's commands need root; their refusals are checked without it (nothing runs)."""
-    monkeypatch.setattr(site_mod, "require_root", lambda why: None)
+    monkeypatch.setattr(lifecycle, "require_root", lambda why: None)
+    monkeypatch.setattr(site_rebuild, "require_root", lambda why: None)
     monkeypatch.setattr(HeatService, "stop", lambda self: "not running")
     for name in ("create_bridge", "delete_bridge", "delete_node"):
         monkeypatch.setattr(SiteNet, name, lambda *a: None)
@@ -196,7 +198,7 @@ def test_operator_rebuild_refused_heat_rebuild_and_force_go_on(tmp_path: Path, a
     site = make_site(tmp_path / "site")
     rid = open_rollout(site.path, pid=dead_pid())
     done: list[str] = []
-    monkeypatch.setattr(LocalSite, "_rebuild", lambda self, node, release: done.append(node.name))
+    monkeypatch.setattr(site_rebuild, "switch", lambda site, node, release: done.append(node.name))
     with pytest.raises(OperationOpen) as e:
         site.rebuild("node1", "R2")
     assert e.value.message.startswith(f"rollout {rid} to R2 was interrupted")
@@ -220,7 +222,7 @@ def test_rebuild_checks_again_once_it_holds_the_locks(tmp_path: Path, as_root: N
             yield
 
     monkeypatch.setattr(LocalSite, "locked", opens_while_waiting)
-    monkeypatch.setattr(LocalSite, "_rebuild", lambda self, node, release: pytest.fail("rebuilt"))
+    monkeypatch.setattr(site_rebuild, "switch", lambda site, node, release: pytest.fail("rebuilt"))
     with pytest.raises(OperationOpen):
         site.rebuild("node0", "R2", wait=1)
 
@@ -241,7 +243,7 @@ def test_rebuild_of_a_site_destroyed_while_it_waited_fails_cleanly(tmp_path: Pat
             yield
 
     monkeypatch.setattr(LocalSite, "locked", destroyed_while_waiting)
-    monkeypatch.setattr(LocalSite, "_rebuild", lambda self, node, release: pytest.fail("rebuilt"))
+    monkeypatch.setattr(site_rebuild, "switch", lambda site, node, release: pytest.fail("rebuilt"))
     with pytest.raises(SiteNotFound) as e:
         site.rebuild("node0", "R2", wait=1, by_heat=True)
     assert "\n" not in e.value.message
@@ -257,7 +259,7 @@ def test_rebuild_of_a_site_taken_down_meanwhile_fails_cleanly(tmp_path: Path, as
     """A node cannot start without its site's bridge: say so instead of leaving a half-made namespace."""
     site = make_site(tmp_path / "site")
     monkeypatch.setattr(SiteNet, "bridge_exists", lambda self: False)
-    monkeypatch.setattr(LocalSite, "_rebuild", lambda self, node, release: pytest.fail("rebuilt"))
+    monkeypatch.setattr(site_rebuild, "switch", lambda site, node, release: pytest.fail("rebuilt"))
     with pytest.raises(InputError) as e:
         site.rebuild("node0", "R2", by_heat=True)
     assert f"site {site.path} is down" in e.value.message and "imageupdate site up" in e.value.message
@@ -279,9 +281,9 @@ def test_destroy_sweeps_every_namespace_and_link_named_for_the_site(tmp_path: Pa
         calls.append(args)
         return subprocess.CompletedProcess(["ip", *args], 0, "", "")
 
-    monkeypatch.setattr(site_mod, "NETNS_DIR", netns)
-    monkeypatch.setattr(site_mod, "SYS_NET", links)
-    monkeypatch.setattr(site_mod, "ip", fake_ip)
+    monkeypatch.setattr(lifecycle, "NETNS_DIR", netns)
+    monkeypatch.setattr(lifecycle, "SYS_NET", links)
+    monkeypatch.setattr(lifecycle, "ip", fake_ip)
     make_site(tmp_path / "site").destroy()
     assert ("netns", "del", "iu-abc123-node0") in calls and ("netns", "del", "iu-abc123-node7") in calls
     assert ("link", "del", "iuvabc123000") in calls and ("link", "del", "iuvabc123007") in calls

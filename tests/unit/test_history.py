@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from imageupdate.base.errors import InputError
-from imageupdate.history import db as history_db
-from imageupdate.history.db import VERSION, History, HistoryTooNew, HistoryUnreadable, RolloutRow
+from imageupdate.history import schema
+from imageupdate.history.db import History, RolloutRow
+from imageupdate.history.schema import VERSION, HistoryFile, HistoryTooNew, HistoryUnreadable
 
 OPTIONS = {"batch_size": 2, "canary": True, "limit": None, "gate_timeout": 60}
 PLAN = {"batches": [["node0"], ["node1", "node2"]], "before": {"node0": "R1"}, "after": {"node0": "R2"}}
@@ -348,7 +349,7 @@ def test_the_v1_fixture_is_what_the_first_migration_creates(v1: Path, tmp_path: 
     assert _user_version(v1) == 0
     fresh = tmp_path / "v1-only.sqlite"
     with closing(sqlite3.connect(fresh)) as db:
-        db.executescript(history_db.MIGRATIONS[0])
+        db.executescript(schema.MIGRATIONS[0])
     assert _schema(fresh) == _schema(v1)  # the shipped v1 step was not edited
 
 
@@ -381,9 +382,9 @@ def test_a_pre_versioning_file_is_migrated_and_its_rows_read_back(v1: Path) -> N
 
 def test_a_migrated_file_takes_new_writes(v1: Path) -> None:
     h = History(v1)
-    h.update(2, stage="rolling-back", options_version=2)
+    h.update(2, stage="ended", options_version=2)
     got = h.rollout(2)
-    assert got is not None and (got.status, got.stage, got.options_version) == ("failed", "rolling-back", 2)
+    assert got is not None and (got.status, got.stage, got.options_version) == ("failed", "ended", 2)
     new = h.start("rollout", "R3", OPTIONS, PLAN, options_version=2, stage="planned")
     assert (new.id, new.stage, new.options_version) == (3, "planned", 2)
     again = History(v1)  # a later process finds it current
@@ -399,13 +400,13 @@ def test_a_fresh_file_gets_the_latest_version(h: History) -> None:
 
 def test_the_schema_is_checked_once_per_instance(h: History, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    real = History._migrate
+    real = HistoryFile.migrate
 
-    def counting(self: History, conn: sqlite3.Connection) -> None:
+    def counting(self: HistoryFile, conn: sqlite3.Connection) -> None:
         calls.append(1)
         real(self, conn)
 
-    monkeypatch.setattr(History, "_migrate", counting)
+    monkeypatch.setattr(HistoryFile, "migrate", counting)
     rid = h.start("rollout", "R2", OPTIONS, PLAN).id
     h.say(rid, "hello")
     h.update(rid, stage="watching")
@@ -419,8 +420,8 @@ def test_a_failed_migration_leaves_the_file_at_the_version_before(
 ) -> None:
     History(v1).rollouts()
     broken = "ALTER TABLE rollouts ADD COLUMN extra TEXT;\nSELECT * FROM no_such_table;\n"
-    monkeypatch.setattr(history_db, "MIGRATIONS", (*history_db.MIGRATIONS, broken))
-    monkeypatch.setattr(history_db, "VERSION", VERSION + 1)
+    monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, broken))
+    monkeypatch.setattr(schema, "VERSION", VERSION + 1)
     with pytest.raises(sqlite3.OperationalError, match="no_such_table"):
         History(v1).rollouts()
     assert _user_version(v1) == VERSION
@@ -453,16 +454,16 @@ def test_two_instances_migrating_an_old_file_at_once_both_succeed(v1: Path, monk
     count = 4
     barrier = threading.Barrier(count)
     seen = threading.local()
-    real = History._version
+    real = HistoryFile.version
 
-    def version(self: History, conn: sqlite3.Connection) -> int:
+    def version(self: HistoryFile, conn: sqlite3.Connection) -> int:
         got = real(self, conn)
         if not getattr(seen, "once", False):  # every thread has read the old version before any migrates
             seen.once = True
             barrier.wait(timeout=10)
         return got
 
-    monkeypatch.setattr(History, "_version", version)
+    monkeypatch.setattr(HistoryFile, "version", version)
     results: list[list[int]] = []
     errors: list[BaseException] = []
 
@@ -480,3 +481,15 @@ def test_two_instances_migrating_an_old_file_at_once_both_succeed(v1: Path, monk
     assert errors == [] and results == [[2, 1]] * count
     assert _user_version(v1) == VERSION
     assert _columns(v1, "rollouts").count("stage") == 1
+
+
+def test_a_status_or_stage_the_history_does_not_list_is_refused(h: History) -> None:
+    """The lists in history.db's docstring are the values written: a new one must be added there first."""
+    rid = h.start("rollout", "R2", OPTIONS, PLAN, stage="planned").id
+    for bad in ({"status": "rolling-back"}, {"stage": "rolling-back"}):
+        with pytest.raises(ValueError, match="cannot be 'rolling-back'"):
+            h.update(rid, **bad)
+    with pytest.raises(ValueError, match="steps.status"):
+        h.step(rid, "node0", "gate", "passed")
+    row = h.rollout(rid)
+    assert row is not None and (row.status, row.stage) == ("running", "planned") and h.steps(rid) == []

@@ -99,7 +99,7 @@ def test_a_store_that_cannot_be_written_refuses_delete_in_one_line(store: ImageS
     directory goes fails even for root, as a read-only store does for anyone else.)"""
     import shutil
 
-    from imageupdate.images.store import STAGING
+    from imageupdate.images.publishing import STAGING
     publish("R1")
     shutil.rmtree(store.root / STAGING, ignore_errors=True)
     (store.root / STAGING).write_text("")

@@ -199,27 +199,29 @@ def test_site_needs_root_and_says_why(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_too_many_nodes_for_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store, publish) -> None:  # type: ignore[no-untyped-def]
-    from imageupdate.site import site as site_mod
+    from imageupdate.site import lifecycle
+    from imageupdate.site.site import LocalSite
 
     publish("R1", extra={"./usr/lib/imageupdate/init": b"#!/usr/bin/python3\n"})
     monkeypatch.setattr("os.geteuid", lambda: 0)
-    monkeypatch.setattr(site_mod, "require", lambda tools: {})
-    monkeypatch.setattr(site_mod, "_available_memory_mb", lambda: 200)
+    monkeypatch.setattr(lifecycle, "require", lambda tools: {})
+    monkeypatch.setattr(lifecycle, "_available_memory_mb", lambda: 200)
     with pytest.raises(InputError) as exc:
-        site_mod.LocalSite(tmp_path / "site", store).up(10, "R1")
+        LocalSite(tmp_path / "site", store).up(10, "R1")
     assert "only 200 MiB are available" in str(exc.value)
     assert not (tmp_path / "site").exists()
 
 
 def test_a_release_without_the_node_init_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      store, publish) -> None:  # type: ignore[no-untyped-def]
-    from imageupdate.site import site as site_mod
+    from imageupdate.site import lifecycle
+    from imageupdate.site.site import LocalSite
 
     publish("R1")  # the synthetic root has no /usr/lib/imageupdate/init
     monkeypatch.setattr("os.geteuid", lambda: 0)
-    monkeypatch.setattr(site_mod, "require", lambda tools: {})
+    monkeypatch.setattr(lifecycle, "require", lambda tools: {})
     with pytest.raises(InputError) as exc:
-        site_mod.LocalSite(tmp_path / "site", store).up(1, "R1")
+        LocalSite(tmp_path / "site", store).up(1, "R1")
     assert "has no /usr/lib/imageupdate/init" in str(exc.value) and "--force" in str(exc.value)
     assert not (tmp_path / "site").exists()
 
@@ -273,21 +275,21 @@ def test_a_site_whose_node_does_not_boot_is_kept_with_its_logs(tmp_path: Path,
     """A failed ``site up`` takes the nodes and network down but keeps what explains it, and says where."""
     from imageupdate.base.errors import OperationError
     from imageupdate.heat.service import HeatService
-    from imageupdate.site import site as site_mod
+    from imageupdate.site import lifecycle, sitedir
 
     def no_boot(node: Node, release: str, key: str) -> None:
         node.dir.mkdir(parents=True)
         (node.dir / "console.log").write_text("init: cannot start web\n")
         raise OperationError(f"node {node.name} exited at boot", node=node.name, release=release, step="start")
 
-    monkeypatch.setattr(site_mod, "ensure_release", lambda *a: None)
+    monkeypatch.setattr(sitedir, "ensure_release", lambda *a: None)
     for name in ("create_bridge", "delete_bridge", "delete_node"):
         monkeypatch.setattr(SiteNet, name, lambda *a: None)
     monkeypatch.setattr(Node, "create", no_boot)
     monkeypatch.setattr(HeatService, "stop", lambda self: "not running")
     site = LocalSite(tmp_path / "site", ImageStore(tmp_path / "store"))
     with pytest.raises(OperationError) as e:
-        site._create(2, "R1")
+        lifecycle.create(site, 2, "R1")
     assert (tmp_path / "site/site.json").is_file()
     assert (tmp_path / "site/nodes/node0/console.log").read_text() == "init: cannot start web\n"
     assert "kept for inspection" in e.value.message and f"site destroy --site {tmp_path / 'site'}" in e.value.message
@@ -296,22 +298,23 @@ def test_a_site_whose_node_does_not_boot_is_kept_with_its_logs(tmp_path: Path,
 
 def test_a_site_interrupted_while_created_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from imageupdate.heat.service import HeatService
-    from imageupdate.site import site as site_mod
+    from imageupdate.site import lifecycle, sitedir
 
     def interrupted(*a: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(site_mod, "ensure_release", interrupted)
+    monkeypatch.setattr(sitedir, "ensure_release", interrupted)
     for name in ("create_bridge", "delete_bridge", "delete_node"):
         monkeypatch.setattr(SiteNet, name, lambda *a: None)
     monkeypatch.setattr(HeatService, "stop", lambda self: "not running")
     with pytest.raises(KeyboardInterrupt):
-        LocalSite(tmp_path / "site", ImageStore(tmp_path / "store"))._create(1, "R1")
+        lifecycle.create(LocalSite(tmp_path / "site", ImageStore(tmp_path / "store")), 1, "R1")
     assert not (tmp_path / "site").exists()
 
 
 def test_a_site_path_that_is_not_a_site_directory_is_bad_input(tmp_path: Path) -> None:
-    from imageupdate.site.site import LocalSite, SiteNotFound
+    from imageupdate.site.site import LocalSite
+    from imageupdate.site.sitedir import SiteNotFound
 
     for path in (Path("/dev/null"), tmp_path / "garbage"):
         if path != Path("/dev/null"):

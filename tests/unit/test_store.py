@@ -12,7 +12,8 @@ import pytest
 
 from imageupdate.base.errors import InvalidReleaseId, ReleaseExists, ReleaseNotFound, StoreNotWritable
 from imageupdate.images.manifest import ROOT_IMAGE
-from imageupdate.images.store import STAGING, ImageStore, validate_release_id
+from imageupdate.images.publishing import STAGING
+from imageupdate.images.store import ImageStore, validate_release_id
 from tests.conftest import staged_release
 
 

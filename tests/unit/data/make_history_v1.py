@@ -15,7 +15,7 @@ import sys
 from contextlib import closing
 from pathlib import Path
 
-from imageupdate.history.db import SCHEMA
+from imageupdate.history.schema import SCHEMA
 
 OPTIONS = {"batch_size": 1, "canary": True, "limit": None, "pause": False, "gate_timeout": 60, "rollback": True}
 PLAN = {"batches": [["node0"], ["node1"]], "before": {"node0": "R1", "node1": "R1"},
