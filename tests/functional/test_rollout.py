@@ -209,6 +209,7 @@ def test_pause_between_batches_resume_and_cancel(site: Path, store_dir: Path) ->
     proc = cli(site, store_dir, "cancel")
     assert proc.returncode == 1
     result = json.loads(proc.stdout)
+    assert "status" in result, proc.stdout + proc.stderr  # an error document instead: say which
     assert result["status"] == "cancelled" and result["rollback"]["status"] == "succeeded"
     assert releases_of(site, store_dir) == {"node0": "R1", "node1": "R1", "node2": "R1"}
 
