@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,6 +19,7 @@ from imageupdate import api
 from imageupdate.api import RolloutEvent, RolloutOptions
 from tests.functional.conftest import imageupdate
 from tests.functional.test_rollout import three_node_site
+from tests.jsondocs import normalised
 
 pytestmark = pytest.mark.functional
 
@@ -53,18 +52,6 @@ def from_python(site: Path, store_dir: Path) -> None:
     back = api.rollback(site=site, store=store_dir, on_event=events.append)
     assert back.ok and back.rollout.kind == "rollback" and runs(site, store_dir) == {"node0": "R1", "node1": "R1"}
     assert sorted(e.node for e in events if e.what == "passed") == sorted(NODES)
-
-
-VOLATILE = re.compile(r"^(id|parent|rollout|stack_id|tag|pid)$")  # besides every float: times and durations
-
-
-def normalised(doc: Any) -> Any:
-    if isinstance(doc, dict):
-        return {k: ("*" if VOLATILE.match(k) and not isinstance(v, (dict, list)) else normalised(v))
-                for k, v in doc.items()}
-    if isinstance(doc, list):
-        return [normalised(v) for v in doc]
-    return "*" if isinstance(doc, float) else doc
 
 
 def openstack(*args: str) -> subprocess.CompletedProcess[str]:

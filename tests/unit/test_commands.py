@@ -29,6 +29,7 @@ from imageupdate.commands.spec import CLOUD, SITE, STORE, Command, Context, add_
 from imageupdate.rollout import engine
 from imageupdate.rollout.engine import Orchestrator, RolloutOptions
 from imageupdate.rollout.path import FleetPlan
+from tests.jsondocs import normalised
 from tests.unit.fakeheat import FakeFleet, FakeHeat, verdicts
 
 NODES = ("node0", "node1")
@@ -82,19 +83,6 @@ def fake_fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[FakeHea
     monkeypatch.setattr(engine, "plan_fleet", lambda fleet, target, nodes=None: FleetPlan(target, {}, []))
     monkeypatch.setattr(engine, "check_fleet_config", lambda fleet, fp, given=None: [])
     return heat, fleet
-
-
-VOLATILE = re.compile(r"^(id|parent|rollout|stack_id|tag)$")  # besides every float: times and durations
-
-
-def normalised(doc: Any) -> Any:
-    """A --json document with what differs between two runs (ids, times, durations) taken out."""
-    if isinstance(doc, dict):
-        return {k: ("*" if VOLATILE.match(k) and not isinstance(v, (dict, list)) else normalised(v))
-                for k, v in doc.items()}
-    if isinstance(doc, list):
-        return [normalised(v) for v in doc]
-    return "*" if isinstance(doc, float) else doc
 
 
 @needs_osc
