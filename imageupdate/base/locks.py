@@ -41,8 +41,7 @@ def held(path: Path, mode: int = 0o644, on_wait: Callable[[], None] | None = Non
                 on_wait()
             fcntl.flock(fd, fcntl.LOCK_EX)
         if record_pid:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            write_owner(fd)
         yield fd
     finally:
         os.close(fd)
@@ -50,11 +49,8 @@ def held(path: Path, mode: int = 0o644, on_wait: Callable[[], None] | None = Non
 
 def recorded_pid(path: Path) -> int | None:
     """The pid the holder of a :func:`held` lock with ``record_pid`` wrote, if it wrote one."""
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
+    owner = read_owner(path)
+    return owner.pid if owner else None
 
 
 def describe_process(text: str) -> None:
@@ -71,6 +67,23 @@ class Owner:
     since: float
 
 
+def write_owner(fd: int, rollout: int | None = None) -> None:
+    """Record this process as the holder of the lock open on ``fd``: one format for every lock that says
+    who holds it (``read_owner``)."""
+    data = json.dumps({"pid": os.getpid(), "rollout": rollout, "since": time.time(), "command": OwnerLock.process})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (data + "\n").encode(), 0)
+
+
+def read_owner(path: Path) -> Owner | None:
+    """Who ``write_owner`` said holds the lock at ``path``; None if nobody recorded a readable owner."""
+    try:
+        d = json.loads(path.read_text())
+        return Owner(int(d["pid"]), d.get("rollout"), str(d.get("command", "")), float(d.get("since", 0)))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 class OwnerLock:
     """An exclusive, non-blocking flock(2) whose file records its owner (pid, operation, command, start).
     The flock dies with its owner; the record stays, so the next caller can say who held it."""
@@ -82,11 +95,7 @@ class OwnerLock:
         self._fd: int | None = None
 
     def owner(self) -> Owner | None:
-        try:
-            d = json.loads(self.path.read_text())
-            return Owner(int(d["pid"]), d.get("rollout"), str(d.get("command", "")), float(d.get("since", 0)))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        return read_owner(self.path)
 
     def held_by_other(self) -> bool:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -107,11 +116,8 @@ class OwnerLock:
         return True
 
     def record(self, rollout: int | None) -> None:
-        if self._fd is None:
-            return
-        data = json.dumps({"pid": os.getpid(), "rollout": rollout, "since": time.time(), "command": self.process})
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, (data + "\n").encode(), 0)
+        if self._fd is not None:
+            write_owner(self._fd, rollout)
 
     def release(self) -> None:
         if self._fd is not None:
