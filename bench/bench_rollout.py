@@ -2,17 +2,19 @@
 """Rollout benchmark: per-node orchestration overhead of ``imageupdate rollout`` on the local site, Heat's memory.
 
 The CLI as a user runs it (``.venv/bin/imageupdate rollout R --site DIR --batch-size B --json``), on sites of
-3, 10 and 30 nodes, with batch sizes 1 and 5, side by side in one run:
+3, 50 and 200 nodes, with batch sizes 1, 10 and 20, side by side in one run (``--nodes``, ``--batch-sizes``):
 
 * wall: from starting the CLI until it exits (Python start-up, Heat look-ups and the whole watch included);
 * node time: the time nodes spend swapping and testing, from the history (``SITE/history.sqlite``, table
   ``steps``): the nodes of a batch run in parallel, so node time = sum over batches of the slowest node's
   (rebuild seconds + gate seconds);
-* overhead = wall - node time; per node = overhead / nodes changed. Target: at most 1.5 s per node, growing
-  linearly with the nodes per batch;
+* overhead = wall - node time; per node = overhead / nodes changed. Targets: at most 0.3 s per node, the
+  same (within 20 %) from the smallest site to the largest; 200 nodes at batch 20 in under 2 minutes;
 * swap (rebuild) and gate median per node, and the checks the gate ran (``checks`` table) inside the gate;
 * Heat's resident memory (VmRSS of the pid in ``SITE/heat/heat.json``) after each rollout, and per site
-  before the first rollout and after the last.
+  before the first rollout and after the last (target: at most 300 MiB);
+* CPU per node changed: Heat's, the CLI's (with the ssh clients it waited for), and the rest of the host's
+  (the nodes' rebuilds, checks and workloads).
 
 One site per node count: created once, one untimed warm-up rollout R1 -> R2 (it creates the stack, the
 'adopt' operation, starts Heat and unpacks R2), then the measured rollouts alternate R2 -> R2b -> R2 ... for
@@ -37,6 +39,7 @@ import contextlib
 import hashlib
 import json
 import os
+import resource
 import shutil
 import sqlite3
 import statistics
@@ -51,7 +54,9 @@ from typing import Any
 from imageupdate.images.store import ImageStore
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGET_PER_NODE = 1.5  # seconds of overhead per node
+TARGET_PER_NODE = 0.3  # seconds of overhead per node
+TARGET_SPREAD = 0.2  # overhead per node may differ this much (relative) between the smallest and largest site
+TARGET_RSS = 300.0  # MiB of Heat
 DIVIDER = "-" * 143
 
 
@@ -106,6 +111,8 @@ class Run:
     trigger_span: float  # seconds from the first to the last of them
     heat_cpu: float  # CPU seconds Heat used during the rollout (NaN if Heat restarted)
     host_busy: float  # % of the host's CPUs busy during the rollout (every process, other sessions' too)
+    cli_cpu: float  # CPU seconds of the imageupdate CLI and the children it waited for (ssh, nsenter...)
+    host_cpu_s: float  # CPU seconds the whole host was busy during the rollout
 
     @property
     def overhead(self) -> float:
@@ -281,7 +288,7 @@ def read_history(site: Path, rid: int) -> tuple[sqlite3.Row, list[NodeSteps]]:
 
 
 def analyse(site: Path, nodes: int, batch_size: int, release: str, rid: int, started: float, wall: float,
-            rss: float | None, heat_cpu: float, host_busy: float) -> Run:
+            rss: float | None, heat_cpu: float, host_busy: float, cli_cpu: float, host_cpu_s: float) -> Run:
     row, steps = read_history(site, rid)
     batches: dict[int, list[NodeSteps]] = {}
     for s in steps:
@@ -306,7 +313,8 @@ def analyse(site: Path, nodes: int, batch_size: int, release: str, rid: int, sta
         in_batch=in_batch, between=between, finish=finished - spans[-1][1], exit=ended - finished,
         gate_over_checks=statistics.median(s.gate - s.checks for s in steps),
         checks_node_time=sum(max(s.rebuild + s.checks for s in b) for b in order),
-        triggers=triggers, trigger_span=trigger_span, heat_cpu=heat_cpu, host_busy=host_busy,
+        triggers=triggers, trigger_span=trigger_span, heat_cpu=heat_cpu, host_busy=host_busy, cli_cpu=cli_cpu,
+        host_cpu_s=host_cpu_s,
     )
 
 
@@ -327,13 +335,20 @@ def say(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def rollout(cli: Path, site: Path, store: Path, release: str, batch_size: int,
-            timeout: float) -> tuple[int, float, float]:
+            timeout: float) -> tuple[int, float, float, float]:
+    """(rollout id, epoch started, wall seconds, CPU seconds of the CLI and the children it waited for)."""
+    cpu = children_cpu()
     doc, started, wall = checked(cli, "rollout", release, "--site", str(site), "--store", str(store),
                                  "--batch-size", str(batch_size), timeout=timeout)
     if doc.get("status") != "succeeded":
         raise BenchError(f"rollout to {release} ended {doc.get('status')}: {doc.get('reason')}")
-    return int(doc["rollout"]["id"]), started, wall
+    return int(doc["rollout"]["id"]), started, wall, children_cpu() - cpu
 
 
 def keep_logs(cli: Path, site: Path, store: Path, nodes: int) -> Path:
@@ -348,7 +363,7 @@ def keep_logs(cli: Path, site: Path, store: Path, nodes: int) -> Path:
 
 
 def bench_site(cli: Path, store: Path, nodes: int, batch_sizes: list[int], repeat: int, timeout: float,
-               runs: list[Run], memory: list[SiteMemory]) -> None:
+               runs: list[Run], memory: list[SiteMemory], twin: str) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f"iu-bench-rollout-{nodes}-", dir="/tmp"))
     site = tmp / "site"
     pid: int | None = None
@@ -358,29 +373,31 @@ def bench_site(cli: Path, store: Path, nodes: int, batch_sizes: list[int], repea
                            "--store", str(store))
         before = rss_mib(heat_pid(site))
         say(f"{nodes} nodes: up in {up:.1f} s; warm-up rollout R1 -> R2 (creates the stack, starts Heat) ...")
-        _, _, warm_wall = rollout(cli, site, store, "R2", max(batch_sizes), timeout)
+        _, _, warm_wall, _ = rollout(cli, site, store, "R2", max(batch_sizes), timeout)
         pid = heat_pid(site)
         mem = SiteMemory(nodes, before, rss_mib(pid), None, up, warm_wall)
         memory.append(mem)
         current = "R2"
         for batch_size in batch_sizes:
             for i in range(repeat):
-                release = TWIN if current == "R2" else "R2"
+                release = twin if current == "R2" else "R2"
                 say(f"{nodes} nodes, batch {batch_size}, run {i + 1}/{repeat}: rollout {current} -> {release} ...")
                 cpu0, host0 = cpu_seconds(pid), host_cpu()
-                rid, started, wall = rollout(cli, site, store, release, batch_size, timeout)
+                rid, started, wall, cli_cpu = rollout(cli, site, store, release, batch_size, timeout)
                 cpu1, host1 = cpu_seconds(pid), host_cpu()
                 heat_cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None and heat_pid(site) == pid \
                     else float("nan")
                 busy = 100 * (host1[0] - host0[0]) / max(1, host1[1] - host0[1])
+                busy_s = (host1[0] - host0[0]) / os.sysconf("SC_CLK_TCK")
                 current = release
                 pid = heat_pid(site) or pid
-                run = analyse(site, nodes, batch_size, release, rid, started, wall, rss_mib(pid), heat_cpu, busy)
+                run = analyse(site, nodes, batch_size, release, rid, started, wall, rss_mib(pid), heat_cpu, busy,
+                              cli_cpu, busy_s)
                 runs.append(run)
                 mem.after = run.heat_rss
                 say(f"  wall {run.wall:.1f} s, node time {run.node_time:.1f} s, overhead {run.overhead:.1f} s "
                     f"({run.per_node:.2f} s per node), Heat {mib(run.heat_rss)}, Heat CPU {run.heat_cpu:.1f} s, "
-                    f"host CPU {run.host_busy:.0f} % busy")
+                    f"imageupdate CPU {run.cli_cpu:.1f} s, host CPU {run.host_busy:.0f} % busy")
     except BenchError as e:
         try:
             kept = keep_logs(cli, site, store, nodes)
@@ -413,7 +430,7 @@ def cell(runs: list[Run]) -> dict[str, float]:
     """Median over the repeats of a cell, field by field (Heat RSS: after the cell's last rollout)."""
     fields = ("wall", "node_time", "overhead", "per_node", "rebuild_median", "gate_median", "checks_median",
               "startup", "send", "first", "in_batch", "between", "finish", "exit", "gate_over_checks",
-              "per_node_checks_only", "triggers", "trigger_span", "heat_cpu", "host_busy")
+              "per_node_checks_only", "triggers", "trigger_span", "heat_cpu", "host_busy", "cli_cpu", "host_cpu_s")
     out = {f: statistics.median(float(getattr(r, f)) for r in runs) for f in fields}
     out["changed"] = float(runs[-1].changed)
     out["batches"] = float(runs[-1].batches)
@@ -449,11 +466,44 @@ def report(runs: list[Run], memory: list[SiteMemory], repeat: int) -> None:
         print(f"{nodes:5d} {batch:5d} {s['batches']:7.0f} {s['wall']:8.1f} {s['node_time']:11.1f} "
               f"{s['overhead']:10.1f} {s['per_node']:10.2f} {ok:>6} {s['rebuild_median']:10.2f} "
               f"{s['gate_median']:10.2f} {s['checks_median']:12.2f} {s['heat_rss']:12.0f}")
-    print(f"target: at most {TARGET_PER_NODE} s of overhead per node, growing linearly with nodes per batch")
+    print(f"target: at most {TARGET_PER_NODE} s of overhead per node, whatever the fleet's size")
     if repeat > 1:
         for (nodes, batch), rs in cells.items():
             print(f"  {nodes} nodes, batch {batch}: overhead per node per run "
                   + ", ".join(f"{r.per_node:.2f}" for r in rs) + " s")
+
+    print("\nscale: what a node step costs as the fleet grows, per node changed (CPU: seconds of CPU over the rollout "
+          "/ nodes changed)")
+    print(DIVIDER)
+    print(f"{'nodes':>5} {'batch':>5} {'wall s':>8} {'step s':>7} {'overhead s':>10} {'Heat CPU s':>10} "
+          f"{'imageupdate CPU s':>17} {'nodes+rest CPU s':>16} {'host CPU %':>10} {'Heat RSS MiB':>12}")
+    for (nodes, batch), s in stats.items():
+        n = s["changed"] or float("nan")
+        rest = s["host_cpu_s"] - s["cli_cpu"] - (0.0 if s["heat_cpu"] != s["heat_cpu"] else s["heat_cpu"])
+        print(f"{nodes:5d} {batch:5d} {s['wall']:8.1f} {s['wall'] / n:7.2f} {s['per_node']:10.2f} "
+              f"{s['heat_cpu'] / n:10.2f} {s['cli_cpu'] / n:17.2f} {rest / n:16.2f} {s['host_busy']:10.0f} "
+              f"{s['heat_rss']:12.0f}")
+    print("step: wall / nodes changed; overhead: (wall - node time) / nodes changed; imageupdate CPU: the CLI and\n"
+          "the children it waited for (ssh to the nodes); nodes+rest: every other busy CPU second of the host (the\n"
+          "nodes' rebuilds, checks and workloads, the probe's targets, other processes)")
+    print("\ntargets")
+    print(DIVIDER)
+    for batch in sorted({b for _, b in stats}):
+        sizes = sorted(n for n, b in stats if b == batch)
+        worst = max(stats[(n, batch)]["per_node"] for n in sizes)
+        line = f"  batch {batch}: overhead per node at most {TARGET_PER_NODE} s: {worst:.2f} s " \
+               f"{'ok' if worst <= TARGET_PER_NODE else 'OVER'}"
+        if len(sizes) > 1:
+            small, large = stats[(sizes[0], batch)]["per_node"], stats[(sizes[-1], batch)]["per_node"]
+            spread = abs(large - small) / small if small > 0 else float("inf")
+            line += (f"; {sizes[0]} -> {sizes[-1]} nodes: {small:.2f} -> {large:.2f} s ({spread:+.0%}, within "
+                     f"{TARGET_SPREAD:.0%}: {'ok' if spread <= TARGET_SPREAD else 'OVER'})")
+        print(line)
+    if (200, 20) in stats:
+        wall = stats[(200, 20)]["wall"]
+        print(f"  200 nodes at batch 20 in under 120 s: {wall:.1f} s {'ok' if wall < 120 else 'OVER'}")
+    rss = max((s["heat_rss"] for s in stats.values() if s["heat_rss"] == s["heat_rss"]), default=float("nan"))
+    print(f"  Heat RSS at most {TARGET_RSS:.0f} MiB: {rss:.0f} MiB {'ok' if rss <= TARGET_RSS else 'OVER'}")
 
     print("\nlinearity: overhead = a + b x nodes (least squares over the node counts), per batch size")
     for batch in sorted({b for _, b in stats}):
@@ -501,8 +551,11 @@ TWIN = "R2b"  # the measured rollouts alternate R2 and this: the same workload a
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", type=Path, default=Path("/var/lib/imageupdate/images"))
-    ap.add_argument("--nodes", type=int, nargs="+", default=[3, 10, 30], help="node counts (one site each)")
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 5])
+    ap.add_argument("--nodes", type=int, nargs="+", default=[3, 50, 200], help="node counts (one site each)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 10, 20])
+    ap.add_argument("--twin", default=TWIN,
+                    help=f"the release the measured rollouts alternate with R2 (default {TWIN}, built if missing; "
+                         "with one measured rollout per site any release R2 may roll out to will do)")
     ap.add_argument("--repeat", type=int, default=1, help="measured rollouts per cell (median is reported)")
     ap.add_argument("--timeout", type=float, default=None,
                     help="seconds a rollout may take before it is stopped (default 120 + 15 per node)")
@@ -517,7 +570,9 @@ def main() -> None:
         sys.exit(f"bench_rollout.py: {', '.join(missing)} not in {args.store}; build them first "
                  "(bench/bench_site.py does)")
     cli = cli_path()
-    if not store.exists(TWIN):
+    if not store.exists(args.twin):
+        if args.twin != TWIN:
+            sys.exit(f"bench_rollout.py: {args.twin} is not in {args.store}")
         say(f"building {TWIN} (sample-workload-v2 under another id) ...")
         try:
             checked(cli, "build", TWIN, "--element", "sample-workload-v2", "--store", str(args.store))
@@ -531,7 +586,7 @@ def main() -> None:
     try:
         for nodes in args.nodes:
             timeout = args.timeout or 120.0 + 15.0 * nodes
-            bench_site(cli, args.store, nodes, args.batch_sizes, args.repeat, timeout, runs, memory)
+            bench_site(cli, args.store, nodes, args.batch_sizes, args.repeat, timeout, runs, memory, args.twin)
     except BenchError as e:
         failed = str(e)
     if runs:

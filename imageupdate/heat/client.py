@@ -60,6 +60,13 @@ class Event:
     state: str
     reason: str
     time: str
+    type: str = ""
+    physical_id: str = ""
+
+
+def _event(e: Any) -> Event:
+    return Event(e.id, e.resource_name, e.resource_status, e.resource_status_reason or "", e.event_time,
+                 getattr(e, "resource_type", "") or "", getattr(e, "physical_resource_id", "") or "")
 
 
 @contextmanager
@@ -146,13 +153,19 @@ class HeatClient:
                                                r.physical_resource_id or "") for r in items}
 
     def events(self, stack_id: str, marker: str | None = None) -> list[Event]:
+        """The stack's own events (not its nested stacks'), oldest first, after ``marker`` if given."""
         with _calling(f"listing the events of stack {stack_id}"):
             kwargs: dict[str, Any] = {"sort_dir": "asc"}
             if marker:
                 kwargs["marker"] = marker
             items = self._hc.events.list(self._ref(stack_id), **kwargs)
-        return [Event(e.id, e.resource_name, e.resource_status, e.resource_status_reason or "", e.event_time)
-                for e in items]
+        return [_event(e) for e in items]
+
+    def last_event(self, stack_id: str) -> Event | None:
+        """The stack's newest event: the marker to read what happens after now."""
+        with _calling(f"listing the events of stack {stack_id}"):
+            items = self._hc.events.list(self._ref(stack_id), sort_dir="desc", limit=1)
+        return _event(items[0]) if items else None
 
     def attributes(self, stack_id: str, resource: str) -> dict[str, Any]:
         with _calling(f"reading {resource}"):
@@ -161,8 +174,7 @@ class HeatClient:
     def resource_events(self, stack_id: str, resource: str) -> list[Event]:
         with _calling(f"listing the events of {resource}"):
             items = self._hc.events.list(self._ref(stack_id), resource_name=resource)
-        return [Event(e.id, e.resource_name, e.resource_status, e.resource_status_reason or "", e.event_time)
-                for e in items]
+        return [_event(e) for e in items]
 
     def signal(self, stack_id: str, resource: str, data: dict[str, Any]) -> None:
         with _calling(f"signalling {resource}"):

@@ -1,5 +1,5 @@
-"""The fleet's Heat stack: creating it from what the nodes run (adopt), sending an operation's chain, and
-looking at it with retries. Used by the orchestrator and by ``cloud up``."""
+"""The fleet's Heat stack: creating it from what the nodes run (adopt) and sending an operation's chain.
+Used by the orchestrator and by ``cloud up``; the watch looks at it through ``rollout.view``."""
 
 from __future__ import annotations
 
@@ -9,16 +9,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_fixed
-
 from imageupdate.base.crashpoints import crashpoint
 from imageupdate.base.errors import OperationError
 from imageupdate.heat import chain
 from imageupdate.heat.client import HeatClient, HeatError, ResourceState, Stack
 from imageupdate.history.db import History, RolloutRow
-from imageupdate.rollout.model import HeatLost
 
-HEAT_LOST_AFTER = 15.0  # seconds of failing Heat calls before a look gives up (resume takes over)
 CLEANUP_SECONDS = 300  # what Heat may take per node beyond its gate (rebuild, replacing the gate)
 
 
@@ -118,22 +114,3 @@ def reached_heat(client: HeatClient, stack_id: str, row: RolloutRow, nodes: list
 def refused(e: HeatError) -> bool:
     """Heat answered and refused the request (a 4xx): nothing of it reached the stack."""
     return bool(re.search(r"\b(400|403|404|409|413)\b|Bad Request|Invalid|Conflict", e.message))
-
-
-def look(client: HeatClient, stack_id: str, sleep: Callable[[float], None],
-         lost_after: float = HEAT_LOST_AFTER) -> tuple[Stack, dict[str, ResourceState]]:
-    """The stack and its resources, retried while Heat does not answer (``HeatLost`` after ``lost_after``)."""
-    def once() -> tuple[Stack, dict[str, ResourceState]]:
-        stack = client.stack(stack_id)
-        if stack is None:
-            raise OperationError(f"stack {stack_id} disappeared during the rollout", step="heat")
-        return stack, client.resources(stack_id)
-
-    try:
-        # a bound on attempts too: with an injected sleep no time passes
-        stop = stop_after_delay(lost_after) | stop_after_attempt(int(lost_after) + 1)
-        return Retrying(stop=stop, wait=wait_fixed(1.0), sleep=sleep,
-                        retry=retry_if_exception_type(HeatError), reraise=True)(once)
-    except HeatError as e:
-        raise HeatLost(f"Heat stopped answering ({e.message}); the operation stays open: "
-                       "'imageupdate resume' restarts Heat and finishes it", step="heat") from None

@@ -27,7 +27,7 @@ from imageupdate.rollout import recording
 from imageupdate.rollout.extras import Extras, short
 from imageupdate.rollout.fleet import Fleet
 from imageupdate.rollout.model import CANCELLED, RolloutOptions
-from imageupdate.rollout.stack import look
+from imageupdate.rollout.view import StackView
 from imageupdate.verify.checks import CheckResult, Verdict, probe_check
 from imageupdate.verify.probe import Prober
 from imageupdate.verify.resources import HookRun
@@ -78,6 +78,7 @@ class Watcher:
         self.sleep = sleep
         self.poll = poll
         self.clock = clock
+        self.view: StackView | None = None  # what the last run saw of the stack (for the benchmark)
 
     def run(self, row: RolloutRow, opts: RolloutOptions, watch: Watch) -> str:
         """Until the operation ends: ``succeeded``, ``failed`` (``watch.failure`` says why) or ``paused``."""
@@ -85,9 +86,10 @@ class Watcher:
         batch_of = {n: k for k, b in enumerate(plan["batches"]) for n in b}
         # not a with-block: on an interrupt, checks still running must not hold the exit up
         pool = ThreadPoolExecutor(max_workers=max(2, min(32, 2 * opts.batch_size + 1)))
+        view = self.view = StackView(self.client, self.stack_id, self.sleep)
         try:
             while True:
-                stack, resources = look(self.client, self.stack_id, self.sleep)
+                stack, resources = view.look()
                 if opts.pause_between_batches:
                     self.find_pauses(row, resources, watch)
                 if not watch.cancelling and self._cancel_requested(row):
@@ -97,6 +99,8 @@ class Watcher:
                 now = self.clock()
                 for node, k in batch_of.items():
                     self._track_node(row, node, k, resources, watch, pool, now)
+                if watch.prober is not None:
+                    watch.prober.focus(in_flight(plan["batches"], watch))
                 if self.extras.hooks is not None and not watch.cancelling:
                     self._start_noapi(row, watch, pool)
                 if watch.paused and opts.pause_between_batches and not watch.checking:
@@ -324,6 +328,17 @@ class Watcher:
                     continue
                 watch.noapi[node] = pool.submit(self.extras.phase, row, "verify_noapi", node,
                                                 row.plan["after"][node])
+
+
+def in_flight(batches: list[list[str]], watch: Watch) -> set[str]:
+    """The nodes Heat may be changing now: those of every batch whose previous batch has passed that have
+    not ended their gate, and those whose checks still run."""
+    nodes: set[str] = set(watch.checking)
+    for k, batch in enumerate(batches):
+        if k > 0 and not set(batches[k - 1]) <= watch.passed:
+            break
+        nodes.update(n for n in batch if n not in watch.finished)
+    return nodes
 
 
 def _heat_reason(reason: str) -> str:

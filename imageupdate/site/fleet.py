@@ -78,7 +78,9 @@ class LocalFleet:
         return environment_files([heat_templates_dir() / "environments" / "local.yaml"])
 
     def target(self, node: str) -> NodeTarget:
-        return NodeTarget(node, self.site.node(node).address, self.site.path / "key")
+        # a namespace node's root is the release tree unpacked from its checked artifact, bound read-only
+        return NodeTarget(node, self.site.node(node).address, self.site.path / "key",
+                          root_verified=self.site.kind != "vm")
 
     def wait_booted(self, node: str, timeout: float) -> str | None:
         """A local node's rebuild returns once it is ready (``site rebuild`` waits): nothing to wait for."""

@@ -42,6 +42,7 @@ class FakeHeat:
     recreate: set[str] = field(default_factory=set)  # failed gates the last update creates again
     lagging: set[str] = field(default_factory=set)  # failed servers the last update has not reached yet
     exists: bool = False
+    events: list[Event] = field(default_factory=list)  # what happened to resources, oldest first
 
     # faults ------------------------------------------------------------------------------------------
 
@@ -165,6 +166,9 @@ class FakeHeat:
 
     def _set(self, name: str, action: str, status: str, reason: str = "") -> None:
         self.resources[name] = ResourceState(name, "T", action, status, reason, name)
+        if action != "INIT":  # a resource the template lists and Heat has not created has no event
+            self.events.append(Event(f"e{len(self.events) + 1}", name, f"{action}_{status}", reason,
+                                     f"2026-01-01T00:00:{len(self.events) % 60:02d}Z", "T", name))
 
     def _fail(self, name: str, reason: str) -> None:
         r = self.resources[name]
@@ -235,6 +239,17 @@ class FakeClient:
 
     def attributes(self, stack_id: str, resource: str) -> dict[str, Any]:
         return self.heat.attributes(stack_id, resource)
+
+    def events(self, stack_id: str, marker: str | None = None) -> list[Event]:
+        self.heat._call("events")
+        ids = [e.id for e in self.heat.events]
+        if marker is not None and marker not in ids:
+            raise HeatError(f"listing the events of stack {stack_id} failed: ERROR: 404 not found", step="heat")
+        return list(self.heat.events[ids.index(marker) + 1:] if marker is not None else self.heat.events)
+
+    def last_event(self, stack_id: str) -> Event | None:
+        self.heat._call("last_event")
+        return self.heat.events[-1] if self.heat.events else None
 
     def resource_events(self, stack_id: str, resource: str) -> list[Event]:
         return self.heat.resource_events(stack_id, resource)

@@ -3,6 +3,7 @@ requests on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 from collections.abc import Iterator
@@ -37,7 +38,7 @@ def test_the_prober_loop_records_what_ask_says() -> None:
     answers = iter([True, False, False, True] + [True] * 10_000)
     seen = threading.Event()
 
-    def fake_ask(ep: Endpoint) -> bool:
+    async def fake_ask(ep: Endpoint) -> bool:
         ok = next(answers)
         seen.set()
         return ok
@@ -130,12 +131,78 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def asked(ep: Endpoint) -> bool:
+    return asyncio.run(ask(ep))
+
+
 def test_ask_over_http_and_tcp_on_loopback(server: tuple[int, list[int]]) -> None:
     port, codes = server
-    assert ask(Endpoint("n", "127.0.0.1", (port,), "/health"))
-    assert ask(Endpoint("n", "127.0.0.1", (port,)))
+    assert asked(Endpoint("n", "127.0.0.1", (port,), "/health"))
+    assert asked(Endpoint("n", "127.0.0.1", (port,)))
     codes[0] = 503
-    assert not ask(Endpoint("n", "127.0.0.1", (port,), "/health"))
+    assert not asked(Endpoint("n", "127.0.0.1", (port,), "/health"))
     closed = free_port()
-    assert not ask(Endpoint("n", "127.0.0.1", (closed,), "/health"))
-    assert not ask(Endpoint("n", "127.0.0.1", (port, closed)))
+    assert not asked(Endpoint("n", "127.0.0.1", (closed,), "/health"))
+    assert not asked(Endpoint("n", "127.0.0.1", (port, closed)))
+
+
+def test_a_server_that_never_answers_is_a_failed_request_after_the_timeout() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)  # accepts the connection and never says a word
+        ep = Endpoint("n", "127.0.0.1", (s.getsockname()[1],), "/health")
+        assert not asyncio.run(ask(ep, timeout=0.2))
+
+
+def test_one_thread_probes_every_node_and_nodes_out_of_focus_less_often() -> None:
+    endpoints = [Endpoint(f"node{i}", "10.0.0.1", (1,)) for i in range(100)]
+    counts: dict[str, int] = {}
+
+    async def fake_ask(ep: Endpoint) -> bool:
+        counts[ep.node] = counts.get(ep.node, 0) + 1
+        return True
+
+    before = threading.active_count()
+    prober = Prober(endpoints, interval=0.01, ask=fake_ask, cold_interval=10.0)
+    assert prober.interval_of("node0") == 0.5  # 100 nodes in focus: at most HOT_RATE requests a second
+    prober.focus(["node0", "node1"])
+    assert prober.interval_of("node0") == 0.01 and prober.interval_of("node5") == 10.0
+    prober.start()
+    try:
+        assert threading.active_count() == before + 1
+        threading.Event().wait(0.5)
+    finally:
+        probes = prober.stop()
+    assert counts["node0"] >= 10 and counts["node1"] >= 10
+    assert all(counts[f"node{i}"] == 1 for i in range(2, 100))  # once at the start, then every 10 s
+    assert all(p.requests == counts[n] or p.requests == counts[n] - 1 for n, p in probes.items())
+
+
+def test_a_node_coming_into_focus_is_asked_often_at_once() -> None:
+    counts = {"a": 0}
+
+    async def fake_ask(ep: Endpoint) -> bool:
+        counts["a"] += 1
+        return True
+
+    prober = Prober([Endpoint("a", "10.0.0.1", (1,))], interval=0.01, ask=fake_ask, cold_interval=60.0)
+    prober.focus([])
+    prober.start()
+    try:
+        threading.Event().wait(0.3)
+        assert counts["a"] == 1
+        prober.focus(["a"])
+        threading.Event().wait(0.6)
+    finally:
+        prober.stop()
+    assert counts["a"] >= 10
+
+
+def test_an_ask_that_raises_is_a_failed_request() -> None:
+    async def broken(ep: Endpoint) -> bool:
+        raise RuntimeError("boom")
+
+    prober = Prober([EP], interval=0.01, ask=broken).start()
+    threading.Event().wait(0.1)
+    probe = prober.stop()["node0"]
+    assert probe.requests >= 1 and probe.failures == probe.requests

@@ -454,6 +454,30 @@ def test_a_healthy_node_passes_builtins_then_tests_in_order() -> None:
     assert v.reason == "node0 on R2: 10 checks passed" and v.finished is not None and v.finished >= v.started
 
 
+def test_the_facts_are_read_with_the_roots_verification_when_the_host_vouches_for_it() -> None:
+    node = FakeNode()
+    verify_node(TARGET, expectation(), run=node)
+    assert node.calls[0] == FACTS_COMMAND
+    vouched = NodeTarget("node0", "10.0.0.10", Path("/keys/id"), root_verified=True)
+    calls: list[list[str]] = []
+
+    def run(target: NodeTarget, command: list[str], timeout: float,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 0, json.dumps(healthy()), "")
+    assert verify_node(vouched, expectation(), run=run).ok
+    assert calls[0] == [*FACTS_COMMAND, "--root-verified"]
+
+
+def test_a_local_node_is_reached_with_the_classic_key_exchange_and_a_cloud_one_with_the_default() -> None:
+    """sntrup761 (OpenSSH's default) cost the client 0.1 s of CPU per gate; a local site's bridge only root
+    on the host reaches, a cloud's network is anyone's."""
+    from imageupdate.verify.checks import _ssh_base
+    assert "KexAlgorithms=curve25519-sha256" in _ssh_base(TARGET)
+    pinned = NodeTarget("node0", "10.0.0.10", Path("/keys/id"), known_hosts=Path("/site/known_hosts"))
+    assert not any(o.startswith("KexAlgorithms") for o in _ssh_base(pinned))
+
+
 def test_a_failing_shipped_test_is_named_in_the_reason() -> None:
     node = FakeNode(with_tests("10-a", "20-data-roundtrip"),
                     tests={"10-a": (0, ""), "20-data-roundtrip": (1, "wrote 1, read back 2\n")})

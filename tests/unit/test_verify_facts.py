@@ -4,6 +4,7 @@ server answering 500)."""
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import socket
@@ -254,3 +255,58 @@ def test_the_health_loop_against_a_real_server_answering_500() -> None:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_verified_root_is_compared_by_size_and_any_other_code_hashed(tmp_path: Path) -> None:
+    """A namespace node's root is the tree unpacked from a checked artifact: its code is not hashed at every
+    gate (a third of the facts' time); a host that says nothing gets every file hashed."""
+    code = tmp_path / "lib.so"
+    code.write_bytes(b"\x7fELF" + b"x" * 1000)
+    assert nf.hashes([str(code)]) == {str(code): {"size": 1004, "sha256": nf.sha256(str(code))}}
+    assert nf.hashes([str(code)], root_verified=True) == {str(code): {"size": 1004, "sha256": None}}
+
+
+def test_the_facts_script_hashes_root_code_unless_the_host_vouches_for_the_root() -> None:
+    script = Path(nf.__file__).read_text()
+    plain = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, check=True)
+    vouched = subprocess.run([sys.executable, "-", nf.ROOT_VERIFIED], input=script, capture_output=True, text=True,
+                             check=True)
+    hashed = json.loads(plain.stdout)["code"]
+    sized = json.loads(vouched.stdout)["code"]
+    assert hashed and all(v.get("sha256") for v in hashed.values() if "error" not in v)
+    assert sized and all(v.get("sha256") is None and v.get("size") for v in sized.values() if "error" not in v)
+
+
+def _serve_once(answer: bytes) -> int:
+    """A server that answers one connection with ``answer`` and closes it."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(answer)
+        srv.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return int(srv.getsockname()[1])
+
+
+@pytest.mark.parametrize("answer, expected", [
+    (b"HTTP/1.1 204 No Content\r\n\r\n", (204, "No Content", None)),
+    (b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy", (503, "Service Unavailable", None)),
+    (b"HTTP/1.1 200\r\n\r\n", (200, "", None)),
+    (b"SSH-2.0-OpenSSH_9.2\r\n", (None, None, "BadStatusLine: 'SSH-2.0-OpenSSH_9.2'")),
+    (b"", (None, None, "RemoteDisconnected: no answer")),
+])
+def test_a_health_get_reads_the_status_line_of_whatever_answers(answer: bytes, expected: tuple[Any, ...]) -> None:
+    assert nf.http_get("127.0.0.1", _serve_once(answer), "/health", 2.0) == expected
+
+
+def test_a_health_get_to_a_closed_port_names_the_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    status, reason, error = nf.http_get("127.0.0.1", port, "/health", 1.0)
+    assert status is None and reason is None and error is not None and error.startswith("ConnectionRefusedError")
