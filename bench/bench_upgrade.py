@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,7 @@ def main() -> None:
                 scenario(args.store, "one at a time", ["R2", "R3", "R4"], args.nodes, args.state_mb, Path(tmp))]
     print(f"\nR1 -> R4, {args.nodes} nodes, {args.state_mb} MB of sample-workload state per node "
           "(seconds; migration steps and snapshots summed over nodes)\n")
-    rows = [("rollouts", lambda r: " + ".join(f"{x:.1f}" for x in r.rollouts)),
+    rows: list[tuple[str, Callable[[Run], str]]] = [("rollouts", lambda r: " + ".join(f"{x:.1f}" for x in r.rollouts)),
             ("total (wall)", lambda r: f"{r.wall:.1f}"),
             ("rehearsal(s)", lambda r: f"{r.rehearsal:.1f}"),
             ("  of which: copy of the state", lambda r: f"{r.rehearsal_copy:.1f}"),

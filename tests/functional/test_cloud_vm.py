@@ -80,7 +80,7 @@ def test_servers_boot_what_glance_holds_migrate_themselves_and_roll_back(vm_plan
     ids = {n: s["id"] for n, s in servers(p).items()}
     disks = {n: (p["dir"] / "nova/instances" / i / "disk.eph0").stat().st_ino for n, i in ids.items()}
 
-    proc = cloud(p, "rollout", "M2")
+    proc = cloud(p, "rollout", "M2", "--batch-size", "2")  # the pair rebuilt at once by Nova
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["status"] == "succeeded", result
@@ -100,7 +100,7 @@ def test_servers_boot_what_glance_holds_migrate_themselves_and_roll_back(vm_plan
         assert (name, "snapshot", "", 1) in rows and (name, "migration", "0002-json-to-sqlite", 1) in rows, rows
 
     http(addrs["node0"], "/kv/later", b"written on M2", "PUT")
-    proc = cloud(p, "rollback")
+    proc = cloud(p, "rollback", "--batch-size", "2")
     assert proc.returncode == 0, proc.stderr
     back = json.loads(proc.stdout)
     assert back["status"] == "succeeded", back

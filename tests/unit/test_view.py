@@ -5,6 +5,7 @@ and never longer than Heat's silence allows."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,3 +137,33 @@ def test_the_watch_lists_the_stack_a_fixed_number_of_times_whatever_the_fleets_s
     assert set(h.releases.values()) == {"R2"}
     listings = h.calls.count("resources")
     assert h.looks > 2 * nodes and listings <= 4, (h.looks, listings)
+
+
+def test_the_client_reads_the_stack_without_resolving_outputs_and_the_newest_event_alone() -> None:
+    """Resolving outputs makes Heat load every resource: 57 % of Heat's CPU at 50 nodes, at five looks a
+    second. The marker is one event, the newest."""
+    from types import SimpleNamespace
+
+    from imageupdate.heat.client import HeatClient
+
+    asked: list[tuple[str, dict[str, Any]]] = []
+
+    def get(ref: str, **kw: Any) -> Any:
+        asked.append(("stacks.get", kw))
+        return SimpleNamespace(id="s1", stack_name="fleet", action="UPDATE", status="IN_PROGRESS",
+                               stack_status_reason="", outputs=None, description="")
+
+    def events(ref: str, **kw: Any) -> list[Any]:
+        asked.append(("events.list", kw))
+        return [SimpleNamespace(id="e9", resource_name="gate_node0_t1", resource_status="CREATE_COMPLETE",
+                                resource_status_reason="", event_time="t", resource_type="OS::Heat::WaitCondition",
+                                physical_resource_id="g0")]
+
+    client = HeatClient("http://127.0.0.1:1/v1/admin")
+    client._hc = SimpleNamespace(stacks=SimpleNamespace(get=get), events=SimpleNamespace(list=events))
+    assert client.stack("s1") is not None
+    assert client.last_event("s1") == Event("e9", "gate_node0_t1", "CREATE_COMPLETE", "", "t",
+                                            "OS::Heat::WaitCondition", "g0")
+    client.events("s1", "e8")
+    assert asked == [("stacks.get", {"resolve_outputs": False}), ("events.list", {"sort_dir": "desc", "limit": 1}),
+                     ("events.list", {"sort_dir": "asc", "marker": "e8"})]
