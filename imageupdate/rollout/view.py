@@ -6,11 +6,13 @@ second. So the watch lists the resources once, then reads only the events that c
 one it has seen (``marker``) and applies them, in Heat's order, to what it listed. A look costs the
 stack's status and the events since the last look: a few rows, whatever the number of nodes.
 
-A full listing is taken again when the marker is gone (Heat purges old events) and every ``resync``
-seconds, so a missed change cannot hold the watch up for longer than that. What a listing shows and
-events do not: resources the template declares that were never created (``INIT``) are absent here;
-the watch treats both alike. A replaced resource (same name, a new physical id) is cleaned up after its
-replacement runs: that deletion is not the replacement's.
+A full listing is taken again when the marker is gone (Heat purges old events; it then answers with
+every event from the oldest, or a 404), when the stack stops (an event committed behind the marker, as
+several engines on MySQL can do, would otherwise never be read) and every ``resync`` seconds. What a
+listing shows and events do not: resources the template declares that were never created (``INIT``) are
+absent here; the watch treats both alike. Deletions are not applied: in an operation Heat deletes only
+what the template dropped and what it replaced, after the replacement ran (same name, and for a failed
+server the same physical id), and neither is what the watch follows.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class StackView:
         self.resources: dict[str, ResourceState] = {}
         self.marker: str | None = None
         self.listed_at: float | None = None  # when the resources were last listed in full
+        self.marker_time = ""  # when the marker's event happened (Heat's event_time)
+        self._settled = False  # the last look saw the stack settled (not IN_PROGRESS)
         self.listings = 0  # full listings taken (for the benchmark and the tests)
         self.events_read = 0
 
@@ -62,17 +66,24 @@ class StackView:
         if stack is None:
             raise OperationError(f"stack {self.stack_id} disappeared during the rollout", step="heat")
         now = self.clock()
-        if self.listed_at is None or now - self.listed_at >= self.resync:
+        settled = stack.status != "IN_PROGRESS"
+        # a stack that stopped is listed once more: with several engines and MySQL an event can be committed
+        # behind the marker (created_at is taken before the commit) and would never be read
+        if self.listed_at is None or now - self.listed_at >= self.resync or (settled and not self._settled):
             self._list(now)
-            return stack, dict(self.resources)
-        try:
-            events = self.client.events(self.stack_id, self.marker)
-        except HeatError as e:
-            if "not found" not in e.message.lower() and "404" not in e.message:
-                raise
-            self._list(now)  # the marker was purged: list again and read on from the newest event
-            return stack, dict(self.resources)
-        self._apply(stack, events)
+        else:
+            try:
+                events = self.client.events(self.stack_id, self.marker)
+            except HeatError as e:
+                if "not found" not in e.message.lower() and "404" not in e.message:
+                    raise
+                events = None
+            # Heat answers a marker it no longer holds (purged) with every event from the oldest, or a 404
+            if events is None or (self.marker_time and any(e.time < self.marker_time for e in events)):
+                self._list(now)
+            else:
+                self._apply(stack, events)
+        self._settled = settled
         return stack, dict(self.resources)
 
     def _list(self, now: float) -> None:
@@ -80,21 +91,23 @@ class StackView:
         last = self.client.last_event(self.stack_id)
         self.resources = self.client.resources(self.stack_id)
         self.marker = last.id if last is not None else None
+        self.marker_time = last.time if last is not None else ""
         self.listed_at = now
         self.listings += 1
 
     def _apply(self, stack: Stack, events: list[Event]) -> None:
         for e in events:
-            self.marker = e.id
+            self.marker, self.marker_time = e.id, e.time
             self.events_read += 1
             if e.resource == stack.name or (e.physical_id and e.physical_id == stack.id):
                 continue  # the stack's own event: its status was read from the stack
             action, status = _split(e.state)
+            if action == "DELETE":
+                # in an operation Heat deletes what its template dropped (gates of earlier operations) and
+                # what it replaced, after the replacement ran (a failed server's old row has the same name
+                # and id as the new one): neither is what the watch follows; the next listing drops them
+                continue
             old = self.resources.get(e.resource)
-            if action == "DELETE" and old is not None and old.action != "DELETE" \
-                    and e.physical_id != old.physical_id:
-                continue  # the resource this one replaced, cleaned up after it
-            # a CREATE is a new resource (a replacement has no physical id until it is created)
             physical = e.physical_id or (old.physical_id if old is not None and action != "CREATE" else "")
             self.resources[e.resource] = ResourceState(e.resource, e.type or (old.type if old else ""), action,
                                                        status, e.reason, physical)

@@ -400,19 +400,28 @@ def url(address: str, port: int, path: str) -> str:
 
 def http_get(address: str, port: int, path: str, timeout: float) -> tuple[int | None, str | None, str | None]:
     """(status, reason, error) of one GET, on a plain socket: importing http.client took a third of this
-    script's time (it pulls in the email parser), at every gate."""
+    script's time (it pulls in the email parser), at every gate. The status is the first final one (1xx
+    answers are skipped), read as soon as its header ends: the body is not waited for."""
     host = f"[{address}]" if ":" in address else address
+    data = b""
     try:
         with socket.create_connection((address, port), timeout=timeout) as conn:
             conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
-            data = b""
-            while len(data) < 65536:  # the whole answer (it is small), as a client would
+            while len(data) < 65536:
+                head, ended, rest = data.partition(b"\r\n\r\n")
+                if ended:
+                    code = head.split(b" ", 2)[1:2]
+                    if code and code[0].isdigit() and code[0].startswith(b"1") and len(code[0]) == 3:
+                        data = rest  # 100 Continue, 103 Early Hints: the answer follows
+                        continue
+                    break
                 chunk = conn.recv(65536)
                 if not chunk:
                     break
                 data += chunk
     except OSError as exc:
-        return None, None, f"{exc.__class__.__name__}: {exc}"
+        if b"\r\n" not in data:
+            return None, None, f"{exc.__class__.__name__}: {exc}"
     line = data.split(b"\r\n", 1)[0].decode("latin-1")
     parts = line.split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/") or not (parts[1].isdigit() and len(parts[1]) == 3):

@@ -133,7 +133,7 @@ class NodeProbe:
     def record(self, at: float, ok: bool) -> None:
         with self._lock:
             self.requests += 1
-            if self.runs and self.runs[-1][2] == ok:
+            if self.runs and self.runs[-1][2] == ok and self._same_pace(self.runs[-1], at):
                 self.runs[-1][1] = at
                 self.runs[-1][3] += 1
             else:
@@ -146,6 +146,17 @@ class NodeProbe:
                 self.failures += 1
                 if self._open is None:
                     self._open = at
+
+    @staticmethod
+    def _same_pace(run: list[Any], at: float) -> bool:
+        """Whether a request at ``at`` keeps the run evenly spaced: a node coming into focus (or leaving it) is
+        asked twenty times as often (or as rarely), and a run that spans both would miscount a window."""
+        first, last, _, count = run
+        if count < 2:
+            return True
+        step = (last - first) / (count - 1)
+        gap = at - last
+        return bool(step / 5 - 0.01 <= gap <= step * 5 + 0.05)  # jitter under load is not a new pace
 
     def close(self, at: float) -> None:
         with self._lock:
@@ -198,6 +209,7 @@ class Prober:
         self._main: asyncio.Task[None] | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        self._stopping = threading.Event()  # set by stop(): no request starts or is recorded after it
         self.started: float | None = None
 
     def focus(self, nodes: Iterable[str]) -> None:
@@ -234,18 +246,23 @@ class Prober:
 
     async def _node(self, probe: NodeProbe) -> None:
         node = probe.endpoint.node
-        while True:
+        while not self._stopping.is_set():
             at = self.clock()
             began = time.monotonic()
             try:
                 ok = await self.ask(probe.endpoint)
             except Exception:  # noqa: BLE001 - an ask that breaks is a failed request, not a dead probe
                 ok = False
+            if self._stopping.is_set():
+                return
             probe.record(at, ok)
-            while (left := began + self.interval_of(node) - time.monotonic()) > 0:
+            while (left := began + self.interval_of(node) - time.monotonic()) > 0 and not self._stopping.is_set():
                 await asyncio.sleep(min(left, WAKE))
 
     def stop(self) -> dict[str, NodeProbe]:
+        self._stopping.set()  # a loop that started late stops at its first step
+        if self._thread is not None:
+            self._ready.wait(10)
         if self._loop is not None and self._main is not None and not self._loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed in between
                 self._loop.call_soon_threadsafe(self._main.cancel)

@@ -167,8 +167,9 @@ class FakeHeat:
     def _set(self, name: str, action: str, status: str, reason: str = "") -> None:
         self.resources[name] = ResourceState(name, "T", action, status, reason, name)
         if action != "INIT":  # a resource the template lists and Heat has not created has no event
-            self.events.append(Event(f"e{len(self.events) + 1}", name, f"{action}_{status}", reason,
-                                     f"2026-01-01T00:00:{len(self.events) % 60:02d}Z", "T", name))
+            n = len(self.events)  # one event a second, as Heat's event_time says
+            self.events.append(Event(f"e{n + 1}", name, f"{action}_{status}", reason,
+                                     f"2026-01-01T{n // 3600:02d}:{n // 60 % 60:02d}:{n % 60:02d}Z", "T", name))
 
     def _fail(self, name: str, reason: str) -> None:
         r = self.resources[name]

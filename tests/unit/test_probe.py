@@ -206,3 +206,23 @@ def test_an_ask_that_raises_is_a_failed_request() -> None:
     threading.Event().wait(0.1)
     probe = prober.stop()["node0"]
     assert probe.requests >= 1 and probe.failures == probe.requests
+
+
+def test_a_run_that_changes_pace_is_split_so_windows_count_right() -> None:
+    """Down while out of focus (asked every 4 s), then in focus (every 0.2 s): one evenly spaced run would
+    put most of its requests before the gate; split, the gate's window counts its own."""
+    p = probed(*[(float(t), False) for t in range(0, 20, 4)], *[(20 + i * 0.2, False) for i in range(1, 26)])
+    assert len(p.runs) == 2
+    assert p.window(20.1, 25.0) == ProbeWindow(20.1, 25.0, 25, 25)
+
+
+def test_a_prober_stopped_before_its_loop_ran_records_nothing_after() -> None:
+    async def fake_ask(ep: Endpoint) -> bool:
+        return True
+
+    prober = Prober([EP], interval=0.01, ask=fake_ask)
+    prober._stopping.set()  # as if stop() came first
+    prober.start()
+    probes = prober.stop()
+    threading.Event().wait(0.1)
+    assert probes["node0"].requests == 0

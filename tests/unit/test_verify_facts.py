@@ -299,9 +299,31 @@ def _serve_once(answer: bytes) -> int:
     (b"HTTP/1.1 200\r\n\r\n", (200, "", None)),
     (b"SSH-2.0-OpenSSH_9.2\r\n", (None, None, "BadStatusLine: 'SSH-2.0-OpenSSH_9.2'")),
     (b"", (None, None, "RemoteDisconnected: no answer")),
+    (b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\n\r\nfine", (200, "OK", None)),
 ])
 def test_a_health_get_reads_the_status_line_of_whatever_answers(answer: bytes, expected: tuple[Any, ...]) -> None:
     assert nf.http_get("127.0.0.1", _serve_once(answer), "/health", 2.0) == expected
+
+
+def test_a_health_get_does_not_wait_for_a_body_that_never_ends() -> None:
+    """A server that ignores Connection: close: the status was read, the answer counts."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    done = threading.Event()
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nstill coming")
+            done.wait(5)
+        srv.close()
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        assert nf.http_get("127.0.0.1", int(srv.getsockname()[1]), "/health", 1.0) == (200, "OK", None)
+    finally:
+        done.set()
 
 
 def test_a_health_get_to_a_closed_port_names_the_error() -> None:
