@@ -105,14 +105,16 @@ def cancel(d: Driver) -> Outcome | None:
                                                 f"{fleet.stack_name} is gone"), opts)
         if not policy.touched(history, row) and not stack.reached_heat(client, found.id, row, fleet.node_names()):
             return extras.end(d.close_untouched(row, "cancelled", CANCELLED), opts)
+        cancelled = False
         if found.status == "IN_PROGRESS" and row.status == "paused":
             d.say(row, None, "info", "cancelling the paused update")
             client.cancel_update(found.id)
+            cancelled = True
         elif found.status == "IN_PROGRESS" and row.heat != heat.instance and history.sent(row.id):
             # the engine that ran the update is gone: nothing moves until the update is sent again, and the
             # node it held must end on one release before the next gate fails and the way back starts
             d.say(row, None, "info", "Heat restarted since the update was sent: sending the same template; "
                                      "its next gate fails")
             stack.resend(client, history, found.id, row, opts.gate_timeout, heat.instance)
-        watch = Watch(cancelling=True, failure=CANCELLED)
+        watch = Watch(cancelling=True, failure=CANCELLED, cancel_sent=cancelled)  # once: Heat refuses a second
         return extras.end(d.finish(client, heat, found.id, d.reload(row), opts, extras, watch), opts)

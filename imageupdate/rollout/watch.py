@@ -21,12 +21,13 @@ from typing import Any
 from imageupdate.base.crashpoints import crashpoint
 from imageupdate.base.errors import OperationError
 from imageupdate.heat import chain
-from imageupdate.heat.client import HeatClient, ResourceState
+from imageupdate.heat.client import HeatClient, HeatError, ResourceState
 from imageupdate.history.db import History, RolloutRow
 from imageupdate.rollout import recording
 from imageupdate.rollout.extras import Extras, short
 from imageupdate.rollout.fleet import Fleet
 from imageupdate.rollout.model import CANCELLED, RolloutOptions
+from imageupdate.rollout.stack import refused
 from imageupdate.rollout.view import StackView
 from imageupdate.verify.checks import CheckResult, Verdict, probe_check
 from imageupdate.verify.probe import Prober
@@ -107,7 +108,7 @@ class Watcher:
                     if not watch.cancelling:
                         return "paused"
                     if not watch.cancel_sent:
-                        self.client.cancel_update(self.stack_id)
+                        self._cancel(stack.status)
                         watch.cancel_sent = True
                 if stack.status == "COMPLETE":
                     if len(watch.finished) == len(batch_of):
@@ -134,6 +135,17 @@ class Watcher:
                 self.sleep(self.poll)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+
+    def _cancel(self, status: str) -> None:
+        """Cancel the update if it still runs. One that already stopped (a cancel sent before, Heat quick to
+        act on it) is refused by Heat with a 400: that is the outcome asked for, not an error."""
+        if status != "IN_PROGRESS":
+            return
+        try:
+            self.client.cancel_update(self.stack_id)
+        except HeatError as e:
+            if not refused(e):
+                raise
 
     def _cancel_requested(self, row: RolloutRow) -> bool:
         fresh = self.history.rollout(row.id)

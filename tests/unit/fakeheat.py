@@ -157,6 +157,9 @@ class FakeHeat:
 
     def cancel_update(self, stack_id: str) -> None:
         self._call("cancel_update")
+        if self.stack_status[1] != "IN_PROGRESS":  # as Heat 27 answers
+            raise HeatError(f"cancelling the update of stack {stack_id} failed: 400 Bad Request: Cancelling update "
+                            f"when stack is {'_'.join(self.stack_status)} is not supported.", step="heat")
         if self.stack_status[1] == "IN_PROGRESS":
             self.stack_status = ("UPDATE", "FAILED")
             self.reason = "Stack UPDATE cancelled"
