@@ -69,11 +69,16 @@ def cmdline(pid: int) -> str:
 
 
 def children(pid: int) -> list[int]:
+    """The process's children; none once it has gone (it may exit while it is read: not an error)."""
     kids: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return kids
+    for task in tasks:
         try:
             kids += [int(x) for x in (task / "children").read_text().split()]
-        except OSError:
+        except (OSError, ValueError):
             continue
     return kids
 

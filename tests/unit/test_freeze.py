@@ -169,3 +169,14 @@ def test_site_status_says_paused_instead_of_running() -> None:
     console.print(render.site_status(SiteStatus("/site", True, "10.0.0.0/24", [status(True, True)])))
     text = console.export_text()
     assert "paused" in text and "running" not in text
+
+
+def test_the_children_of_a_process_that_is_gone_are_none() -> None:
+    """A node's status reads its process tree while processes exit: one that went between the listing and
+    the read has no children (it raised FileNotFoundError through 'status' before)."""
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    assert procs.children(child.pid) == []
+    assert procs.children(2**22 + 7) == []  # beyond pid_max: never was
