@@ -79,7 +79,6 @@ class Watcher:
         self.sleep = sleep
         self.poll = poll
         self.clock = clock
-        self.view: StackView | None = None  # what the last run saw of the stack (for the benchmark)
 
     def run(self, row: RolloutRow, opts: RolloutOptions, watch: Watch) -> str:
         """Until the operation ends: ``succeeded``, ``failed`` (``watch.failure`` says why) or ``paused``."""
@@ -87,7 +86,7 @@ class Watcher:
         batch_of = {n: k for k, b in enumerate(plan["batches"]) for n in b}
         # not a with-block: on an interrupt, checks still running must not hold the exit up
         pool = ThreadPoolExecutor(max_workers=max(2, min(32, 2 * opts.batch_size + 1)))
-        view = self.view = StackView(self.client, self.stack_id, self.sleep)
+        view = StackView(self.client, self.stack_id, self.sleep)
         try:
             while True:
                 stack, resources = view.look()
