@@ -151,7 +151,7 @@ class HeatClient:
         with _calling(f"listing the resources of stack {stack_id}"):
             items = self._hc.resources.list(self._ref(stack_id))
         return {r.resource_name: ResourceState(r.resource_name, r.resource_type,
-                                               *_split(r.resource_status), r.resource_status_reason or "",
+                                               *split_status(r.resource_status), r.resource_status_reason or "",
                                                r.physical_resource_id or "") for r in items}
 
     def events(self, stack_id: str, marker: str | None = None) -> list[Event]:
@@ -194,7 +194,7 @@ class HeatClient:
 _STATUSES = ("IN_PROGRESS", "COMPLETE", "FAILED")
 
 
-def _split(status: str) -> tuple[str, str]:
+def split_status(status: str) -> tuple[str, str]:
     """``UPDATE_IN_PROGRESS`` -> (``UPDATE``, ``IN_PROGRESS``): the status itself may hold an underscore."""
     for known in _STATUSES:
         if status.endswith("_" + known):

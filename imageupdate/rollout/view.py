@@ -23,7 +23,7 @@ from collections.abc import Callable
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_fixed
 
 from imageupdate.base.errors import OperationError
-from imageupdate.heat.client import Event, HeatClient, HeatError, ResourceState, Stack, _split
+from imageupdate.heat.client import Event, HeatClient, HeatError, ResourceState, Stack, split_status
 from imageupdate.rollout.model import HeatLost
 
 HEAT_LOST_AFTER = 15.0  # seconds of failing Heat calls before a look gives up (resume takes over)
@@ -101,7 +101,7 @@ class StackView:
             self.events_read += 1
             if e.resource == stack.name or (e.physical_id and e.physical_id == stack.id):
                 continue  # the stack's own event: its status was read from the stack
-            action, status = _split(e.state)
+            action, status = split_status(e.state)
             if action == "DELETE":
                 # in an operation Heat deletes what its template dropped (gates of earlier operations) and
                 # what it replaced, after the replacement ran (a failed server's old row has the same name

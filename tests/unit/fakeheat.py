@@ -160,10 +160,9 @@ class FakeHeat:
         if self.stack_status[1] != "IN_PROGRESS":  # as Heat 27 answers
             raise HeatError(f"cancelling the update of stack {stack_id} failed: 400 Bad Request: Cancelling update "
                             f"when stack is {'_'.join(self.stack_status)} is not supported.", step="heat")
-        if self.stack_status[1] == "IN_PROGRESS":
-            self.stack_status = ("UPDATE", "FAILED")
-            self.reason = "Stack UPDATE cancelled"
-            self.queue.clear()
+        self.stack_status = ("UPDATE", "FAILED")
+        self.reason = "Stack UPDATE cancelled"
+        self.queue.clear()
 
     # one step of the engine per look ------------------------------------------------------------------
 

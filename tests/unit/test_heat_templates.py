@@ -9,7 +9,7 @@ import yaml
 
 from imageupdate.base.datadirs import heat_templates_dir
 from imageupdate.heat import chain
-from imageupdate.heat.client import _split, environment_files
+from imageupdate.heat.client import environment_files, split_status
 from imageupdate.heat.config import HeatPaths, render_conf, render_token
 
 TEMPLATES = heat_templates_dir()
@@ -57,4 +57,4 @@ def test_heat_conf_keeps_everything_in_the_site_and_on_loopback(tmp_path: Path) 
 ])
 def test_resource_status_splits_on_heats_statuses(raw: str, action: str, status: str) -> None:
     """Heat's status names hold an underscore: a rebuild in progress must read IN_PROGRESS, not PROGRESS."""
-    assert _split(raw) == (action, status)
+    assert split_status(raw) == (action, status)
