@@ -7,6 +7,7 @@ per session; a unit test never asks for them, so ``pytest tests/unit`` builds no
 from __future__ import annotations
 
 import atexit
+import fcntl
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -122,17 +124,39 @@ def mounts_mentioning(path: Path) -> list[str]:
 
 # the releases, built once per session with the real disk-image-create (root only) -------------------------
 
+def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run's directory that every pytest-xdist worker shares (each worker's own temporary directory is
+    one level below it); without xdist, the run's temporary directory."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("store")
+    """One store for the whole run, whichever worker builds into it."""
+    path = shared_dir(tmp_path_factory) / "store"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def build_all(store_dir: Path, *builds: tuple[str, ...], os_element: str | None = None) -> dict[str, dict]:  # type: ignore[type-arg]
-    """Build each (release, element, ...) with the real disk-image-create; each build's JSON result by release."""
+    """Build each (release, element, ...) with the real disk-image-create, once per run: the first worker to
+    ask builds it (under a lock the others wait on) and leaves its JSON result beside the store; each build's
+    JSON result by release."""
     os_args = ["--os", os_element] if os_element else []
-    return {release: json.loads(imageupdate("build", release, *(a for e in elements for a in ("-e", e)), *os_args,
-                                            "--store", str(store_dir), "--json", check=True).stdout)
-            for release, *elements in builds}
+    built = store_dir.parent / "built"
+    built.mkdir(exist_ok=True)
+    results = {}
+    with open(store_dir.parent / "builds.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for release, *elements in builds:
+            result = built / f"{release}.json"
+            if not result.exists():
+                proc = imageupdate("build", release, *(a for e in elements for a in ("-e", e)), *os_args,
+                                   "--store", str(store_dir), "--json", check=True)
+                result.write_text(proc.stdout)
+            results[release] = json.loads(result.read_text())
+    return results
 
 
 @pytest.fixture(scope="session")
@@ -172,3 +196,45 @@ def machine_releases(store_dir: Path) -> dict[str, dict]:  # type: ignore[type-a
     return build_all(store_dir, ("M1", "sample-workload-v1"),
                      ("M2", "sample-workload-v2", "imageupdate-kernel-cloud"), ("M-broken", "sample-workload-broken"),
                      os_element="imageupdate-debian-machine")
+
+
+# two workers (tools/test.sh runs pytest-xdist with -n 2 --dist loadgroup --no-loadscope-reorder) ------------
+
+# Each test file is one group, run whole on one worker, so its module fixtures (a fault site, a control plane)
+# are set up once; the benchmarks' smoke runs share nothing and are a group each. The files whose VM guests run
+# under TCG share a group: two emulated guests at once would compete for the 2 cores. Groups go out longest
+# first (as measured), so that both workers end together.
+SAME_GROUP = {"functional/test_cloud_vm": "vm", "functional/test_vm": "vm",
+              "functional/test_bench::test_bench_vm_runs": "vm"}
+EACH_ITS_OWN = {"functional/test_bench"}
+LONGEST_FIRST = ["vm", "faults/test_faults", "functional/test_workloads", "functional/test_cloud",
+                 "functional/test_bench::test_bench_cloud_runs", "functional/test_rollout", "functional/test_upgrade",
+                 "functional/test_bench::test_bench_build_runs", "functional/test_bench::test_bench_upgrade_runs",
+                 "functional/test_verify", "functional/test_build", "functional/test_bench::test_bench_soak_runs",
+                 "functional/test_guard", "functional/test_site", "functional/test_front_doors"]
+
+
+def _group(item: pytest.Item) -> str:
+    module = f"{item.path.parent.name}/{item.path.stem}"
+    test = f"{module}::{item.name}"
+    return SAME_GROUP.get(test, SAME_GROUP.get(module, test if module in EACH_ITS_OWN else module))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
+    items.sort(key=lambda item: rank.get(_group(item), len(rank)))  # stable: a file's tests keep their order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """An xdist worker ended: the fault matrix rows it ran come back to be printed here."""
+    from tests.faults import conftest as faults
+    faults.gather(getattr(node, "workeroutput", {}))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    from tests.faults import conftest as faults
+    faults.summary(terminalreporter)

@@ -24,4 +24,8 @@ done
 .venv/bin/lint-imports
 # pytest exits 5 when it collects nothing: that fails here, as it should.
 # --durations: the slowest tests in every CI log (the suite must stay under an hour).
-exec .venv/bin/python -m pytest -v -ra --durations=25 tests "$@"
+# Two workers (pytest-xdist): most of a functional test is waiting (a gate's probe window, Heat's polling, a
+# node starting), so two at once on 2 cores take little more than one. Each test file runs whole on one worker,
+# longest first (tests/conftest.py says which); the releases are built once, by the first worker to need them.
+# Pass -n 0 after it to run in one process.
+exec .venv/bin/python -m pytest -v -ra --durations=25 -n 2 --dist loadgroup --no-loadscope-reorder tests "$@"

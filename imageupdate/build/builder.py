@@ -129,14 +129,19 @@ def _cache_lock(cache_dir: Path, notify: Callable[[BuildEvent], None]) -> Iterat
     path = cache_dir / ".lock"
     waited = LockWait()
 
+    blocked = False
+
     def on_wait() -> None:
+        nonlocal blocked
+        blocked = True
         pid = locks.recorded_pid(path)
         notify(BuildEvent("wait", "waiting for the DIB cache lock held by another build"
                           + (f" (pid {pid})" if pid else "") + f" ({cache_dir})"))
 
     began = time.monotonic()
     with locks.held(path, on_wait=on_wait, record_pid=True):
-        waited.seconds = time.monotonic() - began
+        if blocked:  # a lock taken at once is no wait, however slow a loaded machine was to take it
+            waited.seconds = time.monotonic() - began
         if waited.seconds >= LOCK_WAIT_SAID:
             notify(BuildEvent("wait", f"got the DIB cache lock after {waited.seconds:.1f}s"))
         yield waited

@@ -1,13 +1,14 @@
 """The fault matrix: root only; its sites; the table of trials, written to a file and printed at the end.
 
 Each trial adds its row (step, fault, what was run after, outcome) through the ``matrix`` fixture, pass or
-fail; ``pytest_terminal_summary`` prints the table after the run (CI logs keep it) and where the file is.
+fail; the table is printed after the run (CI logs keep it) with where the file is.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,7 +45,22 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Matrix:
     return Matrix(path)
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In an xdist worker: hand the rows to the controller, which prints the table (``tests/conftest.py``)."""
+    out = getattr(session.config, "workeroutput", None)
+    if out is not None and ROWS:
+        out["fault_rows"] = [list(row) for row in ROWS]
+        out["fault_matrix"] = [str(p) for p in WRITTEN]
+
+
+def gather(workeroutput: dict[str, Any]) -> None:
+    ROWS.extend(tuple(row) for row in workeroutput.get("fault_rows", []))
+    WRITTEN.extend(Path(p) for p in workeroutput.get("fault_matrix", []))
+
+
+def summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The table after the run, from ``pytest_terminal_summary`` in ``tests/conftest.py`` (this directory's
+    conftest is not loaded by xdist's controller, which collects nothing)."""
     if not ROWS:
         return
     terminalreporter.write_sep("=", f"fault matrix: {len(ROWS)} trials")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,7 +89,11 @@ def test_diff_r1_r2(releases: dict, store_dir: Path) -> None:  # type: ignore[ty
     assert "sqlite3" in human and "pkg:curl" in human and "needs: restart" in human
 
 
-def test_rebuild_with_force_replaces_and_is_nearly_identical(releases: dict, store_dir: Path) -> None:  # type: ignore[type-arg]
+def test_rebuild_with_force_replaces_and_is_nearly_identical(releases: dict, store_dir: Path,  # type: ignore[type-arg]
+                                                            tmp_path: Path) -> None:
+    # a copy of the session's R1 in a store of its own: the other worker's sites may be unpacking the shared R1
+    shutil.copytree(store_dir / "R1", tmp_path / "store" / "R1")
+    store_dir = tmp_path / "store"
     refused = imageupdate("build", "R1", "-e", "sample-workload-v1", "--store", str(store_dir))
     assert refused.returncode == 2 and "already exists" in refused.stderr
     store = ImageStore(store_dir)
