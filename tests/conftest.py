@@ -36,7 +36,12 @@ from tests.fakeroot_tar import make_root_tar
 
 def _test_signing_key() -> Path:
     """One release key per test session, as the operator's key: every build and every synthetic release is
-    signed with it, and every site a test makes trusts it (never the host's own /etc/imageupdate key)."""
+    signed with it, and every site a test makes trusts it (never the host's own /etc/imageupdate key).
+    An xdist worker takes its controller's (made when the controller loaded this file, before it started the
+    workers, and removed when it exits): one worker builds what the other's sites must trust."""
+    inherited = os.environ.get("IMAGEUPDATE_SIGNING_KEY")
+    if os.environ.get("PYTEST_XDIST_WORKER") and inherited and Path(inherited).is_file():
+        return Path(inherited)
     home = Path(tempfile.mkdtemp(prefix="imageupdate-test-keys-"))
     atexit.register(shutil.rmtree, home, True)
     key = home / "release_ed25519"
