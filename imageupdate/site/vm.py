@@ -123,7 +123,7 @@ def qemu_command(spec: VmSpec) -> list[str]:
         "-netdev", f"tap,id=n0,ifname={spec.tap},script=no,downscript=no",
         "-device", f"virtio-net-pci,netdev=n0,mac={spec.mac}",
         "-serial", f"file:{spec.console}",
-        "-qmp", f"unix:{spec.qmp},server=on,wait=off",
+        "-qmp", f"unix:{spec.qmp.name},server=on,wait=off",  # in its run directory, QEMU's cwd (see Qmp)
         "-pidfile", str(spec.pidfile),
     ]  # fmt: skip
 
@@ -133,7 +133,7 @@ def launch(spec: VmSpec, netns: str, log: Path, wait: float = 10.0) -> int:
     ``log``; its pid (``ip netns exec`` execs QEMU: the same process) once its pid file is written."""
     spec.pidfile.unlink(missing_ok=True)
     with open(log, "ab") as out:
-        proc = subprocess.Popen(["ip", "netns", "exec", netns, *qemu_command(spec)], stdout=out,
+        proc = subprocess.Popen(["ip", "netns", "exec", netns, *qemu_command(spec)], stdout=out, cwd=spec.run_dir,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + wait
     while not spec.pidfile.is_file() and proc.poll() is None:
@@ -162,7 +162,12 @@ def make_state_disk(path: Path, seed: Path | None = None, size: int = STATE_SIZE
 
 
 class Qmp:
-    """The few QMP commands a node needs, over the VM's unix socket (one command per connection)."""
+    """The few QMP commands a node needs, over the VM's unix socket (one command per connection).
+
+    A unix socket's path holds at most 107 bytes, and a run directory can be deeper than that (a site or a
+    Nova instances path under a long directory). QEMU binds the socket by its name in its working directory,
+    the run directory; the host connects through the directory's descriptor (``/proc/self/fd/N/qmp.sock``),
+    whose path is short whatever the directory's."""
 
     def __init__(self, path: Path, timeout: float = QMP_TIMEOUT) -> None:
         self.path = path
@@ -171,7 +176,11 @@ class Qmp:
     def command(self, name: str) -> dict[str, object]:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(self.timeout)
-            s.connect(str(self.path))
+            directory = os.open(self.path.parent, os.O_PATH | os.O_DIRECTORY)
+            try:
+                s.connect(f"/proc/self/fd/{directory}/{self.path.name}")
+            finally:
+                os.close(directory)
             f = s.makefile("rwb")
             greeting = json.loads(f.readline())
             if "QMP" not in greeting:
