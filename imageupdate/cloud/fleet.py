@@ -35,7 +35,7 @@ from imageupdate.upgrade import state
 from imageupdate.upgrade.plan import UpgradePlan
 from imageupdate.upgrade.rehearse import Rehearsal
 from imageupdate.verify.builtin import Expectation
-from imageupdate.verify.checks import HOST_KEY_CHANGED, NodeTarget, ssh
+from imageupdate.verify.checks import GUEST_CONNECT_TIMEOUT, HOST_KEY_CHANGED, NodeTarget, ssh
 
 DEFAULT_ROOT = Path("/var/lib/imageupdate/clouds")
 STACK_TAG = "imageupdate chain"  # every chain template's description starts with it
@@ -224,7 +224,7 @@ class CloudFleet:
         if server is not None and node not in hostkeys.read(self.known_hosts):
             with contextlib.suppress(hostkeys.HostKeyUnknown):
                 hostkeys.learn(hostkeys.console_of(self.conn, server), node, self.known_hosts, timeout=0)
-        return NodeTarget(node, self._address(server), Path(cfg.ssh_key), cfg.ssh_user, self.known_hosts)
+        return NodeTarget(node, self._address(server), Path(cfg.ssh_key), cfg.ssh_user, self.known_hosts, guest=True)
 
     def wait_booted(self, node: str, timeout: float, sleep: Callable[[float], None] = time.sleep,
                     clock: Callable[[], float] = time.monotonic) -> str | None:
@@ -237,7 +237,8 @@ class CloudFleet:
         while True:
             target = self.target(node)
             if target.address:
-                proc = ssh(target, ["test", "-e", BOOTED, "-o", "-e", BLOCKED], timeout=20, shared=False)
+                proc = ssh(target, ["test", "-e", BOOTED, "-o", "-e", BLOCKED], timeout=GUEST_CONNECT_TIMEOUT + 10,
+                           shared=False)
                 if proc.returncode == 0 or HOST_KEY_CHANGED in proc.stderr:
                     return None
                 said = "its services have not started" if proc.returncode == 1 else \

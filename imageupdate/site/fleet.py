@@ -80,7 +80,7 @@ class LocalFleet:
     def target(self, node: str) -> NodeTarget:
         # a namespace node's root is the release tree unpacked from its checked artifact, bound read-only
         return NodeTarget(node, self.site.node(node).address, self.site.path / "key",
-                          root_verified=self.site.kind != "vm")
+                          root_verified=self.site.kind != "vm", guest=self.site.kind == "vm")
 
     def wait_booted(self, node: str, timeout: float) -> str | None:
         """A local node's rebuild returns once it is ready (``site rebuild`` waits): nothing to wait for."""

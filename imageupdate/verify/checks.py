@@ -39,6 +39,13 @@ FACTS_COMMAND = ["python3", "-"]
 TEST_TIMEOUT = 120.0
 FACTS_SCRIPT = (Path(__file__).with_name("node_facts.py")).read_text()
 SSH_TIMEOUT = node_facts.HEALTH_TIMEOUT + 30.0  # the facts wait for the health endpoints, at most this long
+# A guest (a VM node, a cloud server) gets longer: its sshd and the facts script run under emulation (TCG here,
+# nested virtualisation in many CI clouds) on a host that may be busy. Seen with two TCG guests beside a
+# rollout on 2 cores: the SSH banner exchange passed 5 s, and the facts script (which hashes the code it finds
+# on a root the host did not unpack) passed 45 s.
+CONNECT_TIMEOUT = 5
+GUEST_CONNECT_TIMEOUT = 30
+GUEST_SSH_TIMEOUT = SSH_TIMEOUT + 75.0
 PROBE_MIN_DOWN = 3  # fewer failed requests than this prove nothing about a whole gate
 
 
@@ -52,6 +59,7 @@ class NodeTarget:
     # the node's root is a read-only tree the host unpacked from an artifact whose sha256 it checked (a local
     # namespace node): code on it is not hashed again at every gate
     root_verified: bool = False
+    guest: bool = False  # a virtual machine: slower to answer (GUEST_CONNECT_TIMEOUT, GUEST_SSH_TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -137,7 +145,8 @@ def _ssh_base(target: NodeTarget, shared: bool = True) -> list[str]:
     share = ["-o", f"ControlPath={_control_path()}", "-o", "ControlMaster=auto", "-o", "ControlPersist=15"] \
         if shared else ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
     return ["ssh", "-i", str(target.key), *_host_key_options(target), "-o", "BatchMode=yes",
-            "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR", *share]
+            "-o", f"ConnectTimeout={GUEST_CONNECT_TIMEOUT if target.guest else CONNECT_TIMEOUT}",
+            "-o", "LogLevel=ERROR", *share]
 
 
 HOST_KEY_CHANGED = "the SSH host key"
@@ -202,7 +211,7 @@ def verify_node(target: NodeTarget, want: Expectation, run: Runner | None = None
 def _facts(target: NodeTarget, run: Runner) -> tuple[dict[str, Any] | None, CheckResult]:
     t0 = time.monotonic()
     command = [*FACTS_COMMAND, node_facts.ROOT_VERIFIED] if target.root_verified else FACTS_COMMAND
-    p = run(target, command, SSH_TIMEOUT, input=FACTS_SCRIPT)
+    p = run(target, command, GUEST_SSH_TIMEOUT if target.guest else SSH_TIMEOUT, input=FACTS_SCRIPT)
     took = round(time.monotonic() - t0, 3)
     if p.returncode != 0:
         said = last_line(p.stderr, f"exit status {p.returncode}")

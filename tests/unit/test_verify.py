@@ -469,6 +469,23 @@ def test_the_facts_are_read_with_the_roots_verification_when_the_host_vouches_fo
     assert calls[0] == [*FACTS_COMMAND, "--root-verified"]
 
 
+def test_a_guest_is_given_longer_to_answer_than_a_namespace_node() -> None:
+    """Seen with two TCG guests beside a rollout on 2 cores: the SSH banner exchange took more than 5 s and
+    the facts script more than 45 s; both failed a healthy node's gate."""
+    from imageupdate.verify.checks import GUEST_SSH_TIMEOUT, SSH_TIMEOUT, _ssh_base
+    guest = NodeTarget("node0", "10.0.0.10", Path("/keys/id"), guest=True)
+    assert "ConnectTimeout=5" in _ssh_base(TARGET) and "ConnectTimeout=30" in _ssh_base(guest)
+    given: list[float] = []
+
+    def run(target: NodeTarget, command: list[str], timeout: float,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        given.append(timeout)
+        return subprocess.CompletedProcess(command, 0, json.dumps(healthy()), "")
+    verify_node(TARGET, expectation(), run=run)
+    verify_node(guest, expectation(), run=run)
+    assert given[0] == SSH_TIMEOUT and GUEST_SSH_TIMEOUT in given and GUEST_SSH_TIMEOUT >= 2 * SSH_TIMEOUT
+
+
 def test_a_local_node_is_reached_with_the_classic_key_exchange_and_a_cloud_one_with_the_default() -> None:
     """sntrup761 (OpenSSH's default) cost the client 0.1 s of CPU per gate; a local site's bridge only root
     on the host reaches, a cloud's network is anyone's."""
