@@ -233,13 +233,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(_group(item), len(rank)))  # stable: a file's tests keep their order
 
 
+# what is printed after the run (CI logs keep it): the fault matrix, the benchmarks' tables ----------------
+
+SUMMARY: list[tuple[str, str]] = []  # (title, text), in the order they were added
+
+
+def after_the_run(title: str, text: str) -> None:
+    """Print ``text`` under ``title`` after the run, from whichever xdist worker (or the one process) ran it."""
+    SUMMARY.append((title, text))
+
+
+@pytest.hookimpl(trylast=True)  # after a directory's own conftest added its part
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    out = getattr(session.config, "workeroutput", None)  # an xdist worker: the controller prints
+    if out is not None:
+        out["summary"] = [list(part) for part in SUMMARY]
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: object) -> None:
-    """An xdist worker ended: the fault matrix rows it ran come back to be printed here."""
-    from tests.faults import conftest as faults
-    faults.gather(getattr(node, "workeroutput", {}))
+    """An xdist worker ended: what it added comes back to be printed here (xdist's controller collects
+    nothing, so it loads no conftest below this one)."""
+    SUMMARY.extend((title, text) for title, text in getattr(node, "workeroutput", {}).get("summary", []))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    from tests.faults import conftest as faults
-    faults.summary(terminalreporter)
+    for title, text in SUMMARY:
+        terminalreporter.write_sep("=", title)
+        for line in text.splitlines():
+            terminalreporter.write_line(line)

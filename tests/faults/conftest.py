@@ -8,11 +8,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import live_processes_mentioning
+from tests.conftest import after_the_run, live_processes_mentioning
 from tests.faults.faultlib import Baseline, Site, kill_strays, set_up, table
 
 pytestmark = pytest.mark.functional
@@ -46,28 +45,10 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Matrix:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """In an xdist worker: hand the rows to the controller, which prints the table (``tests/conftest.py``)."""
-    out = getattr(session.config, "workeroutput", None)
-    if out is not None and ROWS:
-        out["fault_rows"] = [list(row) for row in ROWS]
-        out["fault_matrix"] = [str(p) for p in WRITTEN]
-
-
-def gather(workeroutput: dict[str, Any]) -> None:
-    ROWS.extend(tuple(row) for row in workeroutput.get("fault_rows", []))
-    WRITTEN.extend(Path(p) for p in workeroutput.get("fault_matrix", []))
-
-
-def summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """The table after the run, from ``pytest_terminal_summary`` in ``tests/conftest.py`` (this directory's
-    conftest is not loaded by xdist's controller, which collects nothing)."""
-    if not ROWS:
-        return
-    terminalreporter.write_sep("=", f"fault matrix: {len(ROWS)} trials")
-    for line in table(ROWS):
-        terminalreporter.write_line(line)
-    if WRITTEN:
-        terminalreporter.write_line(f"(also in {WRITTEN[0]})")
+    """The table, printed after the run (``after_the_run``)."""
+    if ROWS:
+        after_the_run(f"fault matrix: {len(ROWS)} trials",
+                      "\n".join([*table(ROWS), *(f"(also in {p})" for p in WRITTEN[:1])]))
 
 
 def _site(path: Path, store: Path, forward: str | None) -> Iterator[tuple[Site, Baseline]]:

@@ -1,7 +1,7 @@
 """Smoke runs of every benchmark (the smallest size each takes, on the session's releases): a benchmark that
 nobody runs rots, and a change that breaks one is a broken change. Figures are printed by the benchmarks,
-never asserted here; only that each runs to its table (the figures land in the CI log with ``-s``, or in the
-assertion message). bench_verify's smoke run is in test_workloads.py (it needs the pgweb releases).
+never asserted here; only that each runs to its table (printed after the run, so the figures land in the CI
+log). bench_verify's smoke run is in test_workloads.py (it needs the pgweb releases).
 
 Four cost CI more than its hour allows (measured: bench_cloud 259 s, bench_vm 160 s, bench_build 100 s,
 bench_soak 80 s, a suite of 95 minutes with them): they run when ``IMAGEUPDATE_SMOKE_ALL=1`` is set
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from imageupdate.build.cache import DEFAULT_CACHE
+from tests.conftest import after_the_run
 
 pytestmark = pytest.mark.functional
 
@@ -29,7 +30,7 @@ def bench(name: str, *args: str) -> str:
     proc = subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True, text=True, timeout=900,
                           check=False)
     assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-2000:]
-    print(proc.stdout)
+    after_the_run(f"{name} {' '.join(args)}", proc.stdout)
     return proc.stdout
 
 

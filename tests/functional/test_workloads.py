@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import after_the_run
 from tests.functional.test_rollout import cli, fleet, query, releases_of, three_node_site
 from tests.functional.test_site import ssh
 
@@ -122,4 +123,5 @@ def test_bench_verify_runs_on_the_database_workload(pg_releases: dict, store_dir
                            "--scenario", "pgweb PG1 -> PG2"], capture_output=True, text=True, timeout=900,
                           check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    after_the_run("bench_verify.py --nodes 1 --repeat 1 --scenario 'pgweb PG1 -> PG2'", proc.stdout)
     assert "pgweb PG1 -> PG2" in proc.stdout and "migrate" in proc.stdout, proc.stdout
