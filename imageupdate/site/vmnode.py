@@ -44,7 +44,9 @@ from imageupdate.site.node import (
 )
 from imageupdate.upgrade import state as state_version
 
-BOOT_TIMEOUT = 120.0  # seconds from QEMU's start to a pid file (TCG boots take 20 to 35 s to sshd)
+# seconds from QEMU's start to ready (TCG boots take 20 to 35 s to sshd on an idle host; with two guests and a
+# rollout beside them on 2 cores, a healthy guest's service had not listened after 120 s)
+BOOT_TIMEOUT = 300.0
 ROOT_LABEL = "cloudimg-rootfs"
 
 

@@ -20,6 +20,9 @@ from imageupdate.base.errors import OperationError
 from imageupdate.base.files import exchange_paths
 
 TAR = ["tar", "--zstd", "--numeric-owner", "--acls", "--xattrs", "--xattrs-include=*"]
+JOURNAL_DIR = "imageupdate"  # the state journal's directory at the state's root (imageupdate.upgrade.state)
+RESTORING = ".imageupdate-restoring"  # inside a mounted state: the snapshot's content, unpacked
+REPLACED = ".imageupdate-replaced"  # inside a mounted state: what the snapshot replaces, until it is gone
 
 
 @dataclass
@@ -49,7 +52,8 @@ def take(state_dir: Path, snapshots: Path, version: int, release: str, node: str
     final = snapshots / f"v{version}.tar.zst"
     tmp = snapshots / f".v{version}.tar.zst.tmp"
     t0 = time.monotonic()
-    _run([*TAR, "-cf", str(tmp), "-C", str(state_dir), "."], f"snapshot of {node}'s state", node)
+    leftovers = [f"--exclude=./{name}" for name in (RESTORING, REPLACED)]  # of a restore killed half way
+    _run([*TAR, "-cf", str(tmp), *leftovers, "-C", str(state_dir), "."], f"snapshot of {node}'s state", node)
     t1 = time.monotonic()
     _run([*TAR, "--compare", "-f", str(tmp), "-C", str(state_dir)],
          f"reading back the snapshot of {node}'s state", node)
@@ -77,6 +81,9 @@ def find(snapshots: Path, at_most: int) -> Snapshot | None:
 def restore(snap: Snapshot, state_dir: Path, node: str) -> float:
     """Replace ``state_dir`` with the snapshot's content (the node must be stopped); return seconds taken."""
     t0 = time.monotonic()
+    if os.path.ismount(state_dir):
+        _restore_into_mount(snap, state_dir, node)
+        return round(time.monotonic() - t0, 3)
     incoming = state_dir.with_name(state_dir.name + ".restoring")
     shutil.rmtree(incoming, ignore_errors=True)
     incoming.mkdir(mode=0o755)
@@ -85,3 +92,32 @@ def restore(snap: Snapshot, state_dir: Path, node: str) -> float:
     exchange_paths(incoming, state_dir)
     shutil.rmtree(incoming, ignore_errors=True)
     return round(time.monotonic() - t0, 3)
+
+
+def _restore_into_mount(snap: Snapshot, state_dir: Path, node: str) -> None:
+    """A VM node's state is a disk the host mounts at ``state_dir`` during a rebuild, and a mount point cannot
+    be renamed (the exchange failed with EBUSY and left the rollback unfinished). The snapshot is unpacked
+    inside the mount, what it replaces is moved aside, its entries moved up, and the state journal's
+    directory exchanged last: until then the journal still names the contract step that made the restore
+    needed, so a restore killed half way is done again from the start by the next run."""
+    incoming, replaced = state_dir / RESTORING, state_dir / REPLACED
+    shutil.rmtree(incoming, ignore_errors=True)
+    shutil.rmtree(replaced, ignore_errors=True)
+    incoming.mkdir(mode=0o755)
+    replaced.mkdir(mode=0o700)
+    _run([*TAR, "-xpf", snap.path, "-C", str(incoming)], f"restoring {node}'s state from {snap.path}", node)
+    aside = {RESTORING, REPLACED, JOURNAL_DIR}
+    for entry in os.listdir(state_dir):
+        if entry not in aside:
+            os.rename(state_dir / entry, replaced / entry)
+    for entry in os.listdir(incoming):
+        if entry != JOURNAL_DIR:
+            os.rename(incoming / entry, state_dir / entry)
+    if (incoming / JOURNAL_DIR).exists() and (state_dir / JOURNAL_DIR).exists():
+        exchange_paths(incoming / JOURNAL_DIR, state_dir / JOURNAL_DIR)
+    elif (incoming / JOURNAL_DIR).exists():
+        os.rename(incoming / JOURNAL_DIR, state_dir / JOURNAL_DIR)
+    elif (state_dir / JOURNAL_DIR).exists():  # a snapshot without a journal: the state it restores had none
+        os.rename(state_dir / JOURNAL_DIR, replaced / JOURNAL_DIR)
+    shutil.rmtree(incoming, ignore_errors=True)
+    shutil.rmtree(replaced, ignore_errors=True)

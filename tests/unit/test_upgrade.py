@@ -203,6 +203,35 @@ def test_snapshot_is_read_back_and_restores_exactly(tmp_path: Path) -> None:
     assert not (tmp_path / "state.restoring").exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
+@pytest.mark.parametrize("before_it", ["nothing", "a restore killed half way"])
+def test_a_mounted_state_is_restored_in_place(tmp_path: Path, before_it: str) -> None:
+    """Seen on a VM site: a rollback restored node0's snapshot into its state disk, mounted by the host, and the
+    exchange of the mount point failed with EBUSY; the rollback ended failed, the node between releases."""
+    live = tmp_path / "state"
+    live.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "iu-test-state", str(live)], check=True)
+    try:
+        (live / "imageupdate").mkdir()
+        (live / "imageupdate/state.json").write_text('{"version": 1}')
+        (live / "data").write_text("v1 data")
+        before = digest(live)
+        snap = snapshot.take(live, tmp_path / "snaps", 1, "R1", "node0")
+        (live / "imageupdate/state.json").write_text('{"version": 2, "contract": "0002"}')
+        (live / "data").write_text("v2 data")
+        (live / "new").write_text("written on v2")
+        if before_it != "nothing":  # killed after moving some of the old state aside
+            (live / snapshot.RESTORING / "data").parent.mkdir()
+            (live / snapshot.RESTORING / "data").write_text("partial")
+            (live / snapshot.REPLACED).mkdir()
+            os.rename(live / "new", live / snapshot.REPLACED / "new")
+        snapshot.restore(snap, live, "node0")
+        assert digest(live) == before
+        assert sorted(os.listdir(live)) == ["data", "imageupdate"]
+    finally:
+        subprocess.run(["umount", str(live)], check=True)
+
+
 def test_a_snapshot_that_cannot_be_written_fails_and_leaves_no_partial_file(tmp_path: Path) -> None:
     live = tmp_path / "state"
     live.mkdir()
