@@ -206,8 +206,9 @@ def machine_releases(store_dir: Path) -> dict[str, dict]:  # type: ignore[type-a
 # two workers (tools/test.sh runs pytest-xdist with -n 2 --dist loadgroup --no-loadscope-reorder) ------------
 
 # Each test file is one group, run whole on one worker, so its module fixtures (a fault site, a control plane)
-# are set up once; the benchmarks' smoke runs share nothing and are a group each. The files whose VM guests run
-# under TCG share a group: two emulated guests at once would compete for the 2 cores. Groups go out longest
+# are set up once; the benchmarks' smoke runs share nothing and are a group each. The tests whose VM guests run
+# under TCG are one group, marked vm: tools/test.sh runs them alone, after the rest (beside another worker a
+# guest was too slow to pass a healthy gate). Groups go out longest
 # first (as measured), so that both workers end together, except the unit tests: they go second, beside the
 # first machine builds, while the fault matrix would only wait for its releases, and not beside a worker
 # running rollouts (a loaded machine stretched their few waits past their bounds).
@@ -234,6 +235,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
     for item in items:
         item.add_marker(pytest.mark.xdist_group(_group(item)))
+        if _group(item) == "vm":  # tools/test.sh runs these alone, after the rest (-m vm)
+            item.add_marker(pytest.mark.vm)
     items.sort(key=lambda item: rank.get(_group(item), len(rank)))  # stable: a file's tests keep their order
 
 
