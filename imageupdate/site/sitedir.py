@@ -106,6 +106,10 @@ class SiteDir:
 
     @staticmethod
     def net_of(cfg: dict[str, object]) -> SiteNet:
+        missing = [key for key in ("id", "subnet") if not isinstance(cfg.get(key), str)]
+        if missing:  # seen: 'site destroy' on a hand-made site.json printed a KeyError traceback
+            raise SiteNotFound(f"the site's configuration names no {' or '.join(missing)}: not a site imageupdate "
+                               "made, or a damaged one; name a site directory with --site")
         return SiteNet(str(cfg["id"]), str(cfg["subnet"]))
 
     def nodes_of(self, cfg: dict[str, object]) -> list[Node]:

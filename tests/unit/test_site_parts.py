@@ -379,3 +379,9 @@ def test_a_member_warning_per_member_does_not_hang_the_check(tmp_path: Path) -> 
     image.write_bytes(subprocess.run(["zstd", "-q", "-c"], input=buf.getvalue(), capture_output=True,
                                      check=True).stdout)
     assert check_archive(image) == 3000
+
+
+def test_a_site_configuration_without_its_network_is_one_line_not_a_traceback() -> None:
+    from imageupdate.site.sitedir import SiteDir, SiteNotFound
+    with pytest.raises(SiteNotFound, match="names no subnet"):
+        SiteDir.net_of({"id": "x", "store": "/s"})
