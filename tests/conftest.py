@@ -7,7 +7,6 @@ per session; a unit test never asks for them, so ``pytest tests/unit`` builds no
 from __future__ import annotations
 
 import atexit
-import fcntl
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from imageupdate.base import procs
+from imageupdate.base import locks, procs
 from imageupdate.images import packer, signing
 from imageupdate.images.manifest import (
     FILE_INDEX,
@@ -152,8 +151,7 @@ def build_all(store_dir: Path, *builds: tuple[str, ...], os_element: str | None 
     built = store_dir.parent / "built"
     built.mkdir(exist_ok=True)
     results = {}
-    with open(store_dir.parent / "builds.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locks.held(store_dir.parent / "builds.lock"):
         for release, *elements in builds:
             result = built / f"{release}.json"
             if not result.exists():
@@ -208,10 +206,9 @@ def machine_releases(store_dir: Path) -> dict[str, dict]:  # type: ignore[type-a
 # Each test file is one group, run whole on one worker, so its module fixtures (a fault site, a control plane)
 # are set up once; the benchmarks' smoke runs share nothing and are a group each. The tests whose VM guests run
 # under TCG are one group, marked vm: tools/test.sh runs them alone, after the rest (beside another worker a
-# guest was too slow to pass a healthy gate). Groups go out longest
-# first (as measured), so that both workers end together, except the unit tests: they go second, beside the
-# first machine builds, while the fault matrix would only wait for its releases, and not beside a worker
-# running rollouts (a loaded machine stretched their few waits past their bounds).
+# guest was too slow to pass a healthy gate). Groups go out longest first (as measured), so that both
+# workers end together, except the unit tests: they go first in their phase, beside the first builds rather
+# than beside a worker running rollouts (a loaded machine stretched their few waits past their bounds).
 SAME_GROUP = {"functional/test_cloud_vm": "vm", "functional/test_vm": "vm",
               "functional/test_bench::test_bench_vm_runs": "vm"}
 EACH_ITS_OWN = {"functional/test_bench"}
@@ -234,8 +231,9 @@ def _group(item: pytest.Item) -> str:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(_group(item)))
-        if _group(item) == "vm":  # tools/test.sh runs these alone, after the rest (-m vm)
+        group = _group(item)
+        item.add_marker(pytest.mark.xdist_group(group))
+        if group == "vm":  # tools/test.sh runs these alone, after the rest (-m vm)
             item.add_marker(pytest.mark.vm)
     items.sort(key=lambda item: rank.get(_group(item), len(rank)))  # stable: a file's tests keep their order
 
