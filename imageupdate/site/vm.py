@@ -136,14 +136,24 @@ def launch(spec: VmSpec, netns: str, log: Path, wait: float = 10.0) -> int:
         proc = subprocess.Popen(["ip", "netns", "exec", netns, *qemu_command(spec)], stdout=out, cwd=spec.run_dir,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + wait
-    while not spec.pidfile.is_file() and proc.poll() is None:
+    # QEMU writes its pid file before it opens the kernel, the drives and the tap, and removes it when one of
+    # them fails: started means its monitor answers, which it does once the machine is made
+    qmp = Qmp(spec.qmp, timeout=min(QMP_TIMEOUT, wait))
+    while proc.poll() is None:
+        if spec.pidfile.is_file():
+            try:
+                if "return" in qmp.command("query-status"):  # not {}: the end of a QEMU that just exited
+                    return proc.pid
+            except (OSError, ValueError, OperationError):
+                pass  # not listening yet, or its greeting not sent yet
         if time.monotonic() >= deadline:
             proc.kill()
+            proc.wait()
             raise OperationError(f"the VM {spec.name} did not start within {wait:.0f} s (see {log})", step="start")
         time.sleep(0.05)
-    if proc.poll() is not None:
-        raise OperationError(f"QEMU exited at once for {spec.name} (see {log})", step="start")
-    return proc.pid
+    said = console_tail(log, lines=1, width=200)  # QEMU's own reason, bounded
+    raise OperationError(f"QEMU exited at once for {spec.name}" + (f": {said}" if said else "") + f" (see {log})",
+                         step="start")
 
 
 def make_state_disk(path: Path, seed: Path | None = None, size: int = STATE_SIZE) -> None:

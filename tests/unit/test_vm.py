@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -166,3 +168,53 @@ def test_launch_says_when_qemu_exits_at_once(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(vm.subprocess, "Popen", lambda args, **kw: popen(args[4:], **kw))  # no netns
     with pytest.raises(vm.OperationError, match="QEMU exited at once for node0"):
         vm.launch(spec(tmp_path), "iu-x-node0", tmp_path / "qemu.log")
+
+
+def fake_qemu(tmp_path: Path, body: str) -> list[str]:
+    script = tmp_path / "fake-qemu"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return [str(script)]
+
+
+def test_a_qemu_that_exits_after_its_pid_file_did_not_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # what QEMU does when a drive, the kernel or the tap cannot be opened: the pid file is written first, then
+    # the error, the pid file removed and exit 1 (strace of qemu-system-x86_64 8.2 with a missing drive)
+    s = spec(tmp_path)
+    monkeypatch.setattr(vm, "qemu_command", lambda _s: fake_qemu(tmp_path, (
+        f"echo $$ > {s.pidfile}; sleep 0.3; echo \"qemu-system-x86_64: -drive file=/gone.img: Could not open "
+        f"'/gone.img': No such file or directory\" >&2; rm -f {s.pidfile}; exit 1")))
+    popen = subprocess.Popen
+    monkeypatch.setattr(vm.subprocess, "Popen", lambda args, **kw: popen(args[4:], **kw))  # no netns
+    with pytest.raises(vm.OperationError, match="QEMU exited at once for node0: .*Could not open '/gone.img'"):
+        vm.launch(s, "iu-x-node0", tmp_path / "qemu.log")
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed")
+def test_a_real_qemu_that_cannot_open_its_drive_did_not_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = spec(tmp_path)  # no kernel, no root image, no state disk: QEMU fails after writing its pid file
+    monkeypatch.setattr(vm, "qemu_command", lambda _s: ["qemu-system-x86_64", "-nodefaults", "-display", "none",
+                                                         "-drive", f"file={tmp_path / 'gone.img'},format=raw",
+                                                         "-qmp", f"unix:{s.qmp.name},server=on,wait=off",
+                                                         "-pidfile", str(s.pidfile)])
+    popen = subprocess.Popen
+    monkeypatch.setattr(vm.subprocess, "Popen", lambda args, **kw: popen(args[4:], **kw))  # no netns
+    with pytest.raises(vm.OperationError, match="QEMU exited at once for node0: .*gone.img"):
+        vm.launch(s, "iu-x-node0", tmp_path / "qemu.log")
+
+
+def test_a_qemu_whose_monitor_answers_has_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = spec(tmp_path)
+    monkeypatch.setattr(vm, "qemu_command", lambda _s: ["qemu-system-x86_64", "-nodefaults", "-display", "none",
+                                                         "-accel", "tcg", "-S",  # made, never run
+                                                         "-qmp", f"unix:{s.qmp.name},server=on,wait=off",
+                                                         "-pidfile", str(s.pidfile)])
+    popen = subprocess.Popen
+    monkeypatch.setattr(vm.subprocess, "Popen", lambda args, **kw: popen(args[4:], **kw))  # no netns
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86 is not installed")
+    pid = vm.launch(s, "iu-x-node0", tmp_path / "qemu.log")
+    try:
+        assert vm.Qmp(s.qmp).command("query-status")["return"]["status"] == "prelaunch"  # made, not run
+    finally:
+        os.kill(pid, signal.SIGKILL)
