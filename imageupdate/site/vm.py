@@ -128,7 +128,7 @@ def qemu_command(spec: VmSpec) -> list[str]:
     ]  # fmt: skip
 
 
-def launch(spec: VmSpec, netns: str, log: Path, wait: float = 10.0) -> int:
+def launch(spec: VmSpec, netns: str, log: Path, wait: float = 30.0) -> int:
     """Start QEMU for ``spec`` inside the network namespace ``netns`` (its tap is there), detached, output to
     ``log``; its pid (``ip netns exec`` execs QEMU: the same process) once its pid file is written."""
     spec.pidfile.unlink(missing_ok=True)
