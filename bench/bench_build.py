@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from imageupdate.base import locks
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,10 +53,13 @@ def plain_dib(work: Path, environment: dict[str, str], elements: list[str], cach
     env = {**os.environ, **environment, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "TMP_DIR": str(work / "tmp"), "DIB_IMAGE_CACHE": str(cache)}
     (work / "tmp").mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
-    proc = subprocess.run(["disk-image-create", "-n", "-t", "tar", "-o", str(out), *elements],
-                          capture_output=True, text=True, env=env, check=False)
-    wall = time.monotonic() - start
+    # the lock imageupdate build takes on the same cache (imageupdate.build.builder): a plain build beside
+    # another on one cache would share its apt cache and debootstrap tarball half written; timed once it is held
+    with locks.held(cache / ".lock", record_pid=True):
+        start = time.monotonic()
+        proc = subprocess.run(["disk-image-create", "-n", "-t", "tar", "-o", str(out), *elements],
+                              capture_output=True, text=True, env=env, check=False)
+        wall = time.monotonic() - start
     if proc.returncode != 0:
         sys.exit(f"disk-image-create failed: {proc.stdout[-1500:]}")
     shutil.rmtree(work, ignore_errors=True)
