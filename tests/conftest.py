@@ -32,12 +32,27 @@ from imageupdate.images.manifest import (
 from imageupdate.images.store import ImageStore
 from tests.fakeroot_tar import make_root_tar
 
+# the run's directory, shared by both phases of tools/test.sh and every process they start: the signing key,
+# the store of built releases and their build results
+RUN_ENV = "IMAGEUPDATE_TEST_RUN"
+
 
 def _test_signing_key() -> Path:
-    """One release key per test session, as the operator's key: every build and every synthetic release is
+    """One release key per test run, as the operator's key: every build and every synthetic release is
     signed with it, and every site a test makes trusts it (never the host's own /etc/imageupdate key).
-    An xdist worker takes its controller's (made when the controller loaded this file, before it started the
-    workers, and removed when it exits): one worker builds what the other's sites must trust."""
+    tools/test.sh names the run's directory (``IMAGEUPDATE_TEST_RUN``): the key lives there, made by the first
+    process to load this file, so both phases, their xdist workers and the builder ahead of the tests
+    (tests/prebuild.py) sign and trust one key. Without it, an xdist worker takes its controller's (made when
+    the controller loaded this file, before it started the workers, and removed when it exits)."""
+    run = os.environ.get(RUN_ENV)
+    if run:
+        key = Path(run) / "keys" / "release_ed25519"
+        key.parent.mkdir(parents=True, exist_ok=True)
+        with locks.held(Path(run) / "keys.lock"):
+            if not key.is_file():
+                signing.create_key(key, "imageupdate tests")
+        os.environ["IMAGEUPDATE_SIGNING_KEY"] = str(key)
+        return key
     inherited = os.environ.get("IMAGEUPDATE_SIGNING_KEY")
     if os.environ.get("PYTEST_XDIST_WORKER") and inherited and Path(inherited).is_file():
         return Path(inherited)
@@ -129,8 +144,10 @@ def mounts_mentioning(path: Path) -> list[str]:
 # the releases, built once per session with the real disk-image-create (root only) -------------------------
 
 def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The run's directory that every pytest-xdist worker shares (each worker's own temporary directory is
-    one level below it); without xdist, the run's temporary directory."""
+    """The run's directory: the one tools/test.sh names (both phases share it), else the one every pytest-xdist
+    worker shares (each worker's own temporary directory is one level below it), else pytest's own."""
+    if os.environ.get(RUN_ENV):
+        return Path(os.environ[RUN_ENV])
     base = tmp_path_factory.getbasetemp()
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
@@ -143,52 +160,66 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+Builds = tuple[tuple[str, ...], ...]  # (release, element, ...) each
+RELEASES: Builds = (("R1", "sample-workload-v1"), ("R2", "sample-workload-v2"), ("R-broken", "sample-workload-broken"))
+UPGRADE_RELEASES: Builds = (("R3", "sample-workload-v3"), ("R4", "sample-workload-v4"),
+                            ("R4-badmig", "sample-workload-broken-migration"))
+GATE_RELEASES: Builds = (("R-500", "sample-workload-http500"), ("R-stale", "sample-workload-stale"))
+PG_RELEASES: Builds = (("PG1", "pgweb-v1"), ("PG2", "pgweb-v2"), ("PG3", "pgweb-v3"),
+                       ("PG2-rerun", "pgweb-rerun-insert"))
+MACHINE_RELEASES: Builds = (("M1", "sample-workload-v1"), ("M2", "sample-workload-v2", "imageupdate-kernel-cloud"),
+                            ("M-broken", "sample-workload-broken"))
+MACHINE_OS = "imageupdate-debian-machine"
+# What tests/prebuild.py builds ahead of the tests for the whole suite, in the order the test groups first need
+# them (LONGEST_FIRST below): the first tree releases, the database workload's, the upgrade path's, the gates',
+# then the machine releases, ready before the VM phase starts.
+AHEAD: tuple[tuple[Builds, str | None], ...] = ((RELEASES, None), (PG_RELEASES, None), (UPGRADE_RELEASES, None),
+                                               (GATE_RELEASES, None), (MACHINE_RELEASES, MACHINE_OS))
+
+
 def build_all(store_dir: Path, *builds: tuple[str, ...], os_element: str | None = None) -> dict[str, dict]:  # type: ignore[type-arg]
-    """Build each (release, element, ...) with the real disk-image-create, once per run: the first worker to
-    ask builds it (under a lock the others wait on) and leaves its JSON result beside the store; each build's
-    JSON result by release."""
+    """Build each (release, element, ...) with the real disk-image-create, once per run: the first process to
+    ask builds it (under a lock, one release at a time, that the others wait on) and leaves its JSON result
+    beside the store; each build's JSON result by release."""
     os_args = ["--os", os_element] if os_element else []
     built = store_dir.parent / "built"
     built.mkdir(exist_ok=True)
     results = {}
-    with locks.held(store_dir.parent / "builds.lock"):
-        for release, *elements in builds:
-            result = built / f"{release}.json"
+    for release, *elements in builds:
+        result = built / f"{release}.json"
+        with locks.held(store_dir.parent / "builds.lock"):
             if not result.exists():
                 proc = imageupdate("build", release, *(a for e in elements for a in ("-e", e)), *os_args,
                                    "--store", str(store_dir), "--json", check=True)
                 result.write_text(proc.stdout)
-            results[release] = json.loads(result.read_text())
+        results[release] = json.loads(result.read_text())
     return results
 
 
 @pytest.fixture(scope="session")
 def releases(store_dir: Path) -> Iterator[dict[str, dict]]:  # type: ignore[type-arg]
     """R1, R2 and the broken release, built once with the real disk-image-create."""
-    yield build_all(store_dir, ("R1", "sample-workload-v1"), ("R2", "sample-workload-v2"),
-                    ("R-broken", "sample-workload-broken"))
+    yield build_all(store_dir, *RELEASES)
 
 
 @pytest.fixture(scope="session")
 def upgrade_releases(releases: dict, store_dir: Path) -> dict[str, dict]:  # type: ignore[type-arg]
     """R3, R4 and R4-badmig (R4 with a contract migration that fails half way) on top of R1 and R2."""
-    return build_all(store_dir, ("R3", "sample-workload-v3"), ("R4", "sample-workload-v4"),
-                     ("R4-badmig", "sample-workload-broken-migration"))
+    return build_all(store_dir, *UPGRADE_RELEASES)
 
 
 @pytest.fixture(scope="session")
 def gate_releases(releases: dict, store_dir: Path) -> dict[str, dict]:  # type: ignore[type-arg]
     """Releases the built-in checks alone must stop (both at R2's state version): R-500 answers HTTP 500
     to everything and ships no tests; R-stale runs code from /tmp, /mnt/state and a deleted /dev/shm library."""
-    return build_all(store_dir, ("R-500", "sample-workload-http500"), ("R-stale", "sample-workload-stale"))
+    return build_all(store_dir, *GATE_RELEASES)
 
 
 @pytest.fixture(scope="session")
 def pg_releases(store_dir: Path) -> dict[str, dict]:  # type: ignore[type-arg]
     """The database workload (PostgreSQL 15 from Debian, an app behind nginx): PG1, PG2 (expand migration),
     PG3 (contract migration) and PG2-rerun (PG2 whose migration inserts a row on every run)."""
-    return build_all(store_dir, ("PG1", "pgweb-v1"), ("PG2", "pgweb-v2"), ("PG3", "pgweb-v3"),
-                     ("PG2-rerun", "pgweb-rerun-insert"))
+    return build_all(store_dir, *PG_RELEASES)
 
 
 @pytest.fixture(scope="session")
@@ -196,9 +227,7 @@ def machine_releases(store_dir: Path) -> dict[str, dict]:  # type: ignore[type-a
     """M1 and M2: the sample workload's v1 and v2 as machine images (root.qcow2, vmlinuz, initrd beside the
     tree), for VM nodes. M2 boots Debian's cloud kernel, M1 the generic one: the pair whose kernel differs.
     M-broken: sample-workload-broken (M2's code with a bug its own test 20-data-roundtrip finds)."""
-    return build_all(store_dir, ("M1", "sample-workload-v1"),
-                     ("M2", "sample-workload-v2", "imageupdate-kernel-cloud"), ("M-broken", "sample-workload-broken"),
-                     os_element="imageupdate-debian-machine")
+    return build_all(store_dir, *MACHINE_RELEASES, os_element=MACHINE_OS)
 
 
 # two workers (tools/test.sh runs pytest-xdist with -n 2 --dist loadgroup --no-loadscope-reorder) ------------
@@ -206,14 +235,15 @@ def machine_releases(store_dir: Path) -> dict[str, dict]:  # type: ignore[type-a
 # Each test file is one group, run whole on one worker, so its module fixtures (a fault site, a control plane)
 # are set up once; the benchmarks' smoke runs share nothing and are a group each. The tests whose VM guests run
 # under TCG are one group, marked vm: tools/test.sh runs them alone, after the rest (beside another worker a
-# guest was too slow to pass a healthy gate). Groups go out longest first (as measured), so that both
-# workers end together, except the unit tests: they go first in their phase, beside the first builds rather
-# than beside a worker running rollouts (a loaded machine stretched their few waits past their bounds).
+# guest was too slow to pass a healthy gate). Groups go out in this order, so that both workers end together:
+# the unit tests first, beside the first builds rather than beside a worker running rollouts (a loaded machine
+# stretched their few waits past their bounds); then the longest groups, those that need only the first
+# releases (R1, R2, R-broken) before those that need later builds (AHEAD's order), the shortest last.
 SAME_GROUP = {"functional/test_cloud_vm": "vm", "functional/test_vm": "vm",
               "functional/test_bench::test_bench_vm_runs": "vm"}
 EACH_ITS_OWN = {"functional/test_bench"}
-LONGEST_FIRST = ["vm", "unit", "faults/test_faults", "functional/test_workloads", "functional/test_cloud",
-                 "functional/test_bench::test_bench_cloud_runs", "functional/test_rollout", "functional/test_upgrade",
+LONGEST_FIRST = ["vm", "unit", "faults/test_faults", "functional/test_cloud", "functional/test_rollout",
+                 "functional/test_workloads", "functional/test_bench::test_bench_cloud_runs", "functional/test_upgrade",
                  "functional/test_bench::test_bench_build_runs", "functional/test_bench::test_bench_upgrade_runs",
                  "functional/test_verify", "functional/test_build", "functional/test_bench::test_bench_soak_runs",
                  "functional/test_guard", "functional/test_site", "functional/test_front_doors"]

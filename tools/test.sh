@@ -31,6 +31,29 @@ done
 # gates. Pass -n 0 to run the first phase in one process.
 # pytest exits 5 when it collects nothing: a phase that collects nothing is fine (tests/unit has no VM test),
 # both collecting nothing fails here, as it should.
+# The run's directory (tests/conftest.py, RUN_ENV): one signing key and one store of built releases for both
+# phases and every process in them. For the whole suite (no arguments), tests/prebuild.py builds every release
+# in it ahead of the tests, in the order the test groups first need them, so that builds run back to back and
+# the VM phase finds its machine releases built; a test asks for its releases as before and takes them built.
+run=$(mktemp -d /tmp/imageupdate-tests.XXXXXX)
+export IMAGEUPDATE_TEST_RUN="$run"
+prebuild=""
+stop_prebuild() {
+    [ -n "$prebuild" ] || return 0
+    # its own process group (setsid): the build under way gets the SIGTERM too, and cleans its staging up
+    kill -TERM -- "-$prebuild" 2>/dev/null || true
+    for _ in $(seq 180); do kill -0 -- "-$prebuild" 2>/dev/null || break; sleep 1; done
+    kill -KILL -- "-$prebuild" 2>/dev/null || true
+    echo "builds ahead of the tests ($run/prebuild.log):"
+    cat "$run/prebuild.log" || true
+    prebuild=""
+}
+trap 'stop_prebuild; rm -rf "$run"' EXIT
+trap 'exit 130' INT TERM
+if [ "$#" -eq 0 ]; then
+    setsid .venv/bin/python -m tests.prebuild >"$run/prebuild.log" 2>&1 &
+    prebuild=$!
+fi
 status=0
 .venv/bin/python -m pytest -v -ra --durations=25 -n 2 --dist loadgroup --no-loadscope-reorder -m "not vm" \
     tests "$@" || status=$?

@@ -3,13 +3,10 @@ nobody runs rots, and a change that breaks one is a broken change. Figures are p
 never asserted here; only that each runs to its table (printed after the run, so the figures land in the CI
 log). bench_verify's smoke run is in test_workloads.py (it needs the pgweb releases).
 
-Four cost CI more than its hour allows (measured: bench_cloud 259 s, bench_vm 160 s, bench_build 100 s,
-bench_soak 80 s, a suite of 95 minutes with them): they run when ``IMAGEUPDATE_SMOKE_ALL=1`` is set
-(``IMAGEUPDATE_SMOKE_ALL=1 bash tools/test.sh tests/functional/test_bench.py``) and are skipped, saying so,
-otherwise."""
+bench_vm's smoke run boots TCG guests and runs in the VM phase (marker vm, tests/conftest.py).
+"""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +19,6 @@ from tests.conftest import after_the_run
 pytestmark = pytest.mark.functional
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
-heavy = pytest.mark.skipif(os.environ.get("IMAGEUPDATE_SMOKE_ALL") != "1",
-                           reason="a heavy benchmark smoke run: set IMAGEUPDATE_SMOKE_ALL=1 to run it")
 
 
 def bench(name: str, *args: str) -> str:
@@ -50,26 +45,22 @@ def test_bench_rollout_runs(upgrade_releases: dict, store_dir: Path) -> None:  #
     assert "scale: what a node step costs" in out and "Heat RSS at most 300 MiB" in out, out
 
 
-@heavy
 def test_bench_build_runs(releases: dict) -> None:  # type: ignore[type-arg]
     # the session's builds filled the DIB cache: one warm build beside one plain disk-image-create
     out = bench("bench_build.py", "--cache", str(DEFAULT_CACHE), "--rounds", "1")
     assert "imageupdate overhead over plain disk-image-create" in out, out
 
 
-@heavy
 def test_bench_soak_runs(releases: dict, store_dir: Path) -> None:  # type: ignore[type-arg]
     out = bench("bench_soak.py", "--store", str(store_dir), "--trials", "1", "--seed", "1")
     assert "trials" in out, out
 
 
-@heavy
 def test_bench_vm_runs(machine_releases: dict, store_dir: Path) -> None:  # type: ignore[type-arg]
     out = bench("bench_vm.py", "--store", str(store_dir), "--nodes", "1", "--skip-builds")
     assert "rebuild M1->M2 to healthy" in out, out
 
 
-@heavy
 def test_bench_cloud_runs(releases: dict, store_dir: Path) -> None:  # type: ignore[type-arg]
     out = bench("bench_cloud.py", "--store", str(store_dir), "--nodes", "1")
     assert "orchestration per node" in out, out
