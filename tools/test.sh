@@ -48,7 +48,7 @@ stop_prebuild() {
     cat "$run/prebuild.log" || true
     prebuild=""
 }
-trap 'stop_prebuild; rm -rf "$run"' EXIT
+trap 'stop_prebuild; rm -rf "$run" || true' EXIT
 trap 'exit 130' INT TERM
 if [ "$#" -eq 0 ]; then
     setsid .venv/bin/python -m tests.prebuild >"$run/prebuild.log" 2>&1 &
