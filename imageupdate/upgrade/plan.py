@@ -30,6 +30,7 @@ class ReleaseInfo:
     release: str
     meta: ReleaseMeta | None
     built_at: str = ""
+    machine: bool = False  # carries a kernel and a bootable disk (a machine release), not only the tree
 
 
 @dataclass
@@ -74,8 +75,11 @@ def _product(name: str | None) -> str:
     return f"product {name!r}" if name else "a release that names no product"
 
 
-def pick(candidates: list[ReleaseInfo], preferred: set[str]) -> ReleaseInfo:
-    return sorted(candidates, key=lambda r: (r.release not in preferred, r.built_at, r.release))[0]
+def pick(candidates: list[ReleaseInfo], preferred: set[str], machine: bool = False) -> ReleaseInfo:
+    """Among releases that would do as a hop: one that passed here, then one of the target's kind (a store
+    holding the tree and the machine build of one workload has two of each version), then the first built."""
+    return sorted(candidates, key=lambda r: (r.release not in preferred, r.machine != machine, r.built_at,
+                                             r.release))[0]
 
 
 def plan(releases: dict[str, ReleaseInfo], current: str, state_version: int | None, target: str,
@@ -121,7 +125,7 @@ def plan(releases: dict[str, ReleaseInfo], current: str, state_version: int | No
                     f"{sv - 1} to {sv}; build the release that introduced state version {sv} "
                     f"(imageupdate build RELEASE --element ELEMENT) and run 'imageupdate plan' again",
                     release=target, step="plan")
-            src = pick(makers, preferred)
+            src = pick(makers, preferred, tgt.machine)
             assert src.meta is not None
             step = next(m for m in src.meta.migrations if m.state_version == sv)
         assert src.meta is not None
@@ -151,7 +155,7 @@ def _through_barriers(hops: list[Hop], releases: dict[str, ReleaseInfo], version
                     f"version {meta.min_from} or later and no release of version {meta.min_from} is in {store}; "
                     f"build it (imageupdate build RELEASE --element ELEMENT) and run 'imageupdate plan' again",
                     release=hop.release, step="plan")
-            chosen = pick(between, preferred)
+            chosen = pick(between, preferred, releases[target].machine)
             assert chosen.meta is not None
             out.append(Hop(chosen.release, chosen.meta.version, [],
                            f"{hop.release} upgrades only from version {meta.min_from} or later"))

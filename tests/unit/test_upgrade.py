@@ -141,6 +141,18 @@ def test_among_variants_of_a_version_the_one_that_passed_here_wins_then_the_firs
     assert plan(releases, "R1", 1, "R3", preferred={"R2-rebuilt"}).steps[0].release == "R2-rebuilt"
 
 
+def test_a_hop_is_of_the_targets_kind_when_the_store_holds_both() -> None:
+    # seen in the suite: one store held R2 (the tree) and M2 (the same workload built as a machine image,
+    # built first); R1 -> R3 went through M2, because the first built won
+    m2 = ReleaseInfo("M2", meta("2", 2, [("0002-json-to-sqlite", 2, "contract")]), "2025-12-31", machine=True)
+    releases = sample(M2=m2)
+    assert plan(releases, "R1", 1, "R3").steps[0].release == "R2"
+    m3 = ReleaseInfo("M3", meta("3", 3, [("0003-add-index", 3, "expand")]), "2026-03-01", machine=True)
+    machines = sample(M2=m2, M3=m3)
+    assert plan(machines, "R1", 1, "M3").steps[0].release == "M2"
+    assert plan(releases, "R1", 1, "R3", preferred={"M2"}).steps[0].release == "M2"  # what passed here first
+
+
 def test_releases_without_metadata_are_a_plain_swap_but_cannot_start_a_versioned_path() -> None:
     releases = sample(old=ReleaseInfo("old", None), new=ReleaseInfo("new", None))
     assert plan(releases, "old", None, "new").steps == []
