@@ -22,7 +22,7 @@ done
 .venv/bin/mypy
 # the package layers (.importlinter): an upward import fails here
 .venv/bin/lint-imports
-# --durations: the slowest tests in every CI log (the suite must stay under an hour).
+# --durations: the slowest tests in every CI log (CI stops at 90 minutes; the aim is under 60).
 # Two phases. First everything but the VM guests, on two workers (pytest-xdist): most of a functional test is
 # waiting (a gate's probe window, Heat's polling, a node starting), so two at once on 2 cores take little
 # more than one. Each test file runs whole on one worker, longest first (tests/conftest.py says which); the
