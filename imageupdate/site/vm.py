@@ -130,7 +130,7 @@ def qemu_command(spec: VmSpec) -> list[str]:
 
 def launch(spec: VmSpec, netns: str, log: Path, wait: float = 30.0) -> int:
     """Start QEMU for ``spec`` inside the network namespace ``netns`` (its tap is there), detached, output to
-    ``log``; its pid (``ip netns exec`` execs QEMU: the same process) once its pid file is written."""
+    ``log``; its pid (``ip netns exec`` execs QEMU: the same process) once its monitor answers."""
     spec.pidfile.unlink(missing_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(["ip", "netns", "exec", netns, *qemu_command(spec)], stdout=out, cwd=spec.run_dir,
