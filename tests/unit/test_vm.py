@@ -162,10 +162,18 @@ def test_a_cloud_vm_boots_its_images_command_line_and_gets_its_config_drive(tmp_
     assert len(drives) == 3 and drives[2].startswith(f"file={tmp_path / 'disk.config'},")
 
 
+def without_netns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``launch`` runs QEMU through ``ip netns exec NS``: run the command after those four words instead."""
+    popen = subprocess.Popen
+    monkeypatch.setattr(vm.subprocess, "Popen", lambda args, **kw: popen(args[4:], **kw))
+
+
+needs_qemu = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed")
+
+
 def test_launch_says_when_qemu_exits_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(vm, "qemu_command", lambda s: ["false"])  # stands for a QEMU that refuses its options
-    popen = subprocess.Popen
-    monkeypatch.setattr(vm.subprocess, "Popen", lambda args, **kw: popen(args[4:], **kw))  # no netns
+    without_netns(monkeypatch)
     with pytest.raises(vm.OperationError, match="QEMU exited at once for node0"):
         vm.launch(spec(tmp_path), "iu-x-node0", tmp_path / "qemu.log")
 
@@ -184,35 +192,31 @@ def test_a_qemu_that_exits_after_its_pid_file_did_not_start(tmp_path: Path, monk
     monkeypatch.setattr(vm, "qemu_command", lambda _s: fake_qemu(tmp_path, (
         f"echo $$ > {s.pidfile}; sleep 0.3; echo \"qemu-system-x86_64: -drive file=/gone.img: Could not open "
         f"'/gone.img': No such file or directory\" >&2; rm -f {s.pidfile}; exit 1")))
-    popen = subprocess.Popen
-    monkeypatch.setattr(vm.subprocess, "Popen", lambda args, **kw: popen(args[4:], **kw))  # no netns
+    without_netns(monkeypatch)
     with pytest.raises(vm.OperationError, match="QEMU exited at once for node0: .*Could not open '/gone.img'"):
         vm.launch(s, "iu-x-node0", tmp_path / "qemu.log")
 
 
-@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed")
+@needs_qemu
 def test_a_real_qemu_that_cannot_open_its_drive_did_not_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     s = spec(tmp_path)  # no kernel, no root image, no state disk: QEMU fails after writing its pid file
     monkeypatch.setattr(vm, "qemu_command", lambda _s: ["qemu-system-x86_64", "-nodefaults", "-display", "none",
                                                          "-drive", f"file={tmp_path / 'gone.img'},format=raw",
                                                          "-qmp", f"unix:{s.qmp.name},server=on,wait=off",
                                                          "-pidfile", str(s.pidfile)])
-    popen = subprocess.Popen
-    monkeypatch.setattr(vm.subprocess, "Popen", lambda args, **kw: popen(args[4:], **kw))  # no netns
+    without_netns(monkeypatch)
     with pytest.raises(vm.OperationError, match="QEMU exited at once for node0: .*gone.img"):
         vm.launch(s, "iu-x-node0", tmp_path / "qemu.log")
 
 
+@needs_qemu
 def test_a_qemu_whose_monitor_answers_has_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     s = spec(tmp_path)
     monkeypatch.setattr(vm, "qemu_command", lambda _s: ["qemu-system-x86_64", "-nodefaults", "-display", "none",
                                                          "-accel", "tcg", "-S",  # made, never run
                                                          "-qmp", f"unix:{s.qmp.name},server=on,wait=off",
                                                          "-pidfile", str(s.pidfile)])
-    popen = subprocess.Popen
-    monkeypatch.setattr(vm.subprocess, "Popen", lambda args, **kw: popen(args[4:], **kw))  # no netns
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86 is not installed")
+    without_netns(monkeypatch)
     pid = vm.launch(s, "iu-x-node0", tmp_path / "qemu.log")
     try:
         assert vm.Qmp(s.qmp).command("query-status")["return"]["status"] == "prelaunch"  # made, not run
