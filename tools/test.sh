@@ -25,8 +25,8 @@ done
 # --durations: the slowest tests in every CI log (CI stops at 90 minutes; the aim is under 60).
 # Two phases. First everything but the VM guests, on two workers (pytest-xdist): most of a functional test is
 # waiting (a gate's probe window, Heat's polling, a node starting), so two at once on 2 cores take little
-# more than one. Each test file runs whole on one worker, longest first (tests/conftest.py says which); the
-# releases are built once, by the first worker to need them. Then the tests that boot TCG guests (marker vm),
+# more than one. Each test file runs whole on one worker, in the order tests/conftest.py gives; each release
+# is built once per run (see the run's directory below). Then the tests that boot TCG guests (marker vm),
 # alone: beside another worker's rollouts and builds a guest took minutes to open a port and failed healthy
 # gates. Pass -n 0 to run the first phase in one process.
 # pytest exits 5 when it collects nothing: a phase that collects nothing is fine (tests/unit has no VM test),
