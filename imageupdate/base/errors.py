@@ -63,6 +63,14 @@ class OperationError(ImageUpdateError):
     exit_code = EXIT_FAILED
 
 
+class CloudAPIError(OperationError):
+    """A cloud API (openstacksdk, keystoneauth) failed in a way no step turned into its own error."""
+
+
+class InternalError(OperationError):
+    """An exception imageupdate did not expect: a bug, said in one line (IMAGEUPDATE_DEBUG=1 re-raises it)."""
+
+
 class Interrupted(ImageUpdateError):
     """SIGINT or SIGTERM stopped the command; each operation says what it left (nothing published, an
     operation left open for ``resume`` or ``cancel``)."""

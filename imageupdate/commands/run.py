@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from imageupdate.base.errors import EXIT_FAILED, EXIT_OK, ImageUpdateError, Interrupted
+from imageupdate.base.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    CloudAPIError,
+    ImageUpdateError,
+    InternalError,
+    Interrupted,
+)
 from imageupdate.commands.spec import Command, Context
 
 INTERRUPTED = ("interrupted (SIGINT or SIGTERM); 'imageupdate status' says what is left and 'imageupdate resume' "
@@ -28,12 +36,33 @@ def execute(command: Command, args: argparse.Namespace, ctx: Context) -> int:
         stopped = Interrupted(INTERRUPTED)
         out.error(stopped)
         return stopped.exit_code
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, never a traceback
+        if os.environ.get("IMAGEUPDATE_DEBUG"):
+            raise
+        unexpected = unexpected_error(exc)
+        out.error(unexpected)
+        return unexpected.exit_code
     out.result(result.to_dict(), command.human(result))
     failure = command.failure(result)
     if failure is not None:
         out.fail(failure)
         return EXIT_FAILED
     return EXIT_OK
+
+
+CLOUD_LIBRARIES = ("openstack", "keystoneauth1", "requests", "urllib3")
+
+
+def unexpected_error(exc: Exception) -> ImageUpdateError:
+    """An exception no step turned into an error of ours, said in one line: a cloud library's (a cloud API
+    that failed where it was not expected to) or, for anything else, an internal error to report."""
+    said = " ".join(str(exc).split())[:300] or "no message"
+    module = type(exc).__module__.split(".")[0]
+    if module in CLOUD_LIBRARIES:
+        return CloudAPIError(f"the cloud failed: {said} ({type(exc).__name__}); 'imageupdate status' says what "
+                             "is left, then run the command again")
+    return InternalError(f"internal error: {type(exc).__name__}: {said}; this is a bug in imageupdate: run again "
+                         "with IMAGEUPDATE_DEBUG=1 for the traceback and report it")
 
 
 def _raise_interrupt(_signum: int, _frame: object) -> None:

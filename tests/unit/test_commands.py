@@ -328,3 +328,36 @@ def test_the_library_installs_no_signal_handler() -> None:
     for path in Path(library.__file__).parent.glob("*.py"):
         code = path.read_text()
         assert "import signal" not in code and "sys.argv[" not in code and "import sys" not in code, path
+
+
+# exceptions no step expected -------------------------------------------------------------------------------
+
+
+def _raising(exc: Exception) -> Callable[..., Any]:
+    def fail(**_kw: Any) -> Any:
+        raise exc
+    return fail
+
+
+@pytest.mark.parametrize("door", [imageupdate, pytest.param(osc, marks=needs_osc)], ids=["imageupdate", "openstack"])
+def test_an_exception_no_step_expected_is_one_line_not_a_traceback(door: Callable[..., int],
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str],
+                                                                    tmp_path: Path) -> None:
+    """Seen in CI: 'cloud up' printed openstacksdk's traceback ("The image service ... exists but does not
+    have any supported versions") when Glance was slow to start. Now a cloud library's exception is a
+    CloudAPIError and any other an InternalError: one line, exit 1, one --json document."""
+    from openstack import exceptions as sdk
+
+    monkeypatch.delenv("IMAGEUPDATE_DEBUG", raising=False)
+    for exc, kind, said in ((sdk.NotSupported("The image service exists but does not have any supported versions."),
+                             "CloudAPIError", "the cloud failed: The image service exists"),
+                            (KeyError("boom"), "InternalError", "internal error: KeyError: 'boom'; this is a bug")):
+        monkeypatch.setattr(api, "releases", _raising(exc))
+        rc, out, err = run(door, capsys, "images", "list", "--store", str(tmp_path), "--json")
+        assert rc == 1 and json.loads(out)["error"] == kind
+        ours = [line for line in err.splitlines() if "Could not load" not in line]  # openstack's plugin noise
+        assert said in err and "Traceback" not in err and len(ours) == 1, err
+    monkeypatch.setenv("IMAGEUPDATE_DEBUG", "1")  # a developer asks for the traceback
+    with pytest.raises(KeyError):
+        imageupdate("images", "list", "--store", str(tmp_path))
