@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_fixed
 
 from imageupdate.base.errors import InputError, OperationError
 
@@ -28,9 +32,10 @@ class CloudUnreachable(OperationError):
 
 
 NEEDED = {"orchestration": "Heat", "image": "Glance", "compute": "Nova"}
+API_WAIT = 60.0  # seconds an endpoint in the catalog has to answer with its API versions (one starting up)
 
 
-def connect(name: str) -> Any:
+def connect(name: str, sleep: Callable[[float], None] = time.sleep) -> Any:
     """An ``openstack.Connection`` to ``name``, authenticated, with every needed endpoint in its catalog."""
     import openstack
     from keystoneauth1 import exceptions as ksa
@@ -64,7 +69,40 @@ def connect(name: str) -> Any:
         if not found:
             raise MissingEndpoint(f"cloud {name!r} has no {what} ({kind}) endpoint in its catalog; imageupdate "
                                   f"needs {', '.join(NEEDED.values())}", step="connect")
+    require_apis(conn, name, sleep)
     return conn
+
+
+def _transient(e: BaseException) -> bool:
+    """What an API that is starting, restarting or overloaded gives: no version document (openstacksdk's
+    NotSupported), a refused or reset connection, a 5xx. Not 4xx: asking again would not change it."""
+    from keystoneauth1 import exceptions as ksa
+    from openstack import exceptions as sdk
+
+    if isinstance(e, sdk.HttpException):
+        return e.status_code is None or e.status_code >= 500
+    return isinstance(e, (sdk.NotSupported, ksa.ConnectionError, ksa.DiscoveryFailure, ksa.HttpServerError))
+
+
+def require_apis(conn: Any, name: str, sleep: Callable[[float], None] = time.sleep,
+                 wait: float = API_WAIT) -> None:
+    """Each needed API answers with a version it speaks: openstacksdk discovers it the first time a proxy
+    (``conn.image``...) is used, and a Glance still starting gave a traceback from inside openstacksdk halfway
+    through ``cloud up``. Asked again every 2 s for ``wait`` seconds, then one line naming the service."""
+    for kind, what in NEEDED.items():
+        try:
+            for attempt in Retrying(retry=retry_if_exception(_transient), wait=wait_fixed(2), sleep=sleep,
+                                    stop=stop_after_attempt(int(wait // 2) + 1) | stop_after_delay(wait)):
+                with attempt:
+                    getattr(conn, kind)
+        except RetryError as e:
+            failed = e.last_attempt.exception()
+            raise CloudUnreachable(f"cloud {name!r}: {what} ({kind}) answered no API version it speaks for "
+                                   f"{wait:.0f} s ({_first(failed) if failed else 'no answer'}); check that it "
+                                   "runs and its catalog URL is right", step="connect") from None
+        except Exception as e:  # noqa: BLE001 - openstacksdk and keystoneauth raise many kinds
+            raise CloudUnreachable(f"cloud {name!r}: {what} ({kind}) refused version discovery ({_first(e)})",
+                                   step="connect") from None
 
 
 def _first(e: BaseException) -> str:

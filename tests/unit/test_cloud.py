@@ -82,3 +82,41 @@ def test_waiting_for_a_boot_asks_soon_then_backs_off_to_every_3_s(tmp_path: Path
     monkeypatch.setattr(CloudFleet, "target", lambda self, node: NodeTarget(node, "192.0.2.7", tmp_path / "k"))
     assert fleet.wait_booted("node0", 600, sleep=sleep, clock=lambda: now[0]) is None
     assert asked == [0.0, 0.5, 1.5, 3.5, 6.5, 9.5]
+
+
+class _Starting:
+    """A connection whose Glance answers no version document ``fails`` times (a Glance still starting), then
+    does; Heat and Nova answer at once."""
+
+    def __init__(self, fails: int) -> None:
+        self.fails, self.asked = fails, 0
+
+    @property
+    def orchestration(self) -> object:
+        return object()
+
+    compute = orchestration
+
+    @property
+    def image(self) -> object:
+        from openstack import exceptions as sdk
+
+        self.asked += 1
+        if self.asked <= self.fails:
+            raise sdk.NotSupported("The image service for c:RegionOne exists but does not have any supported versions.")
+        return object()
+
+
+def test_an_api_still_starting_is_asked_again_then_named_in_one_line() -> None:
+    """Seen in CI: Glance was in the catalog and listening, but its version discovery failed once, and
+    'cloud up' died with openstacksdk's traceback. Now each API is asked again every 2 s for 60 s."""
+    slept: list[float] = []
+    starting = _Starting(fails=3)
+    cloud_connect.require_apis(starting, "c", sleep=slept.append)
+    assert starting.asked == 4 and slept == [2, 2, 2]
+    down = _Starting(fails=10**6)
+    with pytest.raises(cloud_connect.CloudUnreachable,
+                       match=r"cloud 'c': Glance \(image\) answered no API version it speaks for 60 s \(The image "
+                             r"service .* does not have any supported versions.\); check that it runs"):
+        cloud_connect.require_apis(down, "c", sleep=slept.append)
+    assert down.asked == 31
