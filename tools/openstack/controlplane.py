@@ -19,6 +19,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,27 @@ def wait_port(port: int, what: str, timeout: float = 180) -> None:
         except OSError:
             time.sleep(0.2)
     raise SystemExit(f"controlplane: {what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
+
+
+def wait_api(port: int, what: str, timeout: float = 180) -> None:
+    """Until the API's root answers below 500 (its version document: 200 or 300). A listening port is not
+    enough: gunicorn binds before its worker has loaded the service, and a client discovering the API's
+    versions then (openstacksdk) gets none."""
+    wait_port(port, what, timeout)
+    deadline, last = time.monotonic() + timeout, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10):
+                return  # 2xx
+        except urllib.error.HTTPError as e:
+            if e.code < 500:
+                return  # 300 Multiple Choices: the version list
+            last = f"HTTP {e.code}"
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.5)
+    raise SystemExit(f"controlplane: {what} on 127.0.0.1:{port} gave no version document within {timeout:.0f} s "
+                     f"({last})")
 
 
 class Plane:
@@ -98,7 +121,7 @@ class Plane:
         self.sync_databases()
         self.spawn("keystone", [sys.executable, str(HERE / "wsgi.py"), "keystone", str(ports["keystone"]),
                                 str(self.conf / "keystone")])
-        wait_port(ports["keystone"], "keystone")
+        wait_api(ports["keystone"], "keystone")
         self.register(ports)
         self.spawn("neutron", [sys.executable, str(HERE / "fake_neutron.py"), str(ports["neutron"])])
         for svc in ("glance", "placement", "nova", "heat"):
@@ -111,8 +134,9 @@ class Plane:
                        {"IMAGEUPDATE_SITE": self.site, "IMAGEUPDATE_STORE": self.store}
                        if svc == "compute" and not self.vm else None)  # a VM compute host is given no store
         self.spawn("heat-engine", [str(VENV / "heat-engine"), "--config-file", str(self.conf / "heat" / "heat.conf")])
-        for svc in ("glance", "placement", "nova", "heat", "neutron"):
-            wait_port(ports[svc], svc)
+        for svc in ("glance", "placement", "nova", "heat"):
+            wait_api(ports[svc], svc)
+        wait_port(ports["neutron"], "neutron")  # the fake: no version document
         self.discover_hosts()
         self.write_clouds_yaml(ports)
         self.flavor()
