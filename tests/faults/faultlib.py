@@ -448,6 +448,7 @@ def history_problems(site: Site, after: int, start: dict[str, str], releases: di
         a = status["active"]
         problems.append(f"operation {a.get('id')} ({a.get('kind')}) still open: {a.get('state')}")
     reached: dict[str, set[str]] = {}
+    stopped: dict[str, set[str]] = {}  # releases a cancelled rollback left nodes on before their gate passed
     named: set[str] = set()  # nodes a problem above names already
 
     def problem(node: str, said: str) -> None:
@@ -488,7 +489,13 @@ def history_problems(site: Site, after: int, start: dict[str, str], releases: di
                               f"{gate['status'] + ' (' + str(gate['reason']) + ')' if gate else 'missing'}")
             if gate is not None and gate["status"] == "succeeded":
                 reached.setdefault(node, set()).add(str(rebuild["to_release"] or plan["after"][node]))
+            elif op["kind"] == "rollback" and op["status"] == "cancelled" and gate is not None:
+                # by design a cancelled rollback stops where it is: the node stays unproven on the release
+                # ('status' shows LAST GOOD apart from RELEASE) and the next operation gates it there
+                stopped.setdefault(node, set()).add(str(rebuild["to_release"] or plan["after"][node]))
     for node, release in releases.items():
+        if release in stopped.get(node, set()) and release not in reached.get(node, set()):
+            continue
         if node not in named and release != start.get(node) and release not in reached.get(node, set()):
             problems.append(f"{node} went from {start.get(node)} to {release} without a passed gate there")
     return problems
