@@ -48,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,6 +235,48 @@ def host_cpu() -> tuple[int, int]:
     return sum(values) - values[3] - values[4], sum(values)
 
 
+class Sampler:
+    """Heat's pid and CPU seconds and the host's jiffies every half second, in a thread: with no warm-up the
+    first measured rollout starts Heat and creates the stack (the 'adopt' operation) before it rolls out, and
+    its figures are taken from the sample at the adopt's end."""
+
+    def __init__(self, site: Path) -> None:
+        self.site = site
+        self.samples: list[tuple[float, int | None, float | None, int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pid = heat_pid(self.site)
+            busy, total = host_cpu()
+            self.samples.append((time.time(), pid, cpu_seconds(pid), busy, total))
+            self._stop.wait(0.5)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def at(self, when: float) -> tuple[float, int | None, float | None, int, int]:
+        """The first sample at or after ``when`` (the last one if none)."""
+        return next((x for x in self.samples if x[0] >= when), self.samples[-1])
+
+
+def adopt_finished(site: Path, before: int) -> float | None:
+    """When the newest 'adopt' operation older than rollout ``before`` finished (epoch), if there is one."""
+    con = sqlite3.connect(site / "history.sqlite", timeout=30)
+    try:
+        row = con.execute("SELECT finished FROM rollouts WHERE kind = 'adopt' AND id < ? ORDER BY id DESC LIMIT 1",
+                          (before,)).fetchone()
+    finally:
+        con.close()
+    return float(row[0]) if row and row[0] is not None else None
+
+
 def mib(value: float | None) -> str:
     return "not running" if value is None else f"{value:.0f} MiB"
 
@@ -365,7 +408,7 @@ def keep_logs(cli: Path, site: Path, store: Path, nodes: int) -> Path:
 
 
 def bench_site(cli: Path, store: Path, nodes: int, batch_sizes: list[int], repeat: int, timeout: float,
-               runs: list[Run], memory: list[SiteMemory], twin: str, start: str) -> None:
+               runs: list[Run], memory: list[SiteMemory], twin: str, start: str, warm_up: bool = True) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f"iu-bench-rollout-{nodes}-", dir="/tmp"))
     site = tmp / "site"
     pid: int | None = None
@@ -374,22 +417,39 @@ def bench_site(cli: Path, store: Path, nodes: int, batch_sizes: list[int], repea
         _, _, up = checked(cli, "site", "up", "--nodes", str(nodes), "--release", start, "--site", str(site),
                            "--store", str(store))
         before = rss_mib(heat_pid(site))
-        current = "R2" if start == "R1" else twin
-        say(f"{nodes} nodes: up in {up:.1f} s; warm-up rollout {start} -> {current} (creates the stack, starts "
-            "Heat) ...")
-        _, _, warm_wall, _ = rollout(cli, site, store, current, max(batch_sizes), timeout)
+        current = start if not warm_up else "R2" if start == "R1" else twin
+        if warm_up:
+            say(f"{nodes} nodes: up in {up:.1f} s; warm-up rollout {start} -> {current} (creates the stack, "
+                "starts Heat) ...")
+            _, _, warm_wall, _ = rollout(cli, site, store, current, max(batch_sizes), timeout)
+        else:
+            say(f"{nodes} nodes: up in {up:.1f} s; no warm-up: the first rollout creates the stack first")
+            warm_wall = 0.0
         pid = heat_pid(site)
         mem = SiteMemory(nodes, before, rss_mib(pid), None, up, warm_wall)
         memory.append(mem)
+        runs_here = 0
         for batch_size in batch_sizes:
             for i in range(repeat):
                 release = twin if current == "R2" else "R2"
                 say(f"{nodes} nodes, batch {batch_size}, run {i + 1}/{repeat}: rollout {current} -> {release} ...")
                 cpu0, host0 = cpu_seconds(pid), host_cpu()
-                rid, started, wall, cli_cpu = rollout(cli, site, store, release, batch_size, timeout)
+                with Sampler(site) as sampler:
+                    rid, started, wall, cli_cpu = rollout(cli, site, store, release, batch_size, timeout)
                 cpu1, host1 = cpu_seconds(pid), host_cpu()
                 heat_cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None and heat_pid(site) == pid \
                     else float("nan")
+                adopted = adopt_finished(site, rid) if not warm_up and not runs_here else None
+                if adopted is not None and adopted > started:  # this rollout started Heat and made the stack
+                    _, spid, scpu, sbusy, stotal = sampler.at(adopted)
+                    pid = heat_pid(site)
+                    cpu1 = cpu_seconds(pid)
+                    heat_cpu = cpu1 - scpu if spid == pid and scpu is not None and cpu1 is not None \
+                        else float("nan")
+                    host0 = (sbusy, stotal)
+                    say(f"  the stack took {adopted - started:.1f} s (CLI start to the adopt's end): left out "
+                        "of the wall time, Heat CPU and host CPU below (not of imageupdate CPU)")
+                    wall, started = started + wall - adopted, adopted
                 busy = 100 * (host1[0] - host0[0]) / max(1, host1[1] - host0[1])
                 busy_s = (host1[0] - host0[0]) / os.sysconf("SC_CLK_TCK")
                 current = release
@@ -397,6 +457,7 @@ def bench_site(cli: Path, store: Path, nodes: int, batch_sizes: list[int], repea
                 run = analyse(site, nodes, batch_size, release, rid, started, wall, rss_mib(pid), heat_cpu, busy,
                               cli_cpu, busy_s)
                 runs.append(run)
+                runs_here += 1
                 mem.after = run.heat_rss
                 say(f"  wall {run.wall:.1f} s, node time {run.node_time:.1f} s, overhead {run.overhead:.1f} s "
                     f"({run.per_node:.2f} s per node), Heat {mib(run.heat_rss)}, Heat CPU {run.heat_cpu:.1f} s, "
@@ -543,9 +604,10 @@ def report(runs: list[Run], memory: list[SiteMemory], repeat: int) -> None:
     print("\nHeat resident memory per site (VmRSS)")
     print(DIVIDER)
     for m in memory:
-        print(f"{m.nodes:3d} nodes: before the first rollout {mib(m.before)}, after the warm-up {mib(m.warm)}, "
-              f"after the last {mib(m.after)}  (site up {m.up_seconds:.1f} s, warm-up rollout "
-              f"{m.warmup_seconds:.1f} s)")
+        warm = (f"after the warm-up {mib(m.warm)}, " if m.warmup_seconds else "")
+        took = f", warm-up rollout {m.warmup_seconds:.1f} s" if m.warmup_seconds else ", no warm-up"
+        print(f"{m.nodes:3d} nodes: before the first rollout {mib(m.before)}, {warm}after the last {mib(m.after)}  "
+              f"(site up {m.up_seconds:.1f} s{took})")
 
 
 TWIN = "R2b"  # the measured rollouts alternate R2 and this: the same workload and state version
@@ -562,8 +624,11 @@ def main() -> None:
                     help=f"the release the measured rollouts alternate with R2 (default {TWIN}, built if missing; "
                          "with one measured rollout per site any release R2 may roll out to will do)")
     ap.add_argument("--repeat", type=int, default=1, help="measured rollouts per cell (median is reported)")
+    ap.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                    help="no untimed warm-up rollout: the first measured rollout creates the stack, and its "
+                         "figures start at the adopt's end (halves a 200-node run)")
     ap.add_argument("--timeout", type=float, default=None,
-                    help="seconds a rollout may take before it is stopped (default 120 + 15 per node)")
+                    help="seconds a rollout may take before it is stopped (default 600 + 30 per node)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_rollout.py needs root")
@@ -590,9 +655,11 @@ def main() -> None:
     failed: str | None = None
     try:
         for nodes in args.nodes:
-            timeout = args.timeout or 120.0 + 15.0 * nodes
+            # a 200-node rollout at batch 20 took 48 minutes (about 5 a batch) and 3.4 more to create the stack:
+            # 120 + 15 per node stopped it in its last batch
+            timeout = args.timeout or 600.0 + 30.0 * nodes
             bench_site(cli, args.store, nodes, args.batch_sizes, args.repeat, timeout, runs, memory, args.twin,
-                       args.start)
+                       args.start, args.warm_up)
     except BenchError as e:
         failed = str(e)
     if runs:
