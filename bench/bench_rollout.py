@@ -21,7 +21,9 @@ One site per node count: created once, one untimed warm-up rollout R1 -> R2 (it 
 R2 -> R2b, without R1 -> R2's migration and rehearsal on every node: the choice for 200 nodes), then the
 measured rollouts alternate R2 -> R2b -> R2 ... for
 every batch size (R2b: sample-workload-v2 built under another id, so no rollout migrates or downgrades the
-state: R2 -> R1 would need R2's contract migration undone, which a rollout refuses). The site is destroyed at
+state: R2 -> R1 would need R2's contract migration undone, which a rollout refuses). With ``--no-warm-up`` the
+first measured rollout creates the stack itself, and its wall time, Heat CPU and host CPU start at the adopt's
+end (read from a sampler thread); a 200-node run takes half as long. The site is destroyed at
 the end, whatever happens. A breakdown of the overhead follows the table: CLI start-up, planning and sending,
 Heat starting the first rebuild, gaps inside and between batches, finishing, and exit.
 

@@ -204,8 +204,12 @@ def fleet_status(s: FleetStatus) -> Group:
     t = table("NODE", "ADDRESS", "RELEASE", "LAST GOOD", "STATE", "CHANGE")
     for n in s.nodes:
         change = f"-> {n.target}: {n.step}" if n.target and n.step else ""
-        t.add_row(n.name, n.address, n.release, n.last_good or "-", n.state, change)
+        t.add_row(n.name, n.address, n.release, n.last_good or "-", n.state + (", unproven" if n.unproven else ""),
+                  change)
     parts.append(t)
+    if any(n.unproven for n in s.nodes):
+        parts.append(Text("unproven: no passed gate on the release it runs (a rollback failed, was cancelled or "
+                          "killed there); the next rollout or rollback that includes it gates it again"))
     if s.active:
         a = s.active
         stage = f", at {a['stage']}" if a.get("stage") else ""

@@ -13,6 +13,7 @@ from typing import Any
 
 from imageupdate.base import procs
 from imageupdate.history.db import RolloutRow, StepRow
+from imageupdate.rollout import policy
 from imageupdate.rollout.fleet import Fleet, NodeState
 from imageupdate.rollout.lock import RolloutLock
 
@@ -33,6 +34,9 @@ class NodeLine:
     state: str = "running"  # running | stopped | paused | unfinished (stopped in a rebuild to ``release``)
     target: str | None = None  # the release the open operation takes it to
     step: str | None = None  # where the open operation is with it
+    # its newest gate verdict is not a pass on ``release`` (a rollback failed, was cancelled or killed after
+    # the switch): the next rollout or rollback that includes it gates it there again
+    unproven: bool = False
 
 
 @dataclass
@@ -102,9 +106,11 @@ def fleet_status(fleet: Fleet, rollout: int | None = None) -> FleetStatus:
     active_row = fleet.history.active()
     active = _describe(fleet, active_row, states) if active_row else None
     nodes = []
+    doubtful = policy.unproven(fleet.history, states)
     for n, s in states.items():
         state = "paused" if s.paused else "running" if s.running else "unfinished" if s.unfinished else "stopped"
-        line = NodeLine(n, s.address, s.release, fleet.history.last_good(n), s.running, state)
+        line = NodeLine(n, s.address, s.release, fleet.history.last_good(n), s.running, state,
+                        unproven=n in doubtful)
         if active is not None and n in active.get("nodes", {}):
             line.target = active_row.plan["after"].get(n) if active_row else None
             line.step = active["nodes"][n]

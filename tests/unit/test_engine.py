@@ -425,3 +425,28 @@ def test_a_rollout_whose_way_back_is_not_trusted_starts_nothing(tmp_path: Path) 
     assert h.releases == {n: "R1" for n in NODES} and fleet.history.active() is None
     out = orch.rollout("R2", RolloutOptions(probe=False, rollback=False))  # asked not to roll back: allowed
     assert out.status == "failed"
+
+
+def test_status_says_which_nodes_a_cancelled_or_failed_rollback_left_unproven(tmp_path: Path) -> None:
+    """Seen in the soak: a rollback cancelled at node0's gate left node0 on R1 with no passed gate there;
+    status showed only RELEASE R1 beside LAST GOOD R2. Now it says 'unproven', in --json too."""
+    from imageupdate.commands.render import fleet_status as render
+    from imageupdate.rollout.status import fleet_status
+
+    h, fleet, orch = make(tmp_path)
+    assert orch.rollout("R2", RolloutOptions(probe=False)).status == "succeeded"
+    assert not any(n.unproven for n in fleet_status(fleet).nodes)  # type: ignore[arg-type]
+    h.fail_rebuilds = {"node0"}
+    assert again(fleet).rollback("R1", RolloutOptions(probe=False)).status == "failed"
+    h.releases["node0"] = "R1"  # the rebuild had switched the node before it was killed
+    status = fleet_status(fleet)  # type: ignore[arg-type]
+    assert {n.name: n.unproven for n in status.nodes} == {"node0": True} | {n: False for n in NODES[1:]}
+    assert status.to_dict()["nodes"][0]["unproven"] is True
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(render(status))
+    assert "unproven: no passed gate on the release it runs" in console.export_text()
+    h.fail_rebuilds = set()
+    assert again(fleet).rollback("R1", RolloutOptions(probe=False)).status == "succeeded"
+    assert not any(n.unproven for n in fleet_status(fleet).nodes)  # type: ignore[arg-type]
