@@ -436,13 +436,15 @@ def bench_site(cli: Path, store: Path, nodes: int, batch_sizes: list[int], repea
                 release = twin if current == "R2" else "R2"
                 say(f"{nodes} nodes, batch {batch_size}, run {i + 1}/{repeat}: rollout {current} -> {release} ...")
                 cpu0, host0 = cpu_seconds(pid), host_cpu()
-                with Sampler(site) as sampler:
+                makes_stack = not warm_up and not runs_here
+                sampler = Sampler(site) if makes_stack else None  # only the rollout that makes the stack needs it
+                with sampler or contextlib.nullcontext():
                     rid, started, wall, cli_cpu = rollout(cli, site, store, release, batch_size, timeout)
                 cpu1, host1 = cpu_seconds(pid), host_cpu()
                 heat_cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None and heat_pid(site) == pid \
                     else float("nan")
-                adopted = adopt_finished(site, rid) if not warm_up and not runs_here else None
-                if adopted is not None and adopted > started:  # this rollout started Heat and made the stack
+                adopted = adopt_finished(site, rid) if sampler is not None else None
+                if sampler is not None and adopted is not None and adopted > started:  # it made the stack
                     _, spid, scpu, sbusy, stotal = sampler.at(adopted)
                     pid = heat_pid(site)
                     cpu1 = cpu_seconds(pid)

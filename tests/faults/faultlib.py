@@ -494,9 +494,8 @@ def history_problems(site: Site, after: int, start: dict[str, str], releases: di
                 # ('status' shows LAST GOOD apart from RELEASE) and the next operation gates it there
                 stopped.setdefault(node, set()).add(str(rebuild["to_release"] or plan["after"][node]))
     for node, release in releases.items():
-        if release in stopped.get(node, set()) and release not in reached.get(node, set()):
-            continue
-        if node not in named and release != start.get(node) and release not in reached.get(node, set()):
+        explained = reached.get(node, set()) | stopped.get(node, set())
+        if node not in named and release != start.get(node) and release not in explained:
             problems.append(f"{node} went from {start.get(node)} to {release} without a passed gate there")
     return problems
 

@@ -51,8 +51,7 @@ def wait_port(port: int, what: str, timeout: float = 180) -> None:
 def wait_api(port: int, what: str, timeout: float = 180) -> None:
     """Until the API's root answers below 500 (its version document: 200 or 300). A listening port is not
     enough: gunicorn binds before its worker has loaded the service, and a client discovering the API's
-    versions then (openstacksdk) gets none."""
-    wait_port(port, what, timeout)
+    versions then (openstacksdk) gets none. A port that does not listen yet is refused: asked again."""
     deadline, last = time.monotonic() + timeout, "no answer"
     while time.monotonic() < deadline:
         try:
